@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, write_jsonl
+from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, last_complete_checkpoint, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -699,8 +699,6 @@ def run_reference(
         logger.info("%s exists: reference step already done", conf_path)
         rows = read_jsonl(conf_path)
     else:
-        from transformers.trainer_utils import get_last_checkpoint
-
         from sftmix.trainer import SFTMixConfig, SFTMixTrainer
 
         ref_dir = out_dir / "reference"
@@ -722,7 +720,7 @@ def run_reference(
         trainer = SFTMixTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
                                 callbacks=[callback, *(callbacks or [])])
         callback.trainer = trainer
-        last = get_last_checkpoint(str(ref_dir)) if ref_dir.is_dir() else None
+        last = last_complete_checkpoint(ref_dir)
         if last:
             logger.info("resuming the reference run from %s", last)
         result = trainer.train(resume_from_checkpoint=last)

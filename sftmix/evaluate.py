@@ -806,5 +806,5 @@ if __name__ == "__main__":
     try:
         main()
     except SFTMixError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, like `sftmix`
         sys.exit(2)

@@ -22,12 +22,11 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
-from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl
+from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, last_complete_checkpoint, read_jsonl
 
 log = logging.getLogger("sftmix")
 
@@ -104,24 +103,6 @@ def training_config(cfg, output_dir: Path, drop=(), **forced):
         raise
     except ValueError as e:
         raise SFTMixError(f"invalid training config for {output_dir}: {e}") from e
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint-* whose trainer_state.json (the Trainer writes it last) is readable; newer,
-    incomplete ones (a run killed while saving) are removed so the Trainer does not pick them up later."""
-    if not folder.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    for _, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            log.warning("%s is incomplete (cut off while saving): ignored and removed", path)
-            if _state().is_main_process:
-                shutil.rmtree(path, ignore_errors=True)
-    return None
 
 
 def train_records(cfg) -> list[dict]:
@@ -500,6 +481,11 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
     write_config(cfg)
     state = _state()
     needs_split = "sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"
+    if cfg.train.pairing == "nearest" and cfg.train.split_source == "column" and command != "report":
+        # checked before any stage runs: nearest pairing uses step 1's hidden states, and a column split skips step 1
+        raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
+                          "writes, but split_source=column skips step 1; use pairing=random with a column split, "
+                          "or split_source=dynamics.")
     if command == "report":
         report.print_comparison(stage_report(cfg))
         return 0

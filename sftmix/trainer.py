@@ -29,7 +29,7 @@ from torch.utils.data import Sampler
 from trl import SFTConfig, SFTTrainer
 
 from .loss import mixup_loss
-from .utils import SFTMixError
+from .utils import SFTMixError, last_complete_checkpoint
 
 MIXUP_ROLES = ("regularizer", "loss", "only")
 NTP_SUBSETS = ("all", "confident", "unconfident")
@@ -622,13 +622,9 @@ class SFTMixTrainer(SFTTrainer):
 
     def _nonfinite_message(self, what: str, values: str, example_idx=None) -> str:
         """One line: what went non-finite, where, the learning rate, what was kept and what to try."""
-        import os
-
-        from transformers.trainer_utils import get_last_checkpoint
-
         step = self.state.global_step + 1
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last = last_complete_checkpoint(self.args.output_dir)
         kept = f"the last checkpoint, {last}, is intact (resume from it)" if last else "no checkpoint was saved before it"
         batch = ""
         if example_idx is not None and "guid" in getattr(self.train_dataset, "column_names", []):

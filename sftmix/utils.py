@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -102,3 +105,27 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest checkpoint-* in `folder` whose trainer_state.json (the Trainer writes it last) is readable.
+
+    Why not transformers' get_last_checkpoint: it picks the newest folder by name, so a run killed while saving
+    resumes from a half-written checkpoint. Newer, incomplete ones are removed (by the main process) so that
+    nothing picks them up later."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            logging.getLogger("sftmix").warning("%s is incomplete (cut off while saving): ignored and removed", path)
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                shutil.rmtree(path, ignore_errors=True)
+    return None

@@ -83,6 +83,16 @@ def test_hub_id_not_in_the_local_cache(tmp_path, capsys):
     assert "gpt2-not-cached/none" in msg and "downloads nothing" in msg
 
 
+def test_nearest_pairing_with_a_column_split_is_refused_before_any_stage(tmp_path, capsys):
+    # nearest pairing needs step 1's hidden states; a column split skips step 1, so nothing may train first
+    msg = one_line_error(capsys, ["run", "--config", SMOKE, "--output_dir", str(tmp_path / "r"),
+                                  "--data", str(ROOT / "configs" / "data" / "smoke_labeled.jsonl"),
+                                  "--split_source", "column", "--split_column", "quality",
+                                  "--pairing", "nearest"])
+    assert "pairing=nearest" in msg and "split_source=dynamics" in msg
+    assert not (tmp_path / "r" / "ntp").exists() and not (tmp_path / "r" / "data").exists()
+
+
 def test_no_space_left_is_one_clear_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "confidence.jsonl"
     target.write_text("old complete content\n")

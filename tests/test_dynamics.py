@@ -348,10 +348,15 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     assert calls == ["scoring checkpoint 1/4", "scoring checkpoint 2/4"]
     assert not (run / "confidence.jsonl").exists()
     assert (run / "reference" / "checkpoint-4").is_dir()  # saved at the scoring step, whatever save_strategy says
+    # a kill while saving leaves a newer, half-written checkpoint: resume must skip it (and remove it)
+    torn = run / "reference" / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\0" * 10)
 
     calls.clear()
     rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, records=records, **REF_KW)
     assert calls == ["scoring checkpoint 3/4", "scoring checkpoint 4/4"]  # 1 and 2 were not scored again
+    assert all((c / "trainer_state.json").exists() for c in (run / "reference").glob("checkpoint-*"))
     assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8
     assert rows == read_jsonl(run / "confidence.jsonl")
     for name in ("confidence_hist.png", "data_map.png", "hidden_map.png"):
