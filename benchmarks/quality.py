@@ -1,6 +1,6 @@
 """Does SFTMix beat NTP? A small reproduction of the paper's central claim, rerunnable on a 2-core CPU.
 
-    nohup python benchmarks/quality.py > benchmarks/results/quality.log 2>&1 &     # the default, ~90 min (free CPU)
+    nohup python benchmarks/quality.py > benchmarks/results/quality.log 2>&1 &     # the default, 69 min (free CPU)
     python benchmarks/quality.py --quick            # tiny random model, 1 seed, under a minute (the test)
     python benchmarks/quality.py --n_train 64 --seeds 0 --epochs 1 --pubmedqa_questions 20   # a smaller run
     python benchmarks/quality.py ... -- --num_threads 1     # after `--`: more `sftmix run` overrides
@@ -33,8 +33,8 @@ unconfident pairs per step and still 13 steps per epoch.
 Cost, measured on the free 2-core CPU (torch's 2 threads) with 32 examples, 1 epoch, C=2: a training step of 8
 Alpaca examples (~1580 tokens with padding) takes ~13.5 s for NTP and SFTMix alike; scoring a checkpoint ~0.35 s per
 example; the held-out NLL ~0.3 s per example; 3-shot PubMedQA ~1 s per question (the 3 shots' 1055 tokens are cached
-once). Per seed with the defaults (N=104, C=5, 100 held-out, 100 questions): reference ~360 s, NTP and SFTMix ~550 s
-each, evaluation ~270 s; with the shared start evaluation about 89 minutes in all. The results record each stage's
+once). The default run (N=104, C=5, 100 held-out, 100 questions), measured on the free CPU: per seed step 1 ~280 s,
+NTP ~440 s, SFTMix ~430 s, evaluation ~220 s; 4114 s (69 min) for the three seeds. The results record each stage's
 wall and CPU time, so other settings can be budgeted from them.
 
 Outputs (atomic): RESULTS/<name>.json (everything), RESULTS/<name>.md (the tables), name = quality or quality_quick.
@@ -425,8 +425,9 @@ def render_markdown(res: dict) -> str:
     obs = res["confidence_observation"]
     if obs:
         lines += ["", "## §3.2: which instructions are confident", "",
-                  f"{obs['n_examples']} training examples, confidence percentile within each seed's step 1 (1 = most "
-                  f"confident), averaged over {obs['n_seeds']} seed(s). Spearman(confidence, response tokens) = "
+                  f"{obs['n_examples']} distinct training examples (each seed trains on all but one of the file's "
+                  f"examples), confidence percentile within each seed's step 1 (1 = most confident), averaged over the "
+                  f"seeds that trained on the example ({obs['n_seeds']} seed(s) in all). Spearman(confidence, response tokens) = "
                   f"{_f(obs.get('spearman_confidence_vs_response_tokens'), 3)}; mean percentile with an input field "
                   f"{_f(obs.get('mean_percentile_with_input'), 3)}, without "
                   f"{_f(obs.get('mean_percentile_without_input'), 3)}.", "",
