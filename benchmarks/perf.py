@@ -1,6 +1,6 @@
 """What SFTMix costs over the NTP run users have today: step time, peak memory, step-1 scoring throughput, padding.
 
-    python benchmarks/perf.py                      # CPU default: SmolLM2-135M, batch 8, seq 256 (~8 min on 2 idle cores)
+    python benchmarks/perf.py                      # CPU default: SmolLM2-135M, batch 8, seq 256 (5 min on 2 idle cores)
     python benchmarks/perf.py --threads 2          # force 2 threads (default: 1 when the machine is already busy)
     python benchmarks/perf.py --device cuda        # bf16, ~1.2B Llama-shaped random model, batch 8 x seq 1024
     python benchmarks/perf.py --quick              # toy size, seconds (tests/test_perf_benchmark.py)
@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, installed or not
 
 from sftmix.loss import gather_mixup_tokens
 from sftmix.trainer import SFTMixConfig, SFTMixTrainer
@@ -248,6 +250,11 @@ def make_variant(name, model, tokenizer, records, common: dict, out_dir: str, ma
         cls = SFTMixTrainer if name == "sftmix" else NaiveSFTMixTrainer
         trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.optimizer = optimizer  # None: the trainer creates it (Trainer.create_optimizer), else it is shared
+    if trainer.args.activation_checkpointing and not trainer.model.is_activation_checkpointing:
+        # Trainer.train() turns checkpointing on, not _prepare_for_training (which is all this benchmark calls):
+        # without this line the "TRL defaults" steps would silently run without it.
+        trainer.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=trainer.args.activation_checkpointing_kwargs or None)
     dl = trainer.get_train_dataloader()
     batch = next(iter(dl))  # the trainer's own sampler and collator; the whole dataset is one batch
     batch_list, num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
@@ -445,6 +452,8 @@ def main(argv=None) -> dict:
         shapes = {v.name: tuple(v.batch["input_ids"].shape) for v in variants}
         assert len(set(shapes.values())) == 1, f"the variants got different batch shapes: {shapes}"
         B, T = shapes["ntp"]
+        on = bool(base.is_activation_checkpointing)
+        assert on == ckpt, f"activation checkpointing is {'on' if on else 'off'} in the model, {ckpt} was asked for"
         b0 = variants[1].batch
         labels = b0["labels"]
         real_tokens = int(b0["attention_mask"].sum())
