@@ -1,6 +1,6 @@
 """What SFTMix costs over the NTP run users have today: step time, peak memory, step-1 scoring throughput, padding.
 
-    python benchmarks/perf.py                      # CPU default: SmolLM2-135M, batch 8, seq 256 (5 min on 2 idle cores)
+    python benchmarks/perf.py                      # CPU default: SmolLM2-135M, batch 8, seq 256 (6 min on 2 idle cores)
     python benchmarks/perf.py --threads 2          # force 2 threads (default: 1 when the machine is already busy)
     python benchmarks/perf.py --device cuda        # bf16, ~1.2B Llama-shaped random model, batch 8 x seq 1024
     python benchmarks/perf.py --quick              # toy size, seconds (tests/test_perf_benchmark.py)
