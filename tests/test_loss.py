@@ -89,6 +89,19 @@ def test_chunk_size_does_not_change_result(chunk):
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [3, 10000])
+def test_uninitialised_weight_gradient_buffer_never_leaks(monkeypatch, chunk):
+    # the W-gradient buffer is torch.empty (the first chunk's addmm_ overwrites it with beta=0): poison it with NaN
+    hidden, labels, weight = make_batch(SPANS, T=26, V=97)
+    lam = torch.tensor([0.3, 0.9, 0.05, 0.5], dtype=torch.float64)
+    expected = torch.autograd.grad(naive_mixup_loss(hidden, labels, weight, PAIRS, lam), weight)[0]
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    got = torch.autograd.grad(mixup_loss(hidden, labels, weight, PAIRS, lam, chunk_tokens=chunk), weight)[0]
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_lam_one_is_plain_cross_entropy_of_confident_row():
     hidden, labels, weight = make_batch([(2, 5), (1, 3)], T=10, V=20)
     loss = mixup_loss(hidden, labels, weight, torch.tensor([[0, 1]]), torch.tensor([1.0], dtype=torch.float64))
