@@ -427,7 +427,8 @@ def render_markdown(res: dict) -> str:
         lines += ["", "## §3.2: which instructions are confident", "",
                   f"{obs['n_examples']} distinct training examples (each seed trains on all but one of the file's "
                   f"examples), confidence percentile within each seed's step 1 (1 = most confident), averaged over the "
-                  f"seeds that trained on the example ({obs['n_seeds']} seed(s) in all). Spearman(confidence, response tokens) = "
+                  f"seeds that trained on the example ({obs['n_seeds']} seed(s) in all). "
+                  f"Spearman(confidence, response tokens) = "
                   f"{_f(obs.get('spearman_confidence_vs_response_tokens'), 3)}; mean percentile with an input field "
                   f"{_f(obs.get('mean_percentile_with_input'), 3)}, without "
                   f"{_f(obs.get('mean_percentile_without_input'), 3)}.", "",

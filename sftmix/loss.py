@@ -85,8 +85,10 @@ class _MixedCrossEntropy(torch.autograd.Function):
         grad_z = torch.zeros_like(z) if need_z else None
         # empty, not zeros, when there is a first chunk: its addmm_ runs with beta=0, which overwrites the buffer
         # (NaN-safe), saving a pass over a W-sized buffer
-        grad_w = (torch.empty if z.size(0) else torch.zeros)(
-            weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if need_w else None
+        grad_w = None
+        if need_w:
+            grad_w = (torch.empty if z.size(0) else torch.zeros)(
+                weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
         acc_dtype = torch.promote_types(z.dtype, torch.float32)
         total = torch.zeros((), dtype=acc_dtype, device=z.device)
         for start in range(0, z.size(0), chunk_tokens):
@@ -107,7 +109,8 @@ class _MixedCrossEntropy(torch.autograd.Function):
                 if need_z:
                     grad_z[sl] = (grad_logits.to(weight.dtype) @ weight).to(z.dtype)
                 if need_w:
-                    grad_w.addmm_(grad_logits.t().to(grad_w.dtype), z[sl].to(grad_w.dtype), beta=0.0 if start == 0 else 1.0)
+                    grad_w.addmm_(grad_logits.t().to(grad_w.dtype), z[sl].to(grad_w.dtype),
+                                  beta=0.0 if start == 0 else 1.0)
             del logits
         ctx.save_for_backward(grad_z if need_z else None, grad_w.to(weight.dtype) if need_w else None)
         return total
