@@ -66,6 +66,9 @@ SHAPES = {
                      intermediate_size=8192, vocab_size=128256),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=260),
+    # a few layers of Llama-3.1-8B's width (untied head, like the 8B): its per-layer and LM-head costs on one device
+    "llama-8b-layers": dict(hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
+                            intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
 }
 
 
@@ -111,8 +114,6 @@ class NaiveSFTMixTrainer(SFTMixTrainer):
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, description). `smollm2` = the real weights when sftmix.models can load them, else its
     shapes with random weights; SHAPES keys = random weights (tokenizer: SmolLM2's when cached, else bytes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sftmix.models import build_byte_tokenizer, load_model_and_tokenizer, resolve_model
 
     note = ""
@@ -140,22 +141,31 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
                 tok_desc = "SmolLM2 tokenizer"
     if tok is None:
         tok = build_byte_tokenizer()
-    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=8192, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    model = random_llama(SHAPES[name], tok, device, dtype)
     n = sum(p.numel() for p in model.parameters())
     return model, tok, f"{name}: random Llama, {n / 1e6:.0f}M params, {tok_desc}{note}"
 
 
-def synthetic_records(n: int, seed: int) -> list[dict]:
-    """Prompt/completion records with Alpaca-like lengths (lognormal words; used only without the data file)."""
+def random_llama(shape: dict, tok, device, dtype, seed: int = 0):
+    """A LlamaForCausalLM of `shape` (a SHAPES value; tied embeddings unless it says otherwise), initialised on
+    `device` from torch.manual_seed(seed): two calls give the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{"tie_word_embeddings": True, **shape}, max_position_embeddings=8192,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
+
+
+def synthetic_records(n: int, seed: int, log_words: tuple = (3.0, 3.3)) -> list[dict]:
+    """Prompt/completion records with Alpaca-like lengths (lognormal words, log-means `log_words` for the prompt and
+    the response; used only without the data file)."""
     rng = np.random.default_rng(seed)
     words = "the model data answer question list write explain give three example short story about how why".split()
     out = []
     for i in range(n):
-        lp, lr = (int(np.clip(rng.lognormal(m, 0.7), 2, 400)) for m in (3.0, 3.3))
+        lp, lr = (int(np.clip(rng.lognormal(m, 0.7), 2, 400)) for m in log_words)
         out.append({"guid": f"syn{i}", "prompt": [{"role": "user", "content": " ".join(rng.choice(words, lp))}],
                     "completion": [{"role": "assistant", "content": " ".join(rng.choice(words, lr))}]})
     return out
@@ -284,6 +294,40 @@ def train_step(v: Variant, device) -> tuple[float, float]:
     v.model.zero_grad()
     sync(device)
     return time.perf_counter() - t0, float(loss)
+
+
+def interleaved_timing(variants: list[Variant], reps: int, device, log) -> None:
+    """`reps` timed steps of each variant, interleaved (a, b, c / b, c, a / c, a, b ...): a load that drifts during
+    a rep then biases no variant. Appends to each variant's times and losses; a non-finite loss is an error."""
+    for rep in range(reps):
+        k = rep % len(variants)
+        for v in variants[k:] + variants[:k]:
+            dt, loss = train_step(v, device)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{v.name}: non-finite loss {loss}")
+            v.times.append(dt)
+            v.losses.append(loss)
+        log(f"rep {rep + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1]:.3f}s" for v in variants))
+
+
+def batch_token_counts(batch: dict) -> tuple[int, int, int]:
+    """(real tokens, response (label) tokens, mixed tokens) of an SFTMix batch: mixed = sum over pairs of
+    min(response lengths), the i-th confident row paired with the i-th unconfident row (as SFTMixTrainer pairs)."""
+    labels = batch["labels"]
+    conf = batch["confident"]
+    n_resp = (labels[:, 1:] != -100).sum(1)
+    mixed = int(torch.minimum(n_resp[conf], n_resp[~conf]).sum())
+    return int(batch["attention_mask"].sum()), int(n_resp.sum()), mixed
+
+
+def scoring_stats(scorer, score_ds, batch_size: int, device) -> dict:
+    """run_scoring's stats (tokens/s, padding, ...) on `score_ds`, after a warm-up on its first 4 examples."""
+    from sftmix.dynamics import run_scoring
+
+    run_scoring(scorer, score_ds.select(range(min(len(score_ds), 4))), batch_size=batch_size,
+                show_progress=False)  # warm-up
+    sync(device)
+    return run_scoring(scorer, score_ds, batch_size=batch_size, show_progress=False).stats
 
 
 def storage_bytes(tensors) -> int:
@@ -454,13 +498,7 @@ def main(argv=None) -> dict:
         B, T = shapes["ntp"]
         on = bool(base.is_activation_checkpointing)
         assert on == ckpt, f"activation checkpointing is {'on' if on else 'off'} in the model, {ckpt} was asked for"
-        b0 = variants[1].batch
-        labels = b0["labels"]
-        real_tokens = int(b0["attention_mask"].sum())
-        label_tokens = int((labels[:, 1:] != -100).sum())
-        conf = b0["confident"]
-        n_resp = (labels[:, 1:] != -100).sum(1)
-        mixed_tokens = int(torch.minimum(n_resp[conf], n_resp[~conf]).sum())
+        real_tokens, label_tokens, mixed_tokens = batch_token_counts(variants[1].batch)
         log(f"batch {B}x{T}: {real_tokens} real tokens, {label_tokens} response tokens, {mixed_tokens} mixed tokens")
 
         for rep in range(warmup):  # warm-up: Adam allocates its state on the first step
@@ -470,26 +508,11 @@ def main(argv=None) -> dict:
         for v in variants:
             v.peak_step_bytes = step_peak_bytes(v, device)
             v.static_bytes = persistent_bytes(v)
-        # interleaved timing: a, b, c, a, b, c, ...
-        for rep in range(reps):
-            # rotate the order (a,b,c / b,c,a / c,a,b): a load that drifts during a rep then biases no variant
-            for v in variants[rep % 3:] + variants[:rep % 3]:
-                dt, loss = train_step(v, device)
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"{v.name}: non-finite loss {loss}")
-                v.times.append(dt)
-                v.losses.append(loss)
-            log(f"rep {rep + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1]:.3f}s" for v in variants))
+        interleaved_timing(variants, reps, device, log)
         mixup_times = time_mixup_loss(variants[1], device, reps=max(3, reps))
 
         # step 1 scoring with the NTP model (the reference is an NTP run)
-        from sftmix.dynamics import run_scoring
-
-        scorer = variants[0].trainer.model
-        run_scoring(scorer, score_ds.select(range(min(len(score_ds), 4))), batch_size=a.score_batch_size,
-                    show_progress=False)  # warm-up
-        sync(device)
-        scoring = run_scoring(scorer, score_ds, batch_size=a.score_batch_size, show_progress=False).stats
+        scoring = scoring_stats(variants[0].trainer.model, score_ds, a.score_batch_size, device)
         sample_padding = bucket_padding([len(x) for x in score_ds["input_ids"]], a.score_batch_size)
         if abs(sample_padding - scoring["padding_fraction"]) > 1e-9:
             raise RuntimeError(f"bucket_padding ({sample_padding}) no longer matches run_scoring's padding "
