@@ -6,21 +6,22 @@
     python benchmarks/gpu_check.py --out gpu_check.json  # also write the JSON result to a file
 
 On a GPU image without trl and datasets, and without network access, bring them as wheels. Here, in the repo root
-(`echo /.whl/ >> .git/info/exclude` once), for the device's Python (3.12 on the H200 image):
+(`echo /.whl/ >> .git/info/exclude` once), for the device's Python (3.12 on the H200 image; 1.9 MB in all):
 
-    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.18.0
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
-(the versions installed here; `pip show trl datasets dill multiprocess gguf` prints them). datasets also needs
-pyarrow>=24, xxhash, pandas, fsspec<=2026.9.0, huggingface-hub>=1.31, filelock, pyyaml, tqdm, and trl needs
-accelerate, jinja2, psutil: the H200 image holds all of these (check `pip show pyarrow fsspec` there; carry
-pyarrow==26.0.1 / fsspec==2026.9.0 too if its versions are older or newer). dill and multiprocess it lacks, hence
-in the list; gguf is imported only to convert GGUF models (not needed here) but is an sftmix dependency. Then,
-on the device, with `.whl` carried:
+(the versions installed here: `pip show trl datasets dill multiprocess`). Of what they need, the H200 image lacks
+only dill and multiprocess (hence in the list); it has pyarrow, xxhash, pandas, fsspec, huggingface-hub, filelock,
+pyyaml, tqdm (datasets) and accelerate, jinja2, psutil (trl), and torch, transformers, peft, scipy, scikit-learn,
+matplotlib, rich (sftmix). datasets 5.2 wants pyarrow>=24 and fsspec<=2026.9.0: the JSON's "versions" shows what the
+device has; carry pyarrow==26.0.1 / fsspec==2026.9.0 as wheels too if they are off. gguf (an sftmix dependency) is
+only used to convert GGUF checkpoints, not here. Then, on the device, with `.whl` carried:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
-        && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
+        --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 Nothing is downloaded at run time: the models are random-initialised from a config (no weights are needed for these
 checks or timings), the tokenizer is sftmix's byte-level one, the data are ../shared/data/alpaca_4500.json when it is
@@ -280,10 +281,11 @@ def check_sft_equivalence(checks: Checks, kit: TrainerKit) -> None:
                      "max over steps of the relative difference")
         checks.error(f"{name}: grad norm per step",
                      max(rel(x, y) for x, y in zip(logged(ours, "grad_norm"), logged(ref, "grad_norm"))), tol["loss"])
-        diff = math.sqrt(sum(float((p.double() - q.double()).pow(2).sum())
-                             for p, q in zip(ours.model.parameters(), ref.model.parameters())))
-        moved = math.sqrt(sum(float((q.double() - p0.double()).pow(2).sum())
-                              for q, p0 in zip(ref.model.parameters(), init)))
+        with torch.no_grad():
+            diff = math.sqrt(sum(float((p.double() - q.double()).pow(2).sum())
+                                 for p, q in zip(ours.model.parameters(), ref.model.parameters())))
+            moved = math.sqrt(sum(float((q.double() - p0.double()).pow(2).sum())
+                                  for q, p0 in zip(ref.model.parameters(), init)))
         checks.expect(f"{name}: training moved the weights", moved > 0, f"||update|| = {moved:.3g}")
         checks.error(f"{name}: final weights", diff / max(moved, 1e-300), tol["weights"], f"||update|| {moved:.3g}")
 
@@ -485,11 +487,12 @@ def free_device(device) -> None:
         torch.cuda.empty_cache()
 
 
-def pick_batch(name, device, dtype, seq, ckpt, budget_bytes: float, max_batch: int, out_dir, log) -> dict:
+def pick_batch(name, device, dtype, seq, ckpt, budget_bytes: float, max_batch: int, max_records: int, out_dir,
+               log) -> dict:
     """The batch that fills `budget_bytes`: one step of each variant at batch 4 (the smallest perf.make_variant can
     split into 2 + 2 examples, as the sampler needs) gives the persistent bytes and the step's extra bytes; the extra
     is taken as per-row (it also holds fixed buffers, so this errs small)."""
-    variants, *_ = build_variants(name, device, dtype, seq, PROBE_BATCH, 4, 200, ckpt, 4, out_dir)
+    variants, *_ = build_variants(name, device, dtype, seq, PROBE_BATCH, 4, max_records, ckpt, 4, out_dir)
     for v in variants:
         perf.train_step(v, device)  # Adam state
     extra = max(perf.step_peak_bytes(v, device) for v in variants)
@@ -511,7 +514,7 @@ def speed_and_memory(name, device, seq, reps, n_score, max_records, budget_bytes
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     ckpt = True
-    probe = pick_batch(name, device, dtype, seq, ckpt, budget_bytes, max_batch, out_dir, log)
+    probe = pick_batch(name, device, dtype, seq, ckpt, budget_bytes, max_batch, max_records, out_dir, log)
     batch = probe["batch"]
     while True:
         try:
@@ -532,6 +535,9 @@ def speed_and_memory(name, device, seq, reps, n_score, max_records, budget_bytes
             log(f"out of memory at batch {batch}: halving")
             batch = max(PROBE_BATCH, batch // 2 - (batch // 2) % 2)
     B, T = ntp.batch["input_ids"].shape
+    if B != batch or tuple(mix.batch["input_ids"].shape) != (B, T):
+        raise RuntimeError(f"the variants' batches are {tuple(ntp.batch['input_ids'].shape)} and "
+                           f"{tuple(mix.batch['input_ids'].shape)}, not {batch} rows of one length")
     real_tokens, label_tokens, mixed_tokens = perf.batch_token_counts(mix.batch)
     log(f"{name}: batch {B}x{T}, {real_tokens} real / {label_tokens} response / {mixed_tokens} mixed tokens")
     perf.interleaved_timing(variants, reps, device, log)
@@ -634,7 +640,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: correct, speed, e2e")
     ap.add_argument("--seq", type=int, default=None, help="sequence length of the cost part (default 2048; quick 128)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved timed steps per variant (default 10; quick 3)")
-    ap.add_argument("--max-batch", type=int, default=None, help="cap of the probed batch (default 32; quick 4)")
+    ap.add_argument("--max-batch", type=int, default=None, help="cap of the probed batch (default 64, for the time budget; quick 4)")
     ap.add_argument("--memory-fraction", type=float, default=0.8,
                     help="share of the device's memory the probed batch may fill (CPU: of --cpu-memory-gib)")
     ap.add_argument("--cpu-memory-gib", type=float, default=2.0, help="CPU memory budget for the batch probe")
@@ -660,7 +666,7 @@ def main(argv=None) -> dict:
     quick = a.quick
     seq = a.seq or (128 if quick else 2048)
     reps = a.reps or (3 if quick else 10)
-    max_batch = a.max_batch or (4 if quick else 32)
+    max_batch = a.max_batch or (4 if quick else 64)
     bf16 = gpu or a.bf16
     t_start = time.perf_counter()
     log = lambda *x: print(f"[gpu_check {time.perf_counter() - t_start:5.0f}s]", *x, file=sys.stderr,  # noqa: E731
@@ -671,11 +677,13 @@ def main(argv=None) -> dict:
                          f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"{torch.get_num_threads()} threads)"),
               "torch": torch.__version__, "quick": quick, "inject_fault": a.inject_fault}
-    with contextlib.suppress(Exception):
-        import transformers
-        import trl
+    from importlib.metadata import PackageNotFoundError, version
 
-        result["transformers"], result["trl"] = transformers.__version__, trl.__version__
+    result["versions"] = {}
+    for pkg in ("transformers", "trl", "accelerate", "peft", "datasets", "pyarrow", "fsspec", "dill", "multiprocess",
+                "triton"):
+        with contextlib.suppress(PackageNotFoundError):
+            result["versions"][pkg] = version(pkg)
 
     speed = {}
     # the Trainer prints its logs to stdout: keep stdout for the table and the JSON line
@@ -697,7 +705,7 @@ def main(argv=None) -> dict:
         first_s = cost("tiny" if quick else "llama-1b") if "speed" not in skip else 0.0
         if "e2e" not in skip:
             with checks.section("end to end"):
-                result["e2e"] = end_to_end(checks, device, out_dir, 600 if gpu else 300, log)
+                result["e2e"] = end_to_end(checks, device, out_dir, 300, log)
         if "speed" not in skip and not quick:  # optional: only while the time budget leaves room for it
             elapsed = time.perf_counter() - t_start
             if elapsed + 1.5 * first_s > a.budget_s:

@@ -186,7 +186,8 @@ def build_data(path: str, tokenizer, seq: int, batch: int, n_score: int, seed: i
             records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))[:max_records]]
         source = os.path.basename(path)
     else:
-        records, source = synthetic_records(4000, seed), f"synthetic Alpaca-like lengths ({path} not found)"
+        records = synthetic_records(max_records or 4000, seed)  # max_records caps these too: tokenizing costs
+        source = f"synthetic Alpaca-like lengths ({path} not found)"
     ds, stats = tokenize_records(records, tokenizer, max_length=seq, max_dropped_fraction=1.0, source=source)
     by_guid = {r["guid"]: r for r in records}
     guids = ds["guid"]
@@ -194,6 +195,9 @@ def build_data(path: str, tokenizer, seq: int, batch: int, n_score: int, seed: i
     order = np.random.default_rng(seed).permutation(len(ds))
     long_rows = [i for i in order if lengths[i] >= seq]
     short_rows = [i for i in order if lengths[i] < seq][: batch - 1]
+    if len(short_rows) < batch - 1:  # else the batch would silently be smaller than asked for
+        raise ValueError(f"only {len(short_rows)} of the {len(ds)} tokenized examples fit in {seq} tokens; a batch of "
+                         f"{batch} needs {batch - 1}: use more records or a longer sequence")
     if long_rows:
         fill, fill_desc = by_guid[guids[long_rows[0]]], "one example of >= seq tokens"
     else:  # join responses until the example is seq tokens long
