@@ -304,7 +304,8 @@ def check_one_forward_and_loss(checks: Checks, kit: TrainerKit) -> None:
             causal.base_model.register_forward_hook(lambda *a, c=c: c.__setitem__("backbone", c["backbone"] + 1))
             causal.base_model.layers[0].register_forward_hook(lambda *a, c=c: c.__setitem__("layer0", c["layer0"] + 1))
             tr.train()
-            checks.expect(f"{label}: finite losses", all(map(math.isfinite, logged(tr, "loss"))), str(logged(tr, "loss")))
+            losses = logged(tr, "loss")
+            checks.expect(f"{label}: finite losses", all(map(math.isfinite, losses)), str(losses))
         checks.expect("sftmix: backbone forwards per step", counts["sftmix"]["backbone"] == steps,
                       f"{counts['sftmix']['backbone']} backbone forwards in {steps} steps (NTP: "
                       f"{counts['ntp']['backbone']})")
@@ -562,7 +563,7 @@ def speed_and_memory(name, device, seq, reps, n_score, max_records, budget_bytes
         "ntp_mfu": fl["ntp_step_flops"] / med["ntp"] / rate,
         "matmul_tflops": rate / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
         "ntp_step_tflop": fl["ntp_step_flops"] / 1e12, "mixup_tflop": fl["mixup_flops"] / 1e12,
-        "step_time_s": {k: {"median": m, "all": next(v.times for v in variants if v.name == k)} for k, m in med.items()},
+        "step_time_s": {v.name: {"median": med[v.name], "all": v.times} for v in variants},
         "peak_memory_bytes": peak, "step_extra_bytes": {v.name: v.peak_step_bytes for v in variants},
         "device_memory_bytes": total_mem,
         "peak_memory_fraction_of_device": peak["sftmix"] / total_mem if total_mem else None,
@@ -640,14 +641,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: correct, speed, e2e")
     ap.add_argument("--seq", type=int, default=None, help="sequence length of the cost part (default 2048; quick 128)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved timed steps per variant (default 10; quick 3)")
-    ap.add_argument("--max-batch", type=int, default=None, help="cap of the probed batch (default 64, for the time budget; quick 4)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="cap of the probed batch (default 64, for the time budget; quick 4)")
     ap.add_argument("--memory-fraction", type=float, default=0.8,
                     help="share of the device's memory the probed batch may fill (CPU: of --cpu-memory-gib)")
     ap.add_argument("--cpu-memory-gib", type=float, default=2.0, help="CPU memory budget for the batch probe")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="seconds: the optional 8B-layer cost run (last) starts only if the time used so far plus 1.5x "
                          "the 1B run's time fits in this")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default as benchmarks/perf.py: 1 on CPU with --quick or a busy machine)")
     ap.add_argument("--inject-fault", choices=FAULTS, default=None,
                     help="break the checks on purpose (mixup: mixup_loss 10%% too large; tolerance: all tolerances 0)")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -658,8 +661,7 @@ def main(argv=None) -> dict:
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available here; use --device cpu")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    perf.set_threads(a.threads, device, quick=a.quick)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - {"correct", "speed", "e2e"}:
         ap.error(f"--skip takes correct, speed, e2e; got {a.skip!r}")

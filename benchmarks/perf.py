@@ -429,6 +429,14 @@ def flops_model(config, batch: int, seq: int, label_tokens: int, mixed_tokens: i
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def set_threads(threads: int | None, device, quick: bool) -> None:
+    """`threads` if given; else 1 on CPU with a quick run or a busy machine (1-min load average > cores - 1), since
+    OpenMP threads busy-waiting against other jobs run many times slower; else torch's default."""
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 1
+    if threads or (device.type == "cpu" and (quick or busy)):
+        torch.set_num_threads(threads or 1)
+
+
 def q(xs, p):
     return float(np.percentile(xs, p)) if xs else float("nan")
 
@@ -469,9 +477,7 @@ def main(argv=None) -> dict:
     ckpt = not a.no_gradient_checkpointing
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available here; use --device cpu")
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 1
-    if a.threads or (device.type == "cpu" and (a.quick or busy)):
-        torch.set_num_threads(a.threads or 1)
+    set_threads(a.threads, device, a.quick)
     torch.manual_seed(a.seed)
     t_start = time.perf_counter()
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, results on stdout
