@@ -528,7 +528,7 @@ def speed_and_memory(name, device, seq, reps, n_score, max_records, budget_bytes
                 v.peak_step_bytes = perf.step_peak_bytes(v, device)
                 v.static_bytes = perf.persistent_bytes(v)
             break
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (CPU never raises it)
             variants = ntp = mix = v = None
             free_device(device)
             if batch <= PROBE_BATCH:
