@@ -32,8 +32,8 @@ there, else synthetic records with Alpaca-like lengths.
      gradients w.r.t. the hidden states and the LM-head weight, for fp32 inputs, fp32 inputs under bf16 autocast and
      bf16 inputs; errors are relative (|a-b|/|b|, Frobenius norms for gradients), tolerances in TOLERANCES below;
    - SFTMixTrainer with mixup_weight=0 against trl.SFTTrainer, step by step (losses, gradient norms, final weights);
-   - with Mixup on: one backbone forward per optimizer step (a forward hook counts it; decoder-layer calls equal the
-     NTP trainer's, so gradient checkpointing's recompute is the only re-run) and the step's loss equal to an
+   - with Mixup on: one backbone forward per optimizer step (a forward hook counts it; a hook on decoder layer 0
+     counts as many calls as in the NTP trainer, so no extra pass through the layers) and the step's loss equal to an
      independent computation (full fp64 logits from the backbone's hidden states: NTP cross-entropy + mu * L_Mixup);
    - step-1 scoring (sftmix.dynamics.score_examples, batched and padded) equal to a full-logits computation, one
      unpadded example at a time;
