@@ -10,14 +10,17 @@ On a GPU image without trl and datasets, and without network access, bring them 
 
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 peft==0.21.2
 
-(the versions installed here: `pip show trl datasets dill multiprocess`). Of what they need, the H200 image lacks
-only dill and multiprocess (hence in the list); it has pyarrow, xxhash, pandas, fsspec, huggingface-hub, filelock,
-pyyaml, tqdm (datasets) and accelerate, jinja2, psutil (trl), and torch, transformers, peft, scipy, scikit-learn,
-matplotlib, rich (sftmix). datasets 5.2 wants pyarrow>=24 and fsspec<=2026.9.0: the JSON's "versions" shows what the
-device has; carry pyarrow==26.0.1 / fsspec==2026.9.0 as wheels too if they are off. gguf (an sftmix dependency) is
-only used to convert GGUF checkpoints, not here. Then, on the device, with `.whl` carried:
+(the versions installed and tested here: `pip show trl datasets dill multiprocess transformers peft`; 16 MB).
+transformers and peft are on the image, but its transformers 5.17 has no `activation_checkpointing` (the
+TrainingArguments field and PreTrainedModel.activation_checkpointing_enable, which benchmarks/perf.py and the paper
+configs use; 5.24 has them), and peft goes with it. Of what the wheels need, the image lacks only dill and
+multiprocess (hence in the list); it has pyarrow, xxhash, pandas, fsspec, huggingface-hub, filelock, pyyaml, tqdm
+(datasets), accelerate, jinja2, psutil (trl), tokenizers, safetensors, regex, typer (transformers), and scipy,
+scikit-learn, matplotlib, rich (sftmix). datasets 5.2 wants pyarrow>=24 and fsspec<=2026.9.0: the JSON's "versions"
+shows what the device has; carry pyarrow==26.0.1 / fsspec==2026.9.0 as wheels too if they are off. gguf (an sftmix
+dependency) only converts GGUF checkpoints, not needed here. Then, on the device, with `.whl` carried:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
@@ -614,7 +617,10 @@ def end_to_end(checks: Checks, device, out_dir: str, timeout: int, log) -> dict:
         mdir = os.path.join(run_dir, recipe, "model")
         cfg_path = os.path.join(mdir, "config.json")
         has = os.path.exists(cfg_path) and os.path.exists(os.path.join(mdir, "model.safetensors"))
-        saved = json.load(open(cfg_path)).get("dtype") if os.path.exists(cfg_path) else None
+        saved = None
+        if os.path.exists(cfg_path):
+            saved_cfg = json.load(open(cfg_path))
+            saved = saved_cfg.get("dtype") or saved_cfg.get("torch_dtype")  # the key's name before transformers 4.56
         checks.expect(f"e2e: {recipe} model saved", has and saved == dtype, f"{mdir}: files {has}, dtype {saved}")
     ckpts = glob.glob(os.path.join(run_dir, "reference", "checkpoint-*", "trainer_state.json"))
     checks.expect("e2e: reference checkpoints", len(ckpts) >= 1, f"{len(ckpts)} complete checkpoints")
@@ -687,6 +693,13 @@ def main(argv=None) -> dict:
         with contextlib.suppress(PackageNotFoundError):
             result["versions"][pkg] = version(pkg)
 
+    from transformers import TrainingArguments
+
+    # benchmarks/perf.py (the cost part) sets TrainingArguments.activation_checkpointing, which transformers 5.17 lacks
+    checks.expect("environment: transformers has activation_checkpointing",
+                  "activation_checkpointing" in TrainingArguments.__dataclass_fields__,
+                  f"transformers {result['versions'].get('transformers')} has no TrainingArguments."
+                  "activation_checkpointing: carry transformers==5.24.0 (see the module docstring)")
     speed = {}
     # the Trainer prints its logs to stdout: keep stdout for the table and the JSON line
     with tempfile.TemporaryDirectory() as out_dir, contextlib.redirect_stdout(sys.stderr):
