@@ -1,6 +1,6 @@
 """One prepared device check of SFTMix: correct on the device, its cost at a real shape, and `sftmix run` end to end.
 
-    python benchmarks/gpu_check.py                       # on a GPU machine: all three parts, < 8 min on one H200
+    python benchmarks/gpu_check.py                       # on a GPU machine: all three parts (planned < 8 min, H200)
     python benchmarks/gpu_check.py --device cpu --quick  # tiny shapes on CPU, < 2 min (tests/test_gpu_check.py)
     python benchmarks/gpu_check.py --skip speed,e2e      # the correctness part alone
     python benchmarks/gpu_check.py --out gpu_check.json  # also write the JSON result to a file

@@ -446,7 +446,8 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--model", default=None, help="smollm2 (CPU default), smollm2-shapes, llama-1b (GPU default), "
-                                                  "tiny, or any spec sftmix.models.load_model_and_tokenizer accepts")
+                                                  "llama-8b-layers, tiny, or any spec "
+                                                  "sftmix.models.load_model_and_tokenizer accepts")
     ap.add_argument("--batch", type=int, default=None, help="per-device batch (default 8; quick 4)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length of the batch (default CPU 256, GPU 1024)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant (default CPU 5, GPU 20, quick 3)")
