@@ -167,11 +167,13 @@ def run_scoring(
             input_ids, labels = input_ids.to(device), labels.to(device)
             attention_mask, position_ids = attention_mask.to(device), position_ids.to(device)
 
+            with autocast, _capture_output(backbone) as captured:
+                # The whole model is called (its head on one position only) so that an FSDP root's pre-forward
+                # runs (it gathers the root's own parameters); the backbone's output is taken by a hook.
+                model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      logits_to_keep=1)
             with autocast:
-                out = backbone(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                )
-                h = out.last_hidden_state  # the hidden state at t-1 predicts the token at t
+                h = captured[0]  # the backbone's last hidden state: the one at t-1 predicts the token at t
                 targets = labels[:, 1:]
                 mask = targets != IGNORE_INDEX
                 with _full_head(lm_head) as head:  # ZeRO-3 / a sharded FSDP2 head: gathered on every rank
@@ -277,6 +279,17 @@ def _gather_scores(mine, nll_sum, n_tok, hidden, local: dict, n: int):
                 full_hidden = np.zeros((n, p["hidden"].shape[-1]), dtype=np.float32)
             full_hidden[p["idx"]] = p["hidden"]
     return nll_sum, n_tok, full_hidden, [p["stats"] for p in parts]
+
+
+@contextlib.contextmanager
+def _capture_output(module):
+    """A list that receives `module`'s first output (its last hidden state) while the context is open."""
+    captured = []
+    handle = module.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
