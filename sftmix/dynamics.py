@@ -92,7 +92,14 @@ def run_scoring(
     """Score `dataset` with `model` (inference only) in length-sorted batches; see `score_examples`.
 
     hidden_at: None, "last_response" (the hidden state of the example's last response token, which has seen the
-    whole example) or "last_prompt" (the last prompt token, which predicts the first response token)."""
+    whole example) or "last_prompt" (the last prompt token, which predicts the first response token).
+
+    Several processes (a torch.distributed process group; call it on every process): the length-sorted batches are
+    shared out by tokens (`share_batches`), each process scores its share, a process with fewer batches runs dummy
+    forwards (its shortest example, discarded) until all have run as many as the busiest, so that sharded forwards
+    (FSDP2/FSDP1 all-gathers, ZeRO-3 gathers incl. the LM head's) line up, and the rows and hidden states are
+    all-gathered: every process returns exactly the one-process result (the same batches, computed the same way).
+    stats["per_process"] has each process's batches, examples, tokens, response tokens and seconds."""
     from tqdm.auto import tqdm
 
     if padding_side not in ("right", "left"):

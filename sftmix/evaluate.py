@@ -123,7 +123,9 @@ class EvalConfig:
 def heldout_nll(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int | None = None,
                 source: str = "<held-out>", return_rows: bool = False) -> dict:
     """Response NLL of `records` (sftmix.data records): token-weighted mean NLL and its perplexity, plus the mean of
-    the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped)."""
+    the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped).
+    Under several processes (a torch.distributed process group), call it on every process: each scores its share
+    and every process gets the rows and metrics of one process (sftmix.dynamics.run_scoring)."""
     from sftmix.data import tokenize_records
     from sftmix.dynamics import score_examples
 
@@ -389,7 +391,10 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     Returns {"logprobs": [[float]], "n_tokens": [[int]], "truncated": [bool], "stats": {...}}. Each prompt is run once
     (left padded, batched longest first); the first token of every choice is read off the prompt's last logits, the
     rest of multi-token choices are run on a copy of the prompt's key/value cache. With `share_prefix` the common
-    prefix of all untruncated prompts is run once and its cache copied into every batch."""
+    prefix of all untruncated prompts is run once and its cache copied into every batch. Under several processes (a
+    torch.distributed process group; call it on every process) each runs a token-balanced share of the batches, with
+    dummy forwards so that all run the same number of forwards (FSDP / ZeRO-3), and the scores are gathered:
+    every process returns what one process would; stats["per_process"] has each share."""
     from transformers import DynamicCache
     from tqdm.auto import tqdm
 
