@@ -6,8 +6,8 @@
 
 Modes (comma-separated, run one after the other in the same processes):
   scoring    run_scoring of a fixed model (hidden states too): rows, hidden states, each process's share;
-  fsdp2      the same on the model sharded by FSDP2 at load time (transformers' distributed_config, as in
-             tests/dist_train.py): every process takes part in every sharded forward;
+  fsdp2      scoring and eval (below) on the model sharded by FSDP2 at load time (transformers'
+             distributed_config, as in tests/dist_train.py): every process takes part in every sharded forward;
   reference  run_reference (DDP training under the Trainer, scoring at 3 checkpoints) into RUN_DIR, per-device batch
              4 / N so that the global batch is that of one process;
   eval       heldout_nll and eval_multiple_choice (MedQA-style, 3 shots, multi-token options " A".." D").
@@ -84,7 +84,8 @@ def main():
 
             sharded = _load_sharded(os.path.join(a.model_dir, "untied"))
             results[mode] = {**scoring(sharded, tok),
-                             "sharded": any(isinstance(q, DTensor) for q in sharded.parameters())}
+                             "sharded": any(isinstance(q, DTensor) for q in sharded.parameters()),
+                             "eval": evaluation(sharded, tok, a.mc_file, os.path.join(a.run_dir, "eval_fsdp2"))}
         elif mode == "reference":
             results[mode] = reference(tok, os.path.join(a.run_dir, "ref"))
         elif mode == "eval":

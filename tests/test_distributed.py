@@ -115,7 +115,8 @@ def _about_half(per_process, key):
 def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path):
     """Two processes each score about half of the response tokens and gather the rows: run_scoring's rows and hidden
     states (plain and FSDP2-sharded model, with dummy forwards on the process with fewer batches), step 1's
-    ckpt_{k}.jsonl and confidence.jsonl after DDP training, held-out NLL and multiple choice equal one process."""
+    ckpt_{k}.jsonl and confidence.jsonl after DDP training, held-out NLL and multiple choice (plain and
+    FSDP2) equal one process."""
     save_models(tmp_path / "models")
     _medqa(tmp_path / "medqa.jsonl")
     one = _dist_score(tmp_path, "one", 1, "scoring,reference,eval")
@@ -160,6 +161,12 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
     assert sum(p["questions"] for p in per) == one["eval"]["mc"]["n"] == 20
     _about_half(per, "prompt_tokens")
     assert len({p["forwards"] + p["dummy_forwards"] for p in per}) == 1  # the same number of forwards everywhere
+    fsdp2 = two["fsdp2"]["eval"]  # the FSDP2-sharded model too
+    assert fsdp2["heldout"] == one["eval"]["heldout"] and fsdp2["heldout_rows"] == one["eval"]["heldout_rows"]
+    assert ({k: v for k, v in fsdp2["mc"].items() if k not in strip}
+            == {k: v for k, v in one["eval"]["mc"].items() if k not in strip})
+    assert read_jsonl(tmp_path / "two" / "eval_fsdp2" / "medqa_predictions.jsonl") == read_jsonl(
+        tmp_path / "one" / "eval" / "medqa_predictions.jsonl")
     assert read_jsonl(tmp_path / "two" / "eval" / "medqa_predictions.jsonl") == read_jsonl(
         tmp_path / "one" / "eval" / "medqa_predictions.jsonl")
 
