@@ -229,11 +229,13 @@ def stage_dynamics(cfg) -> None:
         online = run.confidence_mode == "online"
         # The reference is plain NTP on all the data: none of the Mixup / selection fields; its own epochs and lr.
         # Checkpoints: as configured for the target runs (scoring_checkpoints=trainer), or only at each scoring step.
-        saves = ("save_strategy", "save_steps", "save_total_limit") if run.scoring_checkpoints == "always" else ()
         drop = MIXUP_ONLY + SELECTION_FIELDS + ("output_dir", "num_train_epochs", "max_steps", "learning_rate",
                                                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-                                                "max_length") + saves
+                                                "save_strategy", "save_steps", "save_total_limit", "max_length")
         extra = {k: v for k, v in cfg.train_values.items() if k not in drop}
+        if run.scoring_checkpoints == "trainer":  # the effective values (a default one is not in train_values)
+            extra.update(save_strategy=train.save_strategy, save_steps=train.save_steps,
+                         save_total_limit=train.save_total_limit)
         rows = run_reference(
             model, tok, ds, cfg.run_dir, num_checkpoints=run.num_checkpoints, num_train_epochs=run.reference_epochs,
             per_device_train_batch_size=train.per_device_train_batch_size,
