@@ -89,6 +89,14 @@ class RunConfig:
                                  "comparison in dynamics/online_summary.json; num_checkpoints: 1 makes them cheap).",
                                  "choices": list(CONFIDENCE_MODES)})
     score_batch_size: int = field(default=16, metadata={"help": "Examples per forward pass when scoring checkpoints."})
+    scoring_checkpoints: str = field(default="trainer", metadata={"help": "Trainer checkpoints of the step-1 reference "
+                                     "run: `trainer` (default) saves only as save_strategy/save_steps say (scoring "
+                                     "still happens in-process at the C scoring steps; a resumed run retrains from "
+                                     "its last saved checkpoint, or from step 0, to each scoring step it misses and "
+                                     "scores there, so the result is the same); `always` also forces a full save at "
+                                     "each scoring step (resumes lose less work, but C full checkpoints: ~112 GB each "
+                                     "for an 8B full fine-tune with AdamW). See docs/distributed.md.",
+                                     "choices": ["trainer", "always"]})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "

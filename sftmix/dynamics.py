@@ -8,15 +8,20 @@
     target_ds = join_confidence(target_ds, rows)                # adds `confident`, `confidence` by guid
 
 Outputs in the run directory (names fixed, see DESIGN.md):
-    reference/                  the reference run's Trainer checkpoints (saved at every scoring step, for resuming)
+    reference/                  the reference run's Trainer checkpoints (as save_strategy says; with
+                                scoring_checkpoints="always" also at every scoring step)
     dynamics/ckpt_{k}.jsonl     guid, nll_mean, n_tokens, ppl at checkpoint k = 1..C
     dynamics/schedule.json      the scoring steps and each checkpoint's scoring throughput / padding fraction
     dynamics/hidden_final.npz   last-response-token hidden states at the final checkpoint (for the 2-D map)
     confidence.jsonl            guid, n_tokens, confidence, variability, ppl_1..ppl_C, confident
 
 Checkpoint schedule: with T optimizer steps and C checkpoints, checkpoint k is taken at the end of step
-ceil(k*T/C) (k = 1..C, so the last one is the end of training). The callback forces a Trainer save at exactly those
-steps, so a resumed run always restarts from (at latest) the last scored checkpoint and skips the scored ones.
+ceil(k*T/C) (k = 1..C, so the last one is the end of training). Scoring happens in-process at those steps; a resumed
+run skips the scored ones. With scoring_checkpoints="always" the callback also forces a Trainer save there, so a
+resumed run restarts from (at latest) the last scored checkpoint; with "trainer" (the default: no forced ~100 GB
+saves of a large full fine-tune) it restarts from the last checkpoint the Trainer saved (or from step 0) and retrains
+up to each missing scoring step. Under several processes each scores a share of the examples (`share_batches`) and
+the rows are gathered: the files are those of one process.
 
 Split rule: examples are ranked by confidence (highest first), ties broken by guid (so the split does not depend on
 the input order); the first floor(N/2) are `confident`. For odd N the median example goes to the unconfident half.
@@ -87,7 +92,14 @@ def run_scoring(
     """Score `dataset` with `model` (inference only) in length-sorted batches; see `score_examples`.
 
     hidden_at: None, "last_response" (the hidden state of the example's last response token, which has seen the
-    whole example) or "last_prompt" (the last prompt token, which predicts the first response token)."""
+    whole example) or "last_prompt" (the last prompt token, which predicts the first response token).
+
+    Several processes (a torch.distributed process group; call it on every process): the length-sorted batches are
+    shared out by tokens (`share_batches`), each process scores its share, a process with fewer batches runs dummy
+    forwards (its shortest example, discarded) until all have run as many as the busiest, so that sharded forwards
+    (FSDP2/FSDP1 all-gathers, ZeRO-3 gathers incl. the LM head's) line up, and the rows and hidden states are
+    all-gathered: every process returns exactly the one-process result (the same batches, computed the same way).
+    stats["per_process"] has each process's batches, examples, tokens, response tokens and seconds."""
     from tqdm.auto import tqdm
 
     if padding_side not in ("right", "left"):
@@ -118,6 +130,16 @@ def run_scoring(
     order = sorted(range(n), key=lambda i: (-lengths[i], i))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     fetch = _fetcher(dataset)
+    # Several processes: each scores its share of the very batches one process would score (so every row is computed
+    # exactly as on one process), and the rows are gathered. Ranks with fewer batches run dummy forwards (the shortest
+    # example, discarded) until all have run the same number, so that the collectives of a sharded forward (FSDP's
+    # all-gathers, ZeRO-3's parameter and head gathers) line up.
+    world, rank = world_and_rank()
+    shares = share_batches([len(b) * max(lengths[i] for i in b) for b in batches], world)
+    plan = [(batches[b], False) for b in shares[rank]]
+    if n:
+        plan += [([order[-1]], True)] * (max(len(s) for s in shares) - len(shares[rank]))
+    mine = np.array([i for b in shares[rank] for i in batches[b]], dtype=np.int64)
 
     nll_sum = np.zeros(n, dtype=np.float64)
     n_tok = np.zeros(n, dtype=np.int64)
@@ -127,7 +149,7 @@ def run_scoring(
     model.eval()
     t0 = time.perf_counter()
     try:
-        for batch_idx in tqdm(batches, desc=desc or "scoring", disable=not show_progress, leave=False):
+        for batch_idx, dummy in tqdm(plan, desc=desc or "scoring", disable=not show_progress, leave=False):
             ids_list, labels_list = fetch(batch_idx)
             T = max(len(x) for x in ids_list)
             B = len(batch_idx)
@@ -146,19 +168,25 @@ def run_scoring(
                 attention_mask[r, sl] = 1
             # positions count real tokens only, so that left padding gives the same positions as right padding
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            real_tokens += int(attention_mask.sum())
-            computed_tokens += B * T
+            if not dummy:
+                real_tokens += int(attention_mask.sum())
+                computed_tokens += B * T
             input_ids, labels = input_ids.to(device), labels.to(device)
             attention_mask, position_ids = attention_mask.to(device), position_ids.to(device)
 
+            with autocast, _capture_output(backbone) as captured:
+                # The whole model is called (its head on one position only) so that an FSDP root's pre-forward
+                # runs (it gathers the root's own parameters); the backbone's output is taken by a hook.
+                model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      logits_to_keep=1)
             with autocast:
-                out = backbone(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                )
-                h = out.last_hidden_state  # the hidden state at t-1 predicts the token at t
+                h = captured[0]  # the backbone's last hidden state: the one at t-1 predicts the token at t
                 targets = labels[:, 1:]
                 mask = targets != IGNORE_INDEX
-                logp = _label_logprobs(h[:, :-1][mask], targets[mask], lm_head, head_kwargs)
+                with _full_head(lm_head) as head:  # ZeRO-3 / a sharded FSDP2 head: gathered on every rank
+                    logp = _label_logprobs(h[:, :-1][mask], targets[mask], head, head_kwargs)
+            if dummy:
+                continue
             rows_of = mask.nonzero()[:, 0]
             per_row = torch.zeros(B, dtype=torch.float64, device=logp.device).index_add_(0, rows_of, -logp.double())
             idx = torch.as_tensor(batch_idx)
@@ -172,6 +200,15 @@ def run_scoring(
                 hidden[idx.numpy()] = hb
     finally:
         model.train(was_training)
+    local = {"rank": rank, "batches": len(shares[rank]), "dummy_batches": len(plan) - len(shares[rank]),
+             "examples": len(mine), "tokens": real_tokens, "response_tokens": int(n_tok[mine].sum()),
+             "computed_tokens": computed_tokens, "seconds": time.perf_counter() - t0}
+    if world > 1:
+        nll_sum, n_tok, hidden, per_process = _gather_scores(mine, nll_sum, n_tok, hidden, local, n)
+        real_tokens = sum(p["tokens"] for p in per_process)
+        computed_tokens = sum(p["computed_tokens"] for p in per_process)
+    else:
+        per_process = [local]
     seconds = time.perf_counter() - t0
 
     empty = np.flatnonzero(n_tok == 0)
@@ -203,12 +240,82 @@ def run_scoring(
         "tokens_per_s": real_tokens / max(seconds, 1e-9),
         "batch_size": batch_size,
         "device": str(device),
+        "num_processes": world,
+        "per_process": per_process,  # each process's share: batches, examples, tokens, response_tokens, seconds
     }
     logger.info(
         "scored %d examples (%d tokens) in %.1fs: %.0f tokens/s, padding %.1f%% of computed tokens",
         n, real_tokens, seconds, stats["tokens_per_s"], 100 * stats["padding_fraction"],
     )
     return ScoringResult(rows=rows, stats=stats, hidden=hidden)
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def share_batches(costs: list[int], world_size: int) -> list[list[int]]:
+    """Which batches each of `world_size` processes scores, given each batch's cost in padded tokens (batch size x
+    longest sequence; batches longest first): batch by batch to the process with the fewest tokens so far, ties to the
+    lowest rank (greedy longest-first). Balanced by tokens, not by count (a batch of long examples costs many of short
+    ones); deterministic, so every process computes every share without communicating. Batch positions per rank."""
+    load, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for b, cost in enumerate(costs):
+        r = min(range(world_size), key=lambda j: (load[j], j))
+        shares[r].append(b)
+        load[r] += cost
+    return shares
+
+
+def _gather_scores(mine, nll_sum, n_tok, hidden, local: dict, n: int):
+    """All-gather each process's rows (nll sums, token counts, hidden states of its examples) into full arrays on
+    every process, so that every process returns what one process would; also each process's share statistics."""
+    part = {"idx": mine, "nll_sum": nll_sum[mine], "n_tok": n_tok[mine], "stats": local,
+            "hidden": None if hidden is None else hidden[mine]}
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    nll_sum, n_tok, full_hidden = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64), None
+    for p in parts:
+        nll_sum[p["idx"]] = p["nll_sum"]
+        n_tok[p["idx"]] = p["n_tok"]
+        if p["hidden"] is not None:
+            if full_hidden is None:
+                full_hidden = np.zeros((n, p["hidden"].shape[-1]), dtype=np.float32)
+            full_hidden[p["idx"]] = p["hidden"]
+    return nll_sum, n_tok, full_hidden, [p["stats"] for p in parts]
+
+
+@contextlib.contextmanager
+def _capture_output(module):
+    """A list that receives `module`'s first output (its last hidden state) while the context is open."""
+    captured = []
+    handle = module.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _full_head(lm_head):
+    """The LM head with its whole weight, for reading it outside the head's own forward: under ZeRO-3 gathered for the
+    duration (trl's maybe_gather_lm_head_ctx; a collective, so every rank enters it), an FSDP2 DTensor shard made
+    whole (also a collective); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+            from types import SimpleNamespace
+
+            full = [t.full_tensor() if isinstance(t, DTensor) else t for t in (weight, bias)]
+            yield SimpleNamespace(weight=full[0], bias=full[1])
+        else:
+            yield lm_head
 
 
 def _backbone_and_head(model):
@@ -376,19 +483,30 @@ def scoring_steps(max_steps: int, num_checkpoints: int) -> list[int]:
     return [math.ceil(k * max_steps / num_checkpoints) for k in range(1, num_checkpoints + 1)]
 
 
+SCORING_CHECKPOINTS = ("trainer", "always")  # RunConfig.scoring_checkpoints / run_reference(scoring_checkpoints=)
+
+
 class CheckpointScoringCallback(TrainerCallback):
     """Scores `score_dataset` at C checkpoints spread evenly over the run, into `out_dir/dynamics/ckpt_{k}.jsonl`.
 
-    Resumable: a checkpoint whose file exists is not scored again, and the callback asks the Trainer to save a
-    checkpoint at each scoring step (whatever save_strategy says) so that a resumed run gets back to it. Every
-    process scores (a forward under FSDP needs all of them); only the main process writes. At the final
+    Resumable: a checkpoint whose file exists is not scored again. save_checkpoints="always" asks the Trainer to save
+    a checkpoint at each scoring step (whatever save_strategy says) so that a resumed run restarts from the last
+    scored one; "trainer" (the default) saves only as the Trainer is configured, and a run resumed from an earlier
+    checkpoint (or from scratch) retrains up to each missing scoring step and scores there (one log line says what
+    it redoes). Every process takes part: each scores its share of the examples and the rows are gathered (see
+    `run_scoring`); only the main process writes. At the final
     checkpoint the last-response-token hidden states are kept too (dynamics/hidden_final.npz) for the 2-D map.
     If the trainer records online dynamics (SFTMixConfig(record_online_dynamics=True)), set `callback.trainer`
     and its records are saved with every checkpoint and restored on resume (dynamics/online_records.jsonl).
-    score=False (online-only mode) keeps the saves at those steps but scores nothing."""
+    score=False (online-only mode) scores nothing (with "always" it still saves at those steps)."""
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 5, batch_size: int = 16,
-                 hidden_at: str | None = "last_response", show_progress: bool = True, score: bool = True):
+                 hidden_at: str | None = "last_response", show_progress: bool = True, score: bool = True,
+                 save_checkpoints: str = "trainer"):
+        if save_checkpoints not in SCORING_CHECKPOINTS:
+            raise SFTMixError(f"scoring_checkpoints must be one of {', '.join(SCORING_CHECKPOINTS)}, got "
+                              f"{save_checkpoints!r}.")
+        self.save_checkpoints = save_checkpoints
         self.score_dataset = score_dataset
         self.dir = Path(out_dir) / "dynamics"
         self.num_checkpoints = num_checkpoints
@@ -428,11 +546,36 @@ class CheckpointScoringCallback(TrainerCallback):
             atomic_write_json(path, sched)
         if self.trainer is not None and state.global_step > 0:
             self._restore_online(state.global_step)
+        self._log_resume(state.global_step)
+
+    def _log_resume(self, step: int):
+        """One line on what a resumed run redoes: the training steps past its checkpoint up to the last scored step,
+        and which scoring steps it (re)scores."""
+        if not self.score:
+            return
+        done = [k for k in range(1, self.num_checkpoints + 1) if self.ckpt_path(k).exists()]
+        if step == 0 and not done:
+            return  # a fresh run
+        todo = [k for k in range(1, self.num_checkpoints + 1) if k not in done and self.steps[k - 1] > step]
+        lost = [k for k in range(1, self.num_checkpoints + 1) if k not in done and self.steps[k - 1] <= step]
+        if lost:  # scored steps before the checkpoint cannot be redone without retraining from an earlier one
+            raise SFTMixError(
+                f"{self.dir}: checkpoint(s) {lost} (step(s) {[self.steps[k - 1] for k in lost]}) were never scored and "
+                f"training resumes after them (step {step}); delete the reference's checkpoints "
+                f"({self.dir.parent / 'reference'}) to retrain them, or delete {self.dir} to rescore everything."
+            )
+        last_done = max((self.steps[k - 1] for k in done), default=0)
+        redo = (f"retraining steps {step + 1}..{last_done} (done before the interruption, past the last saved "
+                f"checkpoint)" if last_done > step else "retraining nothing already done")
+        logger.info("resuming the reference at step %d: %s; checkpoint(s) %s already scored (kept), scoring "
+                    "checkpoint(s) %s at step(s) %s", step, redo, done or "none", todo or "none",
+                    [self.steps[k - 1] for k in todo] or "none")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step not in self.steps:
             return
-        control.should_save = True  # a resumed run restarts from here at the latest
+        if self.save_checkpoints == "always":
+            control.should_save = True  # a resumed run restarts from here at the latest
         if not self.score:
             return
         k = self.steps.index(state.global_step) + 1
@@ -453,6 +596,9 @@ class CheckpointScoringCallback(TrainerCallback):
             write_jsonl(self.ckpt_path(k), res.rows)
             self.schedule.setdefault("scoring", {})[str(k)] = {"step": state.global_step, **res.stats}
             atomic_write_json(self.dir / "schedule.json", self.schedule)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.on_save(args, state, control)  # the whole run's records, also when the Trainer saved no checkpoint
 
     def on_save(self, args, state, control, **kwargs):
         records = getattr(self.trainer, "online_records", None)
@@ -673,6 +819,7 @@ def run_reference(
     score_batch_size: int = 16,
     online: bool = False,
     score_checkpoints: bool = True,
+    scoring_checkpoints: str = "trainer",
     records: list[dict] | None = None,
     plots: bool = True,
     show_progress: bool = True,
@@ -687,7 +834,9 @@ def run_reference(
     NLL from the training forward passes and writes dynamics/online_summary.json (Spearman against the checkpoint
     confidence); confidence.jsonl stays checkpoint-based. online=True with score_checkpoints=False is the cheap
     online-only mode: no scoring pass at all, confidence.jsonl from the online records (and no hidden-state map,
-    which needs a pass). Trainer checkpoints are saved at the C evenly spaced steps either way. `records` (optional)
+    which needs a pass). Trainer checkpoints: as save_strategy configures them (scoring_checkpoints="trainer"; the
+    default here is save_strategy="no", so a killed run retrains from step 0 and keeps what it scored), or also at
+    each of the C scoring steps (scoring_checkpoints="always"). `records` (optional)
     give the instructions for the markdown summary. Further keyword arguments go to the SFTMixConfig (e.g.
     bf16=True, report_to="tensorboard", lr_scheduler_type="cosine")."""
     out_dir = Path(out_dir)
@@ -710,13 +859,13 @@ def run_reference(
             per_device_train_batch_size=per_device_train_batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, seed=seed,
             max_length=None,  # the data is tokenized (and truncated) already; scoring sees the same sequences
-            save_strategy="no",  # the scoring callback saves at each scoring step instead
+            save_strategy="no",  # scoring_checkpoints="always" saves at each scoring step instead
             save_total_limit=1, logging_steps=10, report_to="none", disable_tqdm=not show_progress,
         )
         cfg = SFTMixConfig(**{**defaults, **extra, **training_args})
         callback = CheckpointScoringCallback(train_dataset, out_dir, num_checkpoints=num_checkpoints,
                                              batch_size=score_batch_size, show_progress=show_progress,
-                                             score=score_checkpoints)
+                                             score=score_checkpoints, save_checkpoints=scoring_checkpoints)
         trainer = SFTMixTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
                                 callbacks=[callback, *(callbacks or [])])
         callback.trainer = trainer

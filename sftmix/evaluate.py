@@ -123,7 +123,9 @@ class EvalConfig:
 def heldout_nll(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int | None = None,
                 source: str = "<held-out>", return_rows: bool = False) -> dict:
     """Response NLL of `records` (sftmix.data records): token-weighted mean NLL and its perplexity, plus the mean of
-    the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped)."""
+    the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped).
+    Under several processes (a torch.distributed process group), call it on every process: each scores its share
+    and every process gets the rows and metrics of one process (sftmix.dynamics.run_scoring)."""
     from sftmix.data import tokenize_records
     from sftmix.dynamics import score_examples
 
@@ -389,9 +391,14 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     Returns {"logprobs": [[float]], "n_tokens": [[int]], "truncated": [bool], "stats": {...}}. Each prompt is run once
     (left padded, batched longest first); the first token of every choice is read off the prompt's last logits, the
     rest of multi-token choices are run on a copy of the prompt's key/value cache. With `share_prefix` the common
-    prefix of all untruncated prompts is run once and its cache copied into every batch."""
+    prefix of all untruncated prompts is run once and its cache copied into every batch. Under several processes (a
+    torch.distributed process group; call it on every process) each runs a token-balanced share of the batches, with
+    dummy forwards so that all run the same number of forwards (FSDP / ZeRO-3), and the scores are gathered:
+    every process returns what one process would; stats["per_process"] has each share."""
     from transformers import DynamicCache
     from tqdm.auto import tqdm
+
+    from sftmix.dynamics import share_batches, world_and_rank
 
     device = _device(model)
     ckw = _cache_kw(model)
@@ -417,11 +424,13 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     t0 = time.perf_counter()
     computed = 0
     prefix_cache = None
+    prefix_computed = 0
     try:
         if P >= MIN_SHARED_PREFIX:
             ids = torch.tensor([prompts[full[0]][:P]], device=device)
             prefix_cache = _out_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-            computed += P
+            computed += P  # every process runs the shared prefix (counted once below)
+            prefix_computed = P
             if not _full_attention_cache(prefix_cache):  # sliding-window layers would crop the shared prefix
                 prefix_cache, P = None, 0
         else:
@@ -437,8 +446,21 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
             cur.append(i)
         if cur:
             batches.append(cur)
+        # Several processes: each runs its share of the batches (balanced by padded tokens, sftmix.dynamics.
+        # share_batches) and the scores are gathered. A batch takes 1 forward, 2 with a multi-token choice; ranks
+        # with fewer forwards run one-token dummy forwards until all have run the same number, so that the
+        # collectives of a sharded model (FSDP, ZeRO-3) line up.
+        world, rank = world_and_rank()
+        multi_of = [any(len(c) > 1 for i in b for c in choice_ids[i]) for b in batches]
+        costs = []
+        for k, b in enumerate(batches):
+            longest = max(len(prompts[i]) - start[i] for i in b)
+            costs.append(len(b) * (longest + (max(len(c) for i in b for c in choice_ids[i]) if multi_of[k] else 0)))
+        shares = share_batches(costs, world)
+        forwards = [sum(1 + multi_of[k] for k in share) for share in shares]
         logprobs = [[0.0] * len(choice_ids[i]) for i in range(n)]
-        for batch in tqdm(batches, desc="scoring choices", disable=not show_progress, leave=False):
+        for batch in tqdm([batches[k] for k in shares[rank]], desc="scoring choices", disable=not show_progress,
+                          leave=False):
             p0 = start[batch[0]]
             suf = [prompts[i][p0:] for i in batch]
             B, T = len(batch), max(len(s) for s in suf)
@@ -491,12 +513,31 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
             got = lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)
             for r, (_, i, j) in enumerate(multi):
                 logprobs[i][j] += float(got[r].sum())
+        for _ in range(max(forwards) - forwards[rank]):
+            model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False,
+                  logits_to_keep=1)
     finally:
         model.train(was_training)
+    mine = [i for k in shares[rank] for i in batches[k]]
+    local = {"rank": rank, "batches": len(shares[rank]), "forwards": forwards[rank],
+             "dummy_forwards": max(forwards) - forwards[rank], "questions": len(mine),
+             "prompt_tokens": sum(len(prompts[i]) for i in mine), "computed_tokens": computed,
+             "seconds": time.perf_counter() - t0}
+    per_process = [local]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, {"idx": mine, "logprobs": [logprobs[i] for i in mine],
+                                                    "stats": local})
+        for part in parts:
+            for i, lp in zip(part["idx"], part["logprobs"]):
+                logprobs[i] = lp
+        per_process = [part["stats"] for part in parts]
+        computed = sum(p["computed_tokens"] for p in per_process) - (world - 1) * prefix_computed
     seconds = time.perf_counter() - t0
     stats = {"n_questions": n, "n_truncated": sum(truncated), "shared_prefix_tokens": P,
              "prompt_tokens": sum(len(p) for p in prompts), "computed_tokens": computed, "seconds": seconds,
-             "computed_tokens_per_s": computed / max(seconds, 1e-9), "device": str(device)}
+             "computed_tokens_per_s": computed / max(seconds, 1e-9), "device": str(device),
+             "num_processes": world, "per_process": per_process}
     return {"logprobs": logprobs, "n_tokens": [[len(c) for c in cs] for cs in choice_ids], "truncated": truncated,
             "stats": stats}
 
@@ -530,6 +571,8 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file: str | None = None,
                          cfg: EvalConfig | None = None, output_dir: str | None = None) -> dict:
     """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl into output_dir if given."""
+    from sftmix.dynamics import world_and_rank
+
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     items = load_mc(task, eval_file, cfg)
@@ -567,7 +610,7 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
         "prediction_counts": dict(Counter(p["pred" if cfg.mc_score == "sum" else "pred_norm"] for p in preds)),
         "scoring": res["stats"], "seconds": time.perf_counter() - t0,
     }
-    if output_dir is not None:
+    if output_dir is not None and world_and_rank()[1] == 0:  # every process has all predictions; one writes them
         write_jsonl(Path(output_dir) / f"{task}_predictions.jsonl", preds)
     lo, hi = metrics["ci95"]
     log.info("%s: accuracy %.3f [%.3f, %.3f] on %d questions (%d-shot, %d truncated) in %.0fs", task,

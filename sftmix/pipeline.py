@@ -227,18 +227,22 @@ def stage_dynamics(cfg) -> None:
         model, tok = load_model(cfg, spec)
         ds = tokenize(cfg, records, tok, "reference")
         online = run.confidence_mode == "online"
-        # The reference is plain NTP on all the data: none of the Mixup / selection fields; its own epochs, lr and
-        # checkpointing (the scoring callback saves at each scoring step).
+        # The reference is plain NTP on all the data: none of the Mixup / selection fields; its own epochs and lr.
+        # Checkpoints: as configured for the target runs (scoring_checkpoints=trainer), or only at each scoring step.
         drop = MIXUP_ONLY + SELECTION_FIELDS + ("output_dir", "num_train_epochs", "max_steps", "learning_rate",
                                                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
                                                 "save_strategy", "save_steps", "save_total_limit", "max_length")
         extra = {k: v for k, v in cfg.train_values.items() if k not in drop}
+        if run.scoring_checkpoints == "trainer":  # the effective values (a default one is not in train_values)
+            extra.update(save_strategy=train.save_strategy, save_steps=train.save_steps,
+                         save_total_limit=train.save_total_limit)
         rows = run_reference(
             model, tok, ds, cfg.run_dir, num_checkpoints=run.num_checkpoints, num_train_epochs=run.reference_epochs,
             per_device_train_batch_size=train.per_device_train_batch_size,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
             learning_rate=run.reference_learning_rate or train.learning_rate, seed=train.seed,
-            score_batch_size=run.score_batch_size, online=online, records=records, plots=not online,
+            score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints, online=online,
+            records=records, plots=not online,
             show_progress=not train.disable_tqdm, **extra)
         if online:
             rows = _online_confidence_rows(cfg, records, ds, tok)

@@ -8,6 +8,7 @@ process x batch 8). 36 examples make 20 pairs per epoch: 5 steps of 4 pairs, so 
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from helpers import tiny_dataset
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.trainer import BalancedPairSampler, median_split
-from sftmix.utils import SFTMixError
+from sftmix.utils import SFTMixError, read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(max_steps=7, n_examples=36)
@@ -79,6 +80,105 @@ def test_deepspeed_zero_trains_like_one_process(tmp_path):
     for mode, tied in (("zero2", ""), ("zero3", ""), ("zero3_tied", "_tied")):
         assert multi[mode]["distributed_type"] == "DistributedType.DEEPSPEED" and multi[mode]["world_size"] == 2
         assert_same_training(multi[mode], single[tied])
+
+
+def _medqa(path, n=23, seed=0):
+    rng = random.Random(seed)
+    words = ["why", "does", "the", "heart", "beat", "fast", "slow"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({
+                "question": " ".join(rng.choice(words) for _ in range(rng.randint(2, 15))) + "?",
+                "options": {k: " ".join(rng.choice(["aspirin", "rest", "fluids"]) for _ in range(rng.randint(1, 3)))
+                            for k in "ABCD"},
+                "answer_idx": "ABCD"[i % 4]}) + "\n")
+    return path
+
+
+def _dist_score(tmp_path, name, nproc, modes):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+           if nproc > 1 else [sys.executable])
+    out = tmp_path / f"{name}.json"
+    cmd += [os.path.join(HERE, "dist_score.py"), "--out", str(out), "--modes", modes, "--run_dir",
+            str(tmp_path / name), "--model_dir", str(tmp_path / "models"), "--mc_file", str(tmp_path / "medqa.jsonl")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def _about_half(per_process, key):
+    counts = [p[key] for p in per_process]
+    assert len(counts) == 2 and all(abs(c - sum(counts) / 2) <= 0.2 * sum(counts) / 2 for c in counts), counts
+
+
+@pytest.mark.slow
+def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path):
+    """Two processes each score about half of the response tokens and gather the rows: run_scoring's rows and hidden
+    states (plain and FSDP2-sharded model, with dummy forwards on the process with fewer batches), step 1's
+    ckpt_{k}.jsonl and confidence.jsonl after DDP training, held-out NLL and multiple choice (plain and
+    FSDP2) equal one process."""
+    save_models(tmp_path / "models")
+    _medqa(tmp_path / "medqa.jsonl")
+    one = _dist_score(tmp_path, "one", 1, "scoring,reference,eval")
+    two = _dist_score(tmp_path, "two", 2, "scoring,fsdp2,reference,eval")
+    assert one["world_size"] == 1 and two["world_size"] == 2
+
+    # the same batches, split across processes: every number is computed exactly as on one process
+    for mode in ("scoring", "fsdp2"):
+        assert two[mode]["rows"] == one["scoring"]["rows"], mode
+        assert two[mode]["hidden"] == one["scoring"]["hidden"], mode
+        per = two[mode]["stats"]["per_process"]
+        _about_half(per, "response_tokens")
+        assert sum(p["examples"] for p in per) == 40 and sum(p["dummy_batches"] for p in per) > 0
+        assert two[mode]["stats"]["response_tokens"] == one["scoring"]["stats"]["response_tokens"]
+    assert two["fsdp2"]["sharded"]
+
+    # step 1 end to end: DDP trains to weights equal to ~1e-8 relative, so the scores agree to 1e-6
+    ddir1, ddir2 = tmp_path / "one" / "ref", tmp_path / "two" / "ref"
+    for name in ("dynamics/ckpt_1.jsonl", "dynamics/ckpt_2.jsonl", "dynamics/ckpt_3.jsonl", "confidence.jsonl"):
+        a, b = read_jsonl(ddir1 / name), read_jsonl(ddir2 / name)
+        assert [r["guid"] for r in a] == [r["guid"] for r in b] and len(a) == 36, name
+        for key in a[0]:
+            if isinstance(a[0][key], float):  # observed: <= 6.2e-7 relative (variability), nll_mean <= 6e-8
+                np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6, err_msg=name + key)
+            else:
+                assert [r[key] for r in b] == [r[key] for r in a], name + key
+    for k, stats in json.loads((ddir2 / "dynamics" / "schedule.json").read_text())["scoring"].items():
+        assert stats["num_processes"] == 2
+        _about_half(stats["per_process"], "response_tokens")
+    h1, h2 = np.load(ddir1 / "dynamics" / "hidden_final.npz"), np.load(ddir2 / "dynamics" / "hidden_final.npz")
+    assert list(h1["guid"]) == list(h2["guid"])
+    np.testing.assert_allclose(h2["hidden"], h1["hidden"], rtol=1e-5, atol=1e-5)
+    assert not list((ddir2 / "reference").glob("checkpoint-*"))  # the default forces no save at scoring steps
+
+    # evaluation: identical metrics and rows; each process ran about half of the multiple-choice tokens
+    assert two["eval"]["heldout"] == one["eval"]["heldout"]
+    assert two["eval"]["heldout_rows"] == one["eval"]["heldout_rows"]
+    strip = ("scoring", "seconds")
+    assert ({k: v for k, v in two["eval"]["mc"].items() if k not in strip}
+            == {k: v for k, v in one["eval"]["mc"].items() if k not in strip})
+    per = two["eval"]["mc"]["scoring"]["per_process"]
+    assert sum(p["questions"] for p in per) == one["eval"]["mc"]["n"] == 20
+    _about_half(per, "prompt_tokens")
+    assert len({p["forwards"] + p["dummy_forwards"] for p in per}) == 1  # the same number of forwards everywhere
+    fsdp2 = two["fsdp2"]["eval"]  # the FSDP2-sharded model too
+    assert fsdp2["heldout"] == one["eval"]["heldout"] and fsdp2["heldout_rows"] == one["eval"]["heldout_rows"]
+    assert ({k: v for k, v in fsdp2["mc"].items() if k not in strip}
+            == {k: v for k, v in one["eval"]["mc"].items() if k not in strip})
+    assert read_jsonl(tmp_path / "two" / "eval_fsdp2" / "medqa_predictions.jsonl") == read_jsonl(
+        tmp_path / "one" / "eval" / "medqa_predictions.jsonl")
+    assert read_jsonl(tmp_path / "two" / "eval" / "medqa_predictions.jsonl") == read_jsonl(
+        tmp_path / "one" / "eval" / "medqa_predictions.jsonl")
+
+
+def test_batch_shares_are_balanced_by_tokens_and_deterministic():
+    from sftmix.dynamics import share_batches
+
+    # one long batch outweighs several short ones: the shares balance tokens, not counts
+    assert share_batches([100, 30, 30, 30, 10, 10], 2) == [[0, 5], [1, 2, 3, 4]]
+    assert share_batches([5, 5, 5], 2) == [[0, 2], [1]]  # ties go to the lowest rank
+    assert share_batches([7, 3], 1) == [[0, 1]]
+    assert share_batches([], 3) == [[], [], []]
 
 
 def test_sampler_deals_one_process_batches_to_several():

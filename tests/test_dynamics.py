@@ -344,7 +344,8 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     monkeypatch.setattr(dynamics, "run_scoring", counting)
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
-        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[_interrupt_at(5)], **REF_KW)
+        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[_interrupt_at(5)],
+                      scoring_checkpoints="always", **REF_KW)
     assert calls == ["scoring checkpoint 1/4", "scoring checkpoint 2/4"]
     assert not (run / "confidence.jsonl").exists()
     assert (run / "reference" / "checkpoint-4").is_dir()  # saved at the scoring step, whatever save_strategy says
@@ -354,7 +355,8 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     (torn / "model.safetensors").write_bytes(b"\0" * 10)
 
     calls.clear()
-    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, records=records, **REF_KW)
+    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, records=records, scoring_checkpoints="always",
+                         **REF_KW)
     assert calls == ["scoring checkpoint 3/4", "scoring checkpoint 4/4"]  # 1 and 2 were not scored again
     assert all((c / "trainer_state.json").exists() for c in (run / "reference").glob("checkpoint-*"))
     assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8
@@ -375,6 +377,56 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     assert [r["confident"] for r in fresh] == [r["confident"] for r in rows]
     # training changed the model: ppl moves between checkpoints
     assert any(r["ppl_1"] != pytest.approx(r["ppl_4"], rel=1e-3) for r in rows)
+
+
+@pytest.mark.parametrize("save", ["steps", "no"])
+def test_default_saves_as_the_trainer_says_and_a_resume_rescores_correctly(tmp_path, monkeypatch, caplog, save):
+    """scoring_checkpoints="trainer" (the default) forces no save at the scoring steps. A run killed at step 7 resumes
+    from the Trainer's own checkpoint-5 (save_steps=5), or from step 0 without saves, retrains to the missing scoring
+    steps, scores only those, says so in one line, and ends with the confidences of an uninterrupted run."""
+    import logging
+
+    tok = build_byte_tokenizer()
+    ds, _ = tokenize_records(make_records(16, seed=2), tok)  # 8 steps, scoring at 2, 4, 6, 8
+    calls = []
+    real = dynamics.run_scoring
+    monkeypatch.setattr(dynamics, "run_scoring", lambda *a, **kw: calls.append(kw["desc"]) or real(*a, **kw))
+    kw = dict(REF_KW, plots=False, save_strategy=save, save_steps=5)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[_interrupt_at(7)], **kw)
+    assert calls == [f"scoring checkpoint {k}/4" for k in (1, 2, 3)]
+    saved = sorted(p.name for p in (run / "reference").glob("checkpoint-*"))
+    assert saved == (["checkpoint-5"] if save == "steps" else [])  # none at the scoring steps 2, 4, 6
+    first = {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)}
+
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="sftmix.dynamics"):
+        rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, **kw)
+    assert calls == ["scoring checkpoint 4/4"]  # 1-3 kept: the retrained steps reproduce the same weights
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming the reference at")]
+    start = 5 if save == "steps" else 0
+    assert lines == [f"resuming the reference at step {start}: retraining steps {start + 1}..6 (done before the "
+                     f"interruption, past the last saved checkpoint); checkpoint(s) [1, 2, 3] already scored (kept), "
+                     f"scoring checkpoint(s) [4] at step(s) [8]"]
+    assert {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)} == first
+
+    fresh = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "fresh", **kw)
+    np.testing.assert_allclose([r["confidence"] for r in rows], [r["confidence"] for r in fresh], rtol=1e-6)
+    assert [r["confident"] for r in rows] == [r["confident"] for r in fresh]
+    for k in (1, 2, 3, 4):  # every checkpoint scored at the same weights as the uninterrupted run's
+        np.testing.assert_allclose([r["nll_mean"] for r in read_jsonl(run / "dynamics" / f"ckpt_{k}.jsonl")],
+                                   [r["nll_mean"] for r in read_jsonl(tmp_path / "fresh" / "dynamics" /
+                                                                      f"ckpt_{k}.jsonl")], rtol=1e-6)
+
+
+def test_scoring_checkpoints_setting_is_checked(tmp_path):
+    with pytest.raises(SFTMixError, match="scoring_checkpoints must be one of trainer, always"):
+        run_reference(None, build_byte_tokenizer(), tiny_ds(), tmp_path, scoring_checkpoints="sometimes")
+
+
+def tiny_ds():
+    return tokenize_records(make_records(4), build_byte_tokenizer())[0]
 
 
 def test_plots_are_non_empty_pngs(tmp_path):
