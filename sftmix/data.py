@@ -417,6 +417,10 @@ def _parse_row(row: Any, fmt: str, lenient: bool, notes: Counter) -> list[dict]:
         else:
             notes[f"ignored non-scalar field {k!r}"] += 1
     src_guid = extras.pop("guid", None)
+    made = ("prompt", "completion") + (("turn", "conversation_id") if fmt in ("openai", "sharegpt") else ())
+    for k in made:
+        if k in extras:  # a source column named like a record field (UltraChat's `prompt` string beside `messages`)
+            extras[f"source_{k}"] = extras.pop(k)
     if fmt == "alpaca":
         instruction, inp, output = _text(row, "instruction"), _text(row, "input", optional=True), _text(row, "output")
         system = _text(row, "system", optional=True)
@@ -556,13 +560,20 @@ def load_sharegpt_package(limit: int | None = None) -> tuple[list[dict], dict]:
     return records, stats
 
 
-def load_records_with_stats(path_or_spec: str | os.PathLike, *, limit: int | None = None,
-                            on_bad: str = "error") -> tuple[list[dict], dict]:
-    """Like `load_records`, also returning the load stats (format, rows, records, duplicates, skipped, notes)."""
+def load_records_with_stats(path_or_spec: str | os.PathLike | list[str], *, limit: int | None = None,
+                            on_bad: str = "error", dataset_config: str | None = None, dataset_split: str = "train",
+                            revisions: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Like `load_records`, also returning the load stats (format, rows, records, duplicates, skipped, notes).
+
+    A Hub dataset id (org/name, when no local path of that name exists), or a list of them, is read with
+    datasets.load_dataset at `dataset_config` / `dataset_split` (sftmix.hub; `revisions` maps ids to the commit to
+    load, default: main); a list is read as one source, its rows in order (record numbers name the id and row)."""
     if on_bad not in ("error", "skip"):
         raise SFTMixError(f"on_bad={on_bad!r}: use 'error' (default) or 'skip' (count and report bad rows)")
     if limit is not None and limit <= 0:
         raise SFTMixError(f"limit={limit}: give a positive number of rows, or none for all")
+    if isinstance(path_or_spec, (list, tuple)) or _is_hub_dataset(path_or_spec):
+        return _load_hub_records(path_or_spec, limit, on_bad, dataset_config, dataset_split, revisions or {})
     spec = str(path_or_spec)
     m = re.fullmatch(r"sharegpt(?::(\d+))?", spec)
     if m and not os.path.exists(spec):
@@ -581,9 +592,45 @@ def load_records_with_stats(path_or_spec: str | os.PathLike, *, limit: int | Non
     return records, stats
 
 
-def load_records(path_or_spec: str | os.PathLike, *, limit: int | None = None, on_bad: str = "error") -> list[dict]:
-    """Load examples as records (see the module docstring); logs the load stats. `limit` counts source rows."""
-    return load_records_with_stats(path_or_spec, limit=limit, on_bad=on_bad)[0]
+def load_records(path_or_spec: str | os.PathLike | list[str], *, limit: int | None = None, on_bad: str = "error",
+                 **hub_kwargs) -> list[dict]:
+    """Load examples as records (see the module docstring); logs the load stats. `limit` counts source rows.
+    hub_kwargs (dataset_config, dataset_split, revisions): for Hub dataset ids, see `load_records_with_stats`."""
+    return load_records_with_stats(path_or_spec, limit=limit, on_bad=on_bad, **hub_kwargs)[0]
+
+
+def _is_hub_dataset(spec) -> bool:
+    from sftmix.hub import is_hub_id
+
+    return is_hub_id(str(spec), "dataset") and not os.path.exists(str(spec))
+
+
+def _load_hub_records(ids, limit, on_bad, config, split, revisions) -> tuple[list[dict], dict]:
+    from sftmix.hub import load_hub_dataset
+
+    ids = [str(i) for i in ([ids] if isinstance(ids, (str, os.PathLike)) else ids)]
+    bad = [i for i in ids if not _is_hub_dataset(i)]
+    if bad:
+        raise SFTMixError(f"data {bad[0]!r}: a list of data sources must be Hugging Face Hub dataset ids (org/name) "
+                          f"that are not local paths; merge local files into one file instead")
+    what = f" (config {config}, split {split})" if config else f" (split {split})"
+    source = " + ".join(ids) + what
+    stats: dict = {"source": source, "container": "hub", "hub": []}
+    t0 = time.perf_counter()
+
+    def rows():
+        for repo_id in ids:
+            ds, src = load_hub_dataset(repo_id, config=config, split=split, revision=revisions.get(repo_id))
+            src["n_rows"] = len(ds)
+            stats["hub"].append(src)
+            prefix = f"{repo_id} " if len(ids) > 1 else ""
+            for i, row in enumerate(ds):  # the row index in that split: what the dataset viewer shows
+                yield row, f"{prefix}row {i}"
+
+    records = _read(rows(), source, limit, on_bad == "skip", stats)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    log_load_stats(stats)
+    return records, stats
 
 
 def log_load_stats(stats: dict) -> None:

@@ -177,3 +177,48 @@ def load_hub_dataset(repo_id: str, config: str | None = None, split: str = "trai
             raise SFTMixError(f"{where}: {' '.join(str(err).split())}") from None
     source = {"id": repo_id, "config": config, "split": split, "revision": revision or "main", "sha": sha}
     return ds, source
+
+
+def _is_hub(spec, repo_type: str) -> bool:
+    return is_hub_id(spec, repo_type) and not os.path.exists(str(spec))
+
+
+def run_sources(run, previous: dict | None = None) -> dict:
+    """What a run's Hub ids resolve to, for DIR/sources.json, config.yaml and the report: {"models": [{role, id,
+    revision, sha}], "data": [{id, config, split, revision, sha}]} (local paths and built-in specs are not listed).
+    An entry of `previous` (the run directory's sources.json) with the same id, revision, config and split keeps its
+    sha, so a resumed run loads exactly what it started with, even if the Hub moved on, and needs no network."""
+    prev = previous or {}
+
+    def known(kind: str, entry: dict) -> str | None:
+        keys = [k for k in entry if k != "role"]
+        return next((p["sha"] for p in prev.get(kind, []) if all(p.get(k) == entry[k] for k in keys)), None)
+
+    out: dict = {"models": [], "data": []}
+    models = [("model", run.model, run.model_revision)]
+    if run.reference_model and run.reference_model != run.model:
+        models.append(("reference_model", run.reference_model, run.reference_model_revision))
+    for role, spec, revision in models:
+        if _is_hub(spec, "model"):
+            entry = {"role": role, "id": spec, "revision": revision or "main"}
+            entry["sha"] = known("models", entry) or resolve_revision(spec, "model", revision)[0]
+            out["models"].append(entry)
+    for spec in run.data if isinstance(run.data, list) else [run.data]:
+        if _is_hub(spec, "dataset"):
+            entry = {"id": spec, "config": run.dataset_config, "split": run.dataset_train_split, "revision": "main"}
+            entry["sha"] = known("data", entry) or resolve_revision(spec, "dataset", None)[0]
+            out["data"].append(entry)
+    return out
+
+
+def pinned_revision(sources: dict | None, kind: str, repo_id: str) -> str | None:
+    """The sha `run_sources` recorded for `repo_id` (kind: models or data), or None."""
+    return next((e["sha"] for e in (sources or {}).get(kind, []) if e["id"] == repo_id), None)
+
+
+def sources_comment(sources: dict | None) -> str:
+    """config.yaml comment lines naming what the Hub ids resolved to (empty without Hub ids)."""
+    lines = [f"#   {e['role']}: {e['id']}@{e['revision']} = {e['sha']}" for e in (sources or {}).get("models", [])]
+    lines += [f"#   data: {e['id']}" + (f" config {e['config']}" if e["config"] else "") +
+              f" split {e['split']}@{e['revision']} = {e['sha']}" for e in (sources or {}).get("data", [])]
+    return "# Hugging Face Hub commits (also in sources.json):\n" + "\n".join(lines) + "\n" if lines else ""

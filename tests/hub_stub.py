@@ -123,7 +123,7 @@ class HubStub:
     def env(self, hf_home) -> dict:
         """Environment variables that point huggingface_hub, datasets and transformers at this stand-in only."""
         return {"HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1",
-                "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                 "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "10",
                 "HF_HUB_DOWNLOAD_TIMEOUT": "10", "DO_NOT_TRACK": "1", "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost"}
