@@ -56,6 +56,18 @@ def _pubmedqa_rows(n):
              "long_answer": f"Long answer {i}.", "final_decision": dec[i % 3]} for i in range(n)]
 
 
+def _medqa_rows(n):  # GBaker/MedQA-USMLE-4-options' columns
+    return [{"question": f"A patient with sign {i}. Which drug?", "answer": f"drug {i}c",
+             "options": {k: f"drug {i}{k.lower()}" for k in "ABCD"}, "meta_info": "step1",
+             "answer_idx": "ABCD"[i % 4], "metamap_phrases": ["patient", f"sign {i}"]} for i in range(n)]
+
+
+def _medmcqa_rows(n):  # openlifescienceai/medmcqa's columns: cop 0-based
+    return [{"id": f"mcq-{i}", "question": f"Nerve {i} supplies?", "opa": "a", "opb": "b", "opc": "c", "opd": "d",
+             "cop": i % 4, "choice_type": "single", "exp": None, "subject_name": "Anatomy", "topic_name": None}
+            for i in range(n)]
+
+
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     """Local folders laid out as the real Hub repos are, served by one stand-in for the whole module."""
@@ -77,6 +89,10 @@ def repos(tmp_path_factory):
     (root / "pubmedqa" / "README.md").write_text(
         "---\nconfigs:\n- config_name: pqa_labeled\n  data_files:\n  - split: train\n"
         "    path: pqa_labeled/train-*\n---\n# PubMedQA\n")
+    (root / "medqa" / "data").mkdir(parents=True)
+    pd.DataFrame(_medqa_rows(9)).to_parquet(root / "medqa" / "data" / "test-00000-of-00001.parquet")
+    (root / "medmcqa" / "data").mkdir(parents=True)
+    pd.DataFrame(_medmcqa_rows(9)).to_parquet(root / "medmcqa" / "data" / "validation-00000-of-00001.parquet")
     with HubStub() as hub:
         hub.model_sha = hub.add_repo("org/tiny-model", root / "model")
         hub.add_repo("org/gated-model", root / "model", gated=True)
@@ -87,7 +103,9 @@ def repos(tmp_path_factory):
         hub.big_dir = root / "big"
         hub.alpaca_sha = hub.add_repo("org/alpaca", root / "alpaca", repo_type="dataset")
         hub.chat_sha = hub.add_repo("org/chat", root / "chat", repo_type="dataset")
-        hub.add_repo("org/pubmedqa", root / "pubmedqa", repo_type="dataset")
+        hub.pubmedqa_sha = hub.add_repo("org/pubmedqa", root / "pubmedqa", repo_type="dataset")
+        hub.add_repo("org/medqa", root / "medqa", repo_type="dataset")
+        hub.add_repo("org/medmcqa", root / "medmcqa", repo_type="dataset")
         yield hub
 
 
@@ -240,3 +258,38 @@ def test_a_download_cut_half_way_resumes(repos, tmp_path):
     assert [w[0] for w in weights] == ["GET", "CUT", "GET"]
     assert weights[0][2] is None and weights[1][2] == str(11 * 2**20)
     assert weights[2][2] == f"bytes={10 * 2**20}-"  # resumed after the first complete 10 MB chunk
+
+
+def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
+    """PubMedQA (pqa_labeled), MedQA (4 options) and MedMCQA by Hub id give the same questions as the same rows in
+    the local file layouts the loaders already read; the metrics record the Hub commit."""
+    from sftmix.evaluate import load_medmcqa, load_medqa, load_pubmedqa
+    from sftmix.utils import write_jsonl
+
+    local = tmp_path / "local"
+    local.mkdir()
+    pq = {str(r["pubid"]): {"QUESTION": r["question"], "CONTEXTS": r["context"]["contexts"],
+                            "final_decision": r["final_decision"]} for r in _pubmedqa_rows(12)}
+    (local / "pubmedqa.json").write_text(json.dumps(pq))
+    write_jsonl(local / "medqa.jsonl", _medqa_rows(9))
+    write_jsonl(local / "medmcqa.jsonl", _medmcqa_rows(9))
+    items = lambda xs: [[it.id, it.text, it.choices, it.answer] for it in xs]  # noqa: E731
+    want = {"pubmedqa": items(load_pubmedqa(str(local / "pubmedqa.json"))),
+            "medqa": items(load_medqa(str(local / "medqa.jsonl"))),
+            "medmcqa": items(load_medmcqa(str(local / "medmcqa.jsonl"), "0"))}
+    code = ("import json\nfrom sftmix import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+            "items = lambda xs: [[it.id, it.text, it.choices, it.answer] for it in xs]\n"
+            "got = {'pubmedqa': items(ev.load_pubmedqa('org/pubmedqa')), 'medqa': items(ev.load_medqa('org/medqa')),"
+            " 'medmcqa': items(ev.load_medmcqa('org/medmcqa'))}\n"
+            "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
+            f"res = ev.run_eval(m, tok, ev.EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), {str(tmp_path / 'e')!r})\n"
+            "print(json.dumps({'items': got, 'source': res['pubmedqa']['source'], 'n': res['pubmedqa']['n']}))\n")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(repos, tmp_path / "hf_home"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["items"] == want
+    assert [x[3] for x in out["items"]["medmcqa"]] == [i % 4 for i in range(9)]  # cop 0-based, read as such
+    assert out["source"] == {"id": "org/pubmedqa", "config": "pqa_labeled", "split": "train", "revision": "main",
+                             "sha": repos.pubmedqa_sha}
+    assert out["n"] == 12 - 1  # one question became the shot
