@@ -31,7 +31,9 @@ from sftmix.utils import SFTMixError
 # org/name, as the Hub spells ids; a data file path that looks like one (data/train.jsonl) is told apart by its suffix
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst", ".yaml", ".yml")
-PROBE = {"model": "config.json", "dataset": "README.md"}  # small files every such repo has (a dataset: usually)
+# small files to resolve a revision with: a model's config.json; a dataset's card, else .gitattributes (which every
+# Hub repo gets in its first commit; the medalpaca sets, e.g., are one JSON file and no card)
+PROBES = {"model": ("config.json",), "dataset": ("README.md", ".gitattributes")}
 
 
 def is_hub_id(spec, repo_type: str = "model") -> bool:
@@ -121,31 +123,35 @@ def _not_cached(repo_id: str, repo_type: str, revision: str | None, err: Excepti
 
 
 def resolve_revision(repo_id: str, repo_type: str = "model", revision: str | None = None) -> tuple[str, str]:
-    """(commit sha, snapshot folder in the cache) of `repo_id` at `revision` (default main), downloading only its
-    probe file (config.json / README.md) when online; offline, from the cache. Errors: see `hub_errors`."""
+    """(commit sha, snapshot folder in the cache) of `repo_id` at `revision` (default main), downloading only a probe
+    file (PROBES) when online; offline, from the cache. Errors: see `hub_errors`."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     revision = revision or "main"
     cache, offline = hub_cache_dir(), is_offline()
+    sha = None
     with hub_errors(repo_id, repo_type, revision):
-        try:
-            path = hf_hub_download(repo_id, PROBE[repo_type], repo_type=repo_type, revision=revision,
-                                   cache_dir=cache, local_files_only=offline)
-            folder = Path(path).parent
-            return folder.name, str(folder)
-        except LocalEntryNotFoundError:
-            if repo_type == "model" or not offline:
-                raise
-            # a dataset without README.md: the cache's refs are all that is left offline
-            sha = _cached_ref(cache, repo_id, repo_type, revision)
-            if sha is None:
-                raise
-        except EntryNotFoundError:
-            if repo_type == "model":
-                raise SFTMixError(f"model {repo_id!r} on the Hub has no config.json at revision {revision!r}, so it "
-                                  f"is not a transformers model; pass a transformers model id or a local .gguf "
-                                  f"file.") from None
+        for probe in PROBES[repo_type]:
+            try:  # hf_hub_download also writes the cache's refs/<revision>, so the id resolves offline later
+                path = hf_hub_download(repo_id, probe, repo_type=repo_type, revision=revision, cache_dir=cache,
+                                       local_files_only=offline)
+                folder = Path(path).parent
+                return folder.name, str(folder)
+            except LocalEntryNotFoundError:
+                if not offline:
+                    raise
+                sha = _cached_ref(cache, repo_id, repo_type, revision)  # cached without this probe file?
+            except EntryNotFoundError:
+                pass
+            if sha is not None:
+                break
+        if sha is None and offline:
+            raise LocalEntryNotFoundError(f"{repo_id}@{revision} is not cached")
+        if sha is None and repo_type == "model":
+            raise SFTMixError(f"model {repo_id!r} on the Hub has no config.json at revision {revision!r}, so it is "
+                              f"not a transformers model; pass a transformers model id or a local .gguf file.")
+        if sha is None:
             sha = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha
     folder = Path(cache) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots" / sha
     return sha, str(folder)

@@ -93,6 +93,15 @@ def repos(tmp_path_factory):
     pd.DataFrame(_medqa_rows(9)).to_parquet(root / "medqa" / "data" / "test-00000-of-00001.parquet")
     (root / "medmcqa" / "data").mkdir(parents=True)
     pd.DataFrame(_medmcqa_rows(9)).to_parquet(root / "medmcqa" / "data" / "validation-00000-of-00001.parquet")
+    for name, rows in (("meadow_a", _alpaca_rows(5)), ("meadow_b", _alpaca_rows(4)[1:]),
+                       ("meadow_bad", _alpaca_rows(4))):
+        # the medalpaca medical_meadow_* layout: one JSON array, no dataset card
+        (root / name).mkdir()
+        if name == "meadow_bad":
+            rows[2]["output"] = ""
+        (root / name / f"medical_{name}.json").write_text(json.dumps([{k: r[k] for k in ("instruction", "input",
+                                                                                         "output")} for r in rows]))
+        (root / name / ".gitattributes").write_text("*.json filter=lfs diff=lfs merge=lfs -text\n")
     with HubStub() as hub:
         hub.model_sha = hub.add_repo("org/tiny-model", root / "model")
         hub.add_repo("org/gated-model", root / "model", gated=True)
@@ -105,6 +114,8 @@ def repos(tmp_path_factory):
         hub.chat_sha = hub.add_repo("org/chat", root / "chat", repo_type="dataset")
         hub.pubmedqa_sha = hub.add_repo("org/pubmedqa", root / "pubmedqa", repo_type="dataset")
         hub.add_repo("org/medqa", root / "medqa", repo_type="dataset")
+        hub.meadow_shas = [hub.add_repo(f"org/{n}", root / n, repo_type="dataset")
+                           for n in ("meadow_a", "meadow_b", "meadow_bad")]
         hub.add_repo("org/medmcqa", root / "medmcqa", repo_type="dataset")
         yield hub
 
@@ -193,6 +204,33 @@ def test_multi_turn_hub_dataset_with_a_named_split(repos, tmp_path):
     # UltraChat's `prompt` string column is kept under another name instead of replacing the prompt messages
     assert chat3[0]["source_prompt"] == "chat 3 question 0"
     assert (out / "report.json").exists()
+
+
+def test_a_list_of_card_less_hub_datasets_is_one_merged_source(repos, tmp_path):
+    """The MedAlpaca merge: a list of ids (each one JSON file and no README, as the medalpaca sets are) read in order
+    into one set; offline afterwards from the cache alone; a bad row names its dataset and row index."""
+    code = ("import json, sys\nfrom sftmix.data import load_records_with_stats\nfrom sftmix.utils import SFTMixError\n"
+            "recs, stats = load_records_with_stats(['org/meadow_a', 'org/meadow_b'])\n"
+            "try:\n    load_records_with_stats('org/meadow_bad')\nexcept SFTMixError as e:\n    err = str(e)\n"
+            "print(json.dumps({'n': len(recs), 'guids': len({r['guid'] for r in recs}), 'hub': stats['hub'],"
+            " 'first': recs[0]['prompt'][0]['content'], 'err': err}))\n")
+    hf_home = tmp_path / "hf_home"
+    runs = []
+    for offline in ("0", "1"):
+        n0 = len(repos.requests)
+        res = subprocess.run([sys.executable, "-c", code], env=_env(repos, hf_home, HF_HUB_OFFLINE=offline),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        if offline == "1":
+            assert repos.requests[n0:] == []
+    for out in runs:
+        # meadow_b repeats meadow_a's rows 1-3: 8 examples, 3 of them exact repeats (guids suffixed, all unique)
+        assert out["n"] == 5 + 3 and out["guids"] == 8
+        assert [h["sha"] for h in out["hub"]] == repos.meadow_shas[:2]
+        assert out["first"] == "Name colour number 0.\n\ncontext 0"
+        assert "org/meadow_bad" in out["err"] and "row 2" in out["err"] and "'output'" in out["err"]
+    assert runs[0]["err"] == runs[1]["err"]
 
 
 def test_offline_with_an_uncached_id_is_one_line(repos, tmp_path):
