@@ -110,6 +110,24 @@ def hub_errors(repo_id: str, repo_type: str = "model", revision: str | None = No
         raise SFTMixError(f"{what}: cannot reach the Hub ({type(err).__name__}: {str(err).splitlines()[0]}); check "
                           f"the connection (or HF_ENDPOINT), or fetch it where the Hub is reachable with "
                           f"`{_download_cmd(repo_id, repo_type, revision)}`.") from None
+    except OSError as err:  # transformers wraps a failed download in "Can't load the model for ..."
+        cut = _network_cause(err)
+        if cut is not None:
+            raise SFTMixError(f"{what}: a download from the Hub failed ({type(cut).__name__}: "
+                              f"{str(cut).splitlines()[0]}); run the same command again: the files already in the "
+                              f"cache ({hub_cache_dir()}) are kept and only the missing ones are fetched.") from None
+        raise SFTMixError(f"{what}: {' '.join(str(err).split())[:300]}") from None
+
+
+def _network_cause(err: BaseException) -> BaseException | None:
+    """The transport error (connection dropped, timeout) somewhere in `err`'s cause chain, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _not_cached(repo_id: str, repo_type: str, revision: str | None, err: Exception) -> str:

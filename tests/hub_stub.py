@@ -15,7 +15,7 @@ HEAD and GET with ETag, X-Repo-Commit, Content-Length and byte Range requests. E
 huggingface_hub maps to its exceptions: RepoNotFound (404), RevisionNotFound (404), EntryNotFound (404), GatedRepo
 (401 without a token, 403 with a token that was not granted). Each repo has one commit (`main`); its sha is a hash of
 the repo's files, so changing a file changes it. `cut_once(repo_id, file, n_bytes)` makes the next GET of that file
-stop after n bytes (the connection drops, as a killed download would), to test resuming. Every request is logged in
+stop after n bytes (the connection drops), to test resuming. Every request is logged in
 `hub.requests` as (method, path, range header).
 """
 
@@ -117,8 +117,9 @@ class HubStub:
         self.repos[(repo_type, repo_id)] = repo
         return repo.sha
 
-    def cut_once(self, repo_id: str, filename: str, n_bytes: int, repo_type: str = "model") -> None:
-        self._cuts[(repo_type, f"{repo_id}/{filename}")] = n_bytes
+    def cut_once(self, repo_id: str, filename: str, n_bytes: int, repo_type: str = "model", times: int = 1) -> None:
+        """The next `times` GETs of that file stop after `n_bytes` of the body."""
+        self._cuts[(repo_type, f"{repo_id}/{filename}")] = [n_bytes] * times
 
     def env(self, hf_home) -> dict:
         """Environment variables that point huggingface_hub, datasets and transformers at this stand-in only."""
@@ -242,7 +243,8 @@ class HubStub:
             data, status = data[start:end + 1], 206
         if head:
             return self._send(h, status, {**headers, "Content-Length": len(data)}, head=True)
-        cut = self._cuts.pop((repo_type, f"{repo_id}/{filename}"), None)
+        cuts = self._cuts.get((repo_type, f"{repo_id}/{filename}")) or [None]
+        cut = cuts.pop(0)
         if cut is not None and cut < len(data):
             # promise the whole body, send part of it, drop the connection: a download killed half-way
             h.send_response(status)

@@ -1,6 +1,7 @@
 """Models and datasets by Hub id (issue 12), through the real download code against a loopback stand-in of the Hub.
 
-    pytest tests/test_hub.py
+    pytest tests/test_hub.py                 # everything (the whole-pipeline ones are marked slow: about a minute each)
+    pytest tests/test_hub.py -m "not slow"   # the loaders, offline errors and the resumed download
 
 `tests/hub_stub.py` serves a tiny random model, an Alpaca-format dataset, an UltraChat-layout chat dataset (a
 `messages` column, split `train_sft` inferred from its file names), a PubMedQA `pqa_labeled` set and a gated model on
@@ -137,6 +138,7 @@ def _ok(res):
     return res
 
 
+@pytest.mark.slow  # whole pipelines in subprocesses (about a minute)
 def test_run_with_a_hub_model_and_dataset_downloads_then_hits_the_cache(repos, tmp_path):
     hub, hf_home = repos, tmp_path / "hf_home"
     env = _env(hub, hf_home)
@@ -182,6 +184,7 @@ def test_run_with_a_hub_model_and_dataset_downloads_then_hits_the_cache(repos, t
     assert json.loads((tmp_path / "run3" / "sources.json").read_text()) == report["sources"]
 
 
+@pytest.mark.slow  # whole pipelines in subprocesses (about a minute)
 def test_multi_turn_hub_dataset_with_a_named_split(repos, tmp_path):
     hub = repos
     env = _env(hub, tmp_path / "hf_home")
@@ -248,6 +251,7 @@ def test_offline_with_an_uncached_id_is_one_line(repos, tmp_path):
     assert repos.requests[n0:] == []  # offline means offline
 
 
+@pytest.mark.slow  # six subprocesses
 def test_gated_missing_and_bad_revision_are_one_line(repos, tmp_path):
     env = _env(repos, tmp_path / "hf_home")
     code = ("import sys\nfrom sftmix.models import resolve_model\nfrom sftmix.utils import SFTMixError\n"
@@ -331,3 +335,28 @@ def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     assert out["source"] == {"id": "org/pubmedqa", "config": "pqa_labeled", "split": "train", "revision": "main",
                              "sha": repos.pubmedqa_sha}
     assert out["n"] == 12 - 1  # one question became the shot
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_a_failed_download_continues_with_the_missing_files(repos, tmp_path):
+    """The weights never arrive (every attempt is cut off): one line, exit 2; the same command again fetches only what
+    is missing (the weights), not the config and tokenizer files it already has, and runs to the end."""
+    hub = repos
+    env = _env(hub, tmp_path / "hf_home")
+    hub.cut_once("org/tiny-model", "model.safetensors", 1000, times=6)  # more than huggingface_hub's retries
+    args = ["run", "--config", SMOKE, "--model", "org/tiny-model", "--output_dir", str(tmp_path / "run"),
+            "--recipes", "ntp", "--num_checkpoints", "1"]
+    n0 = len(hub.requests)
+    res = sftmix(env, *args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = [x for x in res.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("sftmix: error: model 'org/tiny-model': a download from the Hub failed")
+    assert "run the same command again" in last
+    first = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests[n0:] if m == "GET" and "/resolve/" in p}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= first
+    hub._cuts.clear()
+    n1 = len(hub.requests)
+    _ok(sftmix(env, *args))
+    again = [p.rsplit("/", 1)[-1] for m, p, _ in hub.requests[n1:] if m == "GET" and "/resolve/" in p]
+    assert "model.safetensors" in again and not {"config.json", "tokenizer.json", "tokenizer_config.json"} & set(again)
+    assert (tmp_path / "run" / "report.json").exists()
