@@ -503,6 +503,10 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
 
         torch.set_num_threads(cfg.run.num_threads)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if _state().is_main_process:
+        from sftmix.cli import log_to_file
+
+        log_to_file(cfg.run_dir)  # the libraries' full output; the console keeps one line per stage
     if command != "report":  # Hub ids -> commit shas, before anything runs (offline / gated errors come first)
         cfg.sources = _resolve_sources(cfg)
     write_config(cfg)

@@ -144,8 +144,13 @@ def test_run_with_a_hub_model_and_dataset_downloads_then_hits_the_cache(repos, t
     env = _env(hub, hf_home)
     n0 = len(hub.downloads())
     out = tmp_path / "run"
-    _ok(sftmix(env, "run", "--config", SMOKE, "--model", "org/tiny-model", "--data", "org/alpaca",
-               "--output_dir", str(out)))
+    res = _ok(sftmix(env, "run", "--config", SMOKE, "--model", "org/tiny-model", "--data", "org/alpaca",
+                     "--output_dir", str(out)))
+    # the console: a line per stage and the training bar, not the libraries' per-step bars; those go to the log file
+    assert "[sftmix] train:ntp" in res.stderr and "Loading weights" not in res.stderr
+    assert "Tokenizing" not in res.stderr and "Generating train split" not in res.stderr
+    log_text = (out / "logs" / "sftmix.log").read_text()
+    assert "[sftmix] train:ntp" in log_text and "org/alpaca" in log_text
     got = {p for _, p in hub.downloads()[n0:]}
     assert f"/org/tiny-model/resolve/{hub.model_sha}/model.safetensors" in got
     assert f"/datasets/org/alpaca/resolve/{hub.alpaca_sha}/data/train-00000-of-00001.parquet" in got
