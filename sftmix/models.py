@@ -10,7 +10,9 @@
 
 A Hub id (org/name, when no local path of that name exists) loads through `from_pretrained` with huggingface_hub's
 standard cache and settings (download when online, cache hit when not; HF_HUB_OFFLINE, HF_HOME, HF_TOKEN), pinned to
-the commit sha its revision resolves to (sftmix.hub, which also words the errors). A GGUF model loaded by transformers is marked quantized and refuses
+the commit sha its revision resolves to (sftmix.hub, which also words the errors).
+
+A GGUF model loaded by transformers is marked quantized and refuses
 `save_pretrained` (so Trainer checkpoints would fail), so a GGUF file is converted ONCE into a plain fp32 HF
 folder, verified (the saved model's logits must equal the GGUF-loaded model's, the saved tokenizer must encode
 like the GGUF one) and published atomically in the cache: root `cache_dir` argument, else `$SFTMIX_CACHE`,

@@ -91,7 +91,7 @@ def load_model(cfg, spec: str):
         run.reference_model_revision if spec == run.reference_model != run.model else run.model_revision)
     model, tok = load_model_and_tokenizer(spec, dtype=cfg.run.dtype, device=_device(cfg),
                                           chat_template=cfg.run.chat_template, cache_dir=cfg.run.model_cache_dir,
-                                          revision=revision, trust_remote_code=cfg.train.trust_remote_code,  # trl.SFTConfig's
+                                          revision=revision, trust_remote_code=cfg.train.trust_remote_code,
                                           attn_implementation=run.attn_implementation)
     log.info("loaded model %s (%s, %s) in %.1fs", spec, next(model.parameters()).dtype,
              next(model.parameters()).device, time.perf_counter() - t0)

@@ -329,7 +329,8 @@ def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
             "got = {'pubmedqa': items(ev.load_pubmedqa('org/pubmedqa')), 'medqa': items(ev.load_medqa('org/medqa')),"
             " 'medmcqa': items(ev.load_medmcqa('org/medmcqa'))}\n"
             "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
-            f"res = ev.run_eval(m, tok, ev.EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), {str(tmp_path / 'e')!r})\n"
+            "res = ev.run_eval(m, tok, ev.EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), "
+            f"{str(tmp_path / 'e')!r})\n"
             "print(json.dumps({'items': got, 'source': res['pubmedqa']['source'], 'n': res['pubmedqa']['n']}))\n")
     res = subprocess.run([sys.executable, "-c", code], env=_env(repos, tmp_path / "hf_home"), cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
