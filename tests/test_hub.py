@@ -366,3 +366,30 @@ def test_a_run_killed_by_a_failed_download_continues_with_the_missing_files(repo
     again = [p.rsplit("/", 1)[-1] for m, p, _ in hub.requests[n1:] if m == "GET" and "/resolve/" in p]
     assert "model.safetensors" in again and not {"config.json", "tokenizer.json", "tokenizer_config.json"} & set(again)
     assert (tmp_path / "run" / "report.json").exists()
+
+
+def test_hub_ids_paths_and_the_trl_field_names(tmp_path, monkeypatch):
+    """In-process, no network (offline): what counts as a Hub id, a local path of that name winning, the TRL names."""
+    from sftmix.cli import parse_config
+    from sftmix.data import load_records_with_stats
+    from sftmix.hub import is_hub_id
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert is_hub_id("HuggingFaceH4/ultrachat_200k", "dataset") and is_hub_id("meta-llama/Llama-3.1-8B")
+    assert not is_hub_id("data/smoke.jsonl", "dataset") and not is_hub_id("./org/x") and not is_hub_id("/org/x")
+    assert not is_hub_id("org/model.gguf") and not is_hub_id("tiny-random:0") and not is_hub_id("sharegpt:200")
+    # a local file named like an id is read as that file
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "alpaca").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    recs, stats = load_records_with_stats("org/alpaca")
+    assert len(recs) == 1 and stats["container"] == "jsonl" and "hub" not in stats
+    cfg = parse_config(["--config", SMOKE, "--output_dir", str(tmp_path / "r"), "--data", "org/a, org/b",
+                        "--torch_dtype", "bfloat16", "--model_revision", "v1.0", "--dataset_config", "pqa_labeled",
+                        "--dataset_train_split", "train_sft", "--attn_implementation", "eager"])
+    run = cfg.run
+    assert run.data == ["org/a", "org/b"] and run.dtype == "bfloat16" and run.torch_dtype is None
+    assert (run.model_revision, run.dataset_config, run.dataset_train_split) == ("v1.0", "pqa_labeled", "train_sft")
+    assert run.attn_implementation == "eager" and cfg.train.trust_remote_code is False  # TRL's own field
+    assert parse_config(["--config", SMOKE, "--output_dir", str(tmp_path / "r")]).run.dataset_train_split == "train"
