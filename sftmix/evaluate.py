@@ -79,13 +79,13 @@ class EvalConfig:
     """What to evaluate and how. Every input file is optional; at least one must be given."""
 
     heldout_file: str | None = field(default=None, metadata={"help": "SFT-format file (any format sftmix.data loads) whose response NLL and perplexity are measured."})
-    pubmedqa_file: str | None = field(default=None, metadata={"help": "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. ../shared/data/pubmedqa_pqal_dev500.json."})
+    pubmedqa_file: str | None = field(default=None, metadata={"help": "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. ../shared/data/pubmedqa_pqal_dev500.json; or a Hub dataset ID[:CONFIG[:SPLIT]], e.g. qiaojin/PubMedQA (config pqa_labeled, split train by default)."})
     pubmedqa_shots_file: str | None = field(default=None, metadata={"help": "PubMedQA file to take the shots from; default: split the evaluated file by id hash."})
-    medqa_file: str | None = field(default=None, metadata={"help": "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx})."})
+    medqa_file: str | None = field(default=None, metadata={"help": "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split test by default), e.g. GBaker/MedQA-USMLE-4-options."})
     medqa_shots_file: str | None = field(default=None, metadata={"help": "MedQA 4-option file to take the shots from (e.g. the dev split); default: split the evaluated file by id hash."})
-    medqa5_file: str | None = field(default=None, metadata={"help": "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx})."})
+    medqa5_file: str | None = field(default=None, metadata={"help": "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config med_qa_en_source)."})
     medqa5_shots_file: str | None = field(default=None, metadata={"help": "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash."})
-    medmcqa_file: str | None = field(default=None, metadata={"help": "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop})."})
+    medmcqa_file: str | None = field(default=None, metadata={"help": "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split validation by default), e.g. openlifescienceai/medmcqa."})
     medmcqa_shots_file: str | None = field(default=None, metadata={"help": "MedMCQA file to take the shots from (e.g. train); default: split the evaluated file by id hash."})
     medmcqa_cop_base: Literal["auto", "0", "1"] = field(default="auto", metadata={"help": "Is MedMCQA's cop 0-based (Hugging Face copy) or 1-based (official release)? auto: decide from the values in the file."})
     num_shots: int = field(default=3, metadata={"help": "Solved examples before each multiple-choice question (the paper: 3)."})
@@ -162,9 +162,47 @@ def _hash(s: str) -> str:
     return hashlib.sha256(s.encode("utf-8")).hexdigest()
 
 
-def _read_rows(path: str) -> list[dict]:
-    """A JSON array; a JSON object of objects (PubMedQA: keyed by PMID; the key goes to `_key`); or JSON Lines."""
+# Evaluation sets by Hugging Face Hub id, `ID[:CONFIG[:SPLIT]]` in place of a file (a local file of that name wins):
+# the default config and split of each task's usual Hub copy (PubMedQA's labelled set is its only split, `train`;
+# MedQA's test split; MedMCQA's validation split, since its test split has no answers).
+HUB_DEFAULTS = {"pubmedqa": ("pqa_labeled", "train"), "medqa": (None, "test"), "medqa5": (None, "test"),
+                "medmcqa": (None, "validation")}
+HUB_EVAL_SOURCES: dict[str, dict] = {}  # spec -> {id, config, split, sha} of every Hub set read, for the metrics
+
+
+def _hub_spec(path: str) -> tuple[str, str | None, str | None] | None:
+    """(id, config, split) when `path` names a Hub dataset (`ID[:CONFIG[:SPLIT]]`) rather than a local file."""
+    from sftmix.hub import is_hub_id
+
+    repo_id, *rest = str(path).split(":")
+    if Path(path).exists() or len(rest) > 2 or not is_hub_id(repo_id, "dataset"):
+        return None
+    return repo_id, (rest[0] or None) if rest else None, (rest[1] or None) if len(rest) > 1 else None
+
+
+def _read_hub_rows(path: str, task: str | None) -> list[dict]:
+    from sftmix.hub import load_hub_dataset
+
+    repo_id, config, split = _hub_spec(path)
+    default_config, default_split = HUB_DEFAULTS.get(task, (None, "train"))
+    ds, source = load_hub_dataset(repo_id, config or default_config, split or default_split)
+    HUB_EVAL_SOURCES[str(path)] = source
+    log.info("%s: %d rows of %s (config %s, split %s) at %s", task, len(ds), repo_id, source["config"],
+             source["split"], source["sha"][:12])
+    return [dict(r) for r in ds]
+
+
+def _rec(path: str, i: int) -> str:
+    """How the i-th row (0-based) of an evaluation set is named in errors: a file's line, a Hub split's row index."""
+    return f"row {i}" if _hub_spec(path) else f"line {i + 1}"
+
+
+def _read_rows(path: str, task: str | None = None) -> list[dict]:
+    """A JSON array; a JSON object of objects (PubMedQA: keyed by PMID; the key goes to `_key`); or JSON Lines; or a
+    Hub dataset `ID[:CONFIG[:SPLIT]]` (defaults per task: HUB_DEFAULTS)."""
     p = Path(path)
+    if not p.is_file() and _hub_spec(path):
+        return _read_hub_rows(path, task)
     if not p.is_file():
         raise SFTMixError(f"{path}: file not found; check the path")
     try:
@@ -194,10 +232,14 @@ def _lettered(question: str, options: list[str]) -> str:
 
 
 def load_pubmedqa(path: str) -> list[MCItem]:
-    """PubMedQA labelled JSON (ori_pqal.json style): {PMID: {QUESTION, CONTEXTS: [...], final_decision}}."""
-    rows = _read_rows(path)
+    """PubMedQA labelled JSON (ori_pqal.json style): {PMID: {QUESTION, CONTEXTS: [...], final_decision}}; or the Hub
+    copy (qiaojin/PubMedQA, pqa_labeled: rows of pubid, question, context {contexts, labels, meshes}, long_answer,
+    final_decision)."""
+    rows = _read_rows(path, "pubmedqa")
     items = []
     for i, row in enumerate(rows):
+        if "QUESTION" not in row and "question" in row and isinstance(row.get("context"), dict):  # the Hub layout
+            row = {**row, "QUESTION": row["question"], "CONTEXTS": row["context"].get("contexts")}
         rec = str(row.get("_key", row.get("pubid", i)))
         q = _need(row, "QUESTION", path, rec)
         ctx = _need(row, "CONTEXTS", path, rec, (list,))
@@ -210,11 +252,14 @@ def load_pubmedqa(path: str) -> list[MCItem]:
 
 
 def load_medqa(path: str, n_options: int = 4) -> list[MCItem]:
-    """MedQA JSONL: {question, options: {"A": ..., ...}, answer_idx: "A"} (4-option or 5-option release)."""
+    """MedQA JSONL: {question, options: {"A": ..., ...}, answer_idx: "A"} (4-option or 5-option release); the same
+    on the Hub (GBaker/MedQA-USMLE-4-options), or bigbio med_qa's source layout (options: [{key, value}])."""
     items = []
-    for i, row in enumerate(_read_rows(path)):
-        rec = f"line {i + 1}"
+    for i, row in enumerate(_read_rows(path, "medqa5" if n_options == 5 else "medqa")):
+        rec = _rec(path, i)
         q = _need(row, "question", path, rec)
+        if isinstance(row.get("options"), list) and all(isinstance(o, dict) and "key" in o for o in row["options"]):
+            row = {**row, "options": {str(o["key"]): o.get("value") for o in row["options"]}}  # bigbio layout
         opts = _need(row, "options", path, rec, (dict,))
         letters = sorted(opts)
         if letters != [chr(65 + j) for j in range(len(letters))] or len(letters) != n_options:
@@ -231,15 +276,16 @@ def load_medqa(path: str, n_options: int = 4) -> list[MCItem]:
 
 
 def load_medmcqa(path: str, cop_base: str = "auto") -> list[MCItem]:
-    """MedMCQA JSONL: {id, question, opa, opb, opc, opd, cop}; cop 1-4 (official) or 0-3 (HF), see module doc."""
-    rows = _read_rows(path)
+    """MedMCQA JSONL: {id, question, opa, opb, opc, opd, cop}; cop 1-4 (official) or 0-3 (HF), see module doc. The
+    Hub copy (openlifescienceai/medmcqa) has the same columns, cop 0-based."""
+    rows = _read_rows(path, "medmcqa")
     cops = []
     for i, row in enumerate(rows):
         c = row.get("cop")
         if isinstance(c, str) and c.strip().lstrip("-").isdigit():
             c = int(c)
         if not isinstance(c, int) or not -1 <= c <= 4 or c == -1:
-            raise SFTMixError(f"{path}: line {i + 1}: cop is {row.get('cop')!r}, expected the correct option as 0-3 "
+            raise SFTMixError(f"{path}: {_rec(path, i)}: cop is {row.get('cop')!r}, expected the correct option as 0-3 "
                               f"or 1-4 (the unlabelled test split cannot be evaluated); fix or remove that record")
         cops.append(c)
     if cop_base == "auto":
@@ -254,7 +300,7 @@ def load_medmcqa(path: str, cop_base: str = "auto") -> list[MCItem]:
         base = int(cop_base)
     items = []
     for i, (row, c) in enumerate(zip(rows, cops)):
-        rec = f"line {i + 1}"
+        rec = _rec(path, i)
         q = _need(row, "question", path, rec)
         options = [_need(row, k, path, rec) for k in ("opa", "opb", "opc", "opd")]
         ans = c - base
@@ -601,7 +647,8 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
     key = "correct" if cfg.mc_score == "sum" else "correct_norm"
     k_main = sum(p[key] for p in preds)
     metrics = {
-        "task": task, "file": str(eval_file), "n": n, "accuracy": k_main / n, "ci95": wilson_interval(k_main, n),
+        "task": task, "file": str(eval_file), "source": HUB_EVAL_SOURCES.get(str(eval_file)),  # a Hub set's commit
+        "n": n, "accuracy": k_main / n, "ci95": wilson_interval(k_main, n),
         "score": cfg.mc_score, "acc": k / n, "acc_ci95": wilson_interval(k, n), "acc_norm": k_norm / n,
         "acc_norm_ci95": wilson_interval(k_norm, n), "num_shots": cfg.num_shots, **info,
         "prompt_format": "chat" if cfg.mc_chat_template else "plain", "max_length": cfg.max_length,

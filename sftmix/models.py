@@ -5,10 +5,14 @@
     model, tok = load_model_and_tokenizer("tiny-random:3")         # tiny random Llama + byte tokenizer (tests, smoke)
     model, tok = load_model_and_tokenizer("path/to/hf_dir")        # a local HF directory (config.json)
     model, tok = load_model_and_tokenizer("path/to/model.gguf")    # converted once, then loaded from the cache
-    model, tok = load_model_and_tokenizer("HuggingFaceTB/SmolLM2-360M-Instruct")  # local hub cache only
+    model, tok = load_model_and_tokenizer("HuggingFaceTB/SmolLM2-360M-Instruct", revision="main")  # Hub id
     resolve_model("smollm2")  # {"kind": "gguf", "path": ".../SmolLM2-135M-Instruct.Q4_1.gguf", "cache": ..., ...}
 
-Nothing is ever downloaded at run time. A GGUF model loaded by transformers is marked quantized and refuses
+A Hub id (org/name, when no local path of that name exists) loads through `from_pretrained` with huggingface_hub's
+standard cache and settings (download when online, cache hit when not; HF_HUB_OFFLINE, HF_HOME, HF_TOKEN), pinned to
+the commit sha its revision resolves to (sftmix.hub, which also words the errors).
+
+A GGUF model loaded by transformers is marked quantized and refuses
 `save_pretrained` (so Trainer checkpoints would fail), so a GGUF file is converted ONCE into a plain fp32 HF
 folder, verified (the saved model's logits must equal the GGUF-loaded model's, the saved tokenizer must encode
 like the GGUF one) and published atomically in the cache: root `cache_dir` argument, else `$SFTMIX_CACHE`,
@@ -30,7 +34,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -51,9 +54,8 @@ PROBE_TEXT = "What is the capital of France? Paris, 2024 -- ünïcode & code: x 
 PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SPECS_HELP = ("pass an existing HF model folder (with config.json) or .gguf file, `smollm2` (the default), "
-              "`tiny-random[:seed]`, or a hub id already in the local Hugging Face cache")
+              "`tiny-random[:seed]`, or a Hugging Face Hub id (org/name)")
 
 TINY_SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -121,11 +123,14 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers
 # resolution: spec -> what to load (cheap, no model is read)
 
 
-def resolve_model(spec: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> dict:
+def resolve_model(spec: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+                  revision: str | None = None) -> dict:
     """What `spec` names, for loading and for the report: {"spec", "kind", "path", "source", ...}.
 
     kind: "tiny-random" (+ "seed"), "gguf" (+ "cache": the converted folder, "cached": whether it exists yet),
-    "hf-dir", or "hub" (+ "repo_id"; path = the snapshot folder in the local HF cache).
+    "hf-dir", or "hub" (+ "repo_id", "revision", "sha": the commit it resolves to; path = its snapshot folder in the
+    HF cache). A local path wins over a Hub id of the same name. For a Hub id this fetches config.json when online
+    (nothing else); `revision` (branch, tag or sha, default main) applies to Hub ids only.
     """
     spec = "smollm2" if spec is None or str(spec).strip() == "" else str(spec).strip()
     if spec == "tiny-random" or spec.startswith("tiny-random:"):
@@ -149,8 +154,10 @@ def resolve_model(spec: str | None = None, *, cache_dir: str | os.PathLike | Non
             hint = f" It holds {', '.join(ggufs)}: pass that file's path." if ggufs else ""
             raise SFTMixError(f"model path {path} is a folder without config.json, so not a HF model folder.{hint}")
         return {"spec": spec, "kind": "hf-dir", "path": str(path.resolve()), "source": "local HF folder"}
-    if HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
-        return _hub_info(spec)
+    from sftmix.hub import is_hub_id
+
+    if is_hub_id(spec):
+        return _hub_info(spec, revision)
     raise SFTMixError(f"model path {spec} does not exist; {SPECS_HELP}.")
 
 
@@ -197,34 +204,12 @@ def _gguf_info(spec: str, gguf: Path, cache_dir, source: str) -> dict:
             "cached": (folder / CONVERSION_MARKER).is_file()}
 
 
-def _hub_cache_dir() -> str:
-    # read the environment at call time (huggingface_hub freezes it at import), so HF_HOME set later counts
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    from huggingface_hub import constants
+def _hub_info(repo_id: str, revision: str | None) -> dict:
+    from sftmix import hub
 
-    return constants.HF_HUB_CACHE
-
-
-def _hub_info(repo_id: str) -> dict:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    hub_cache = _hub_cache_dir()
-    try:  # local_files_only: never a network call, whatever HF_HUB_OFFLINE says
-        folder = snapshot_download(repo_id, cache_dir=hub_cache, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError) as e:
-        raise SFTMixError(
-            f"model {repo_id!r} is not a local path and not in the local Hugging Face cache ({hub_cache}); sftmix "
-            f"downloads nothing at run time: pass a local path (e.g. a folder from `hf download {repo_id}`)."
-        ) from e
-    if not (Path(folder) / "config.json").is_file():
-        raise SFTMixError(f"model {repo_id!r} is in the local Hugging Face cache ({folder}) but without config.json; "
-                          f"download it completely beforehand or pass a local path.")
-    return {"spec": repo_id, "kind": "hub", "repo_id": repo_id, "path": folder,
-            "source": f"local Hugging Face cache ({hub_cache})"}
+    sha, folder = hub.resolve_revision(repo_id, "model", revision)  # downloads config.json only (or the cache's)
+    return {"spec": repo_id, "kind": "hub", "repo_id": repo_id, "revision": revision or "main", "sha": sha,
+            "path": folder, "source": f"Hugging Face Hub {repo_id}@{sha[:12]} (cache {hub.hub_cache_dir()})"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,9 +367,13 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
 
 
 def load_model_and_tokenizer(spec: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                             chat_template: str = "auto", cache_dir: str | None = None):
-    """(model, tokenizer) for `spec` (see the module docstring), on `device` in `dtype`, pad token set."""
-    info = resolve_model(spec, cache_dir=cache_dir)
+                             chat_template: str = "auto", cache_dir: str | None = None, revision: str | None = None,
+                             trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """(model, tokenizer) for `spec` (see the module docstring), on `device` in `dtype`, pad token set.
+
+    revision, trust_remote_code, attn_implementation: as in trl.ModelConfig (model_revision, ...); the revision
+    applies to Hub ids, the other two to every model transformers loads (not tiny-random)."""
+    info = resolve_model(spec, cache_dir=cache_dir, revision=revision)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if info["kind"] == "tiny-random":
@@ -393,9 +382,20 @@ def load_model_and_tokenizer(spec: str | None = None, *, dtype: str = "auto", de
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = convert_gguf(info["path"], cache_dir) if info["kind"] == "gguf" else info["path"]
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        common = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+        model_kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        if info["kind"] == "hub":  # the standard cache, at the resolved sha: downloads what is not cached yet
+            from sftmix import hub
+
+            folder = info["repo_id"]
+            common.update(revision=info["sha"], cache_dir=hub.hub_cache_dir(), local_files_only=hub.is_offline())
+            errors = hub.hub_errors(folder, "model", info["revision"])
+        else:
+            folder = convert_gguf(info["path"], cache_dir) if info["kind"] == "gguf" else info["path"]
+            errors = contextlib.nullcontext()
+        with errors:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **common, **model_kw)
     model.to(dev)
     _ensure_pad_token(tokenizer, model, info["spec"])
     tokenizer = _apply_chat_template(tokenizer, chat_template)

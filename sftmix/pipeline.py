@@ -84,8 +84,15 @@ def load_model(cfg, spec: str):
     from sftmix.models import load_model_and_tokenizer
 
     t0 = time.perf_counter()
+    from sftmix.hub import pinned_revision
+
+    run = cfg.run
+    revision = pinned_revision(cfg.sources, "models", spec) or (  # the sha recorded at the start of the run
+        run.reference_model_revision if spec == run.reference_model != run.model else run.model_revision)
     model, tok = load_model_and_tokenizer(spec, dtype=cfg.run.dtype, device=_device(cfg),
-                                          chat_template=cfg.run.chat_template, cache_dir=cfg.run.model_cache_dir)
+                                          chat_template=cfg.run.chat_template, cache_dir=cfg.run.model_cache_dir,
+                                          revision=revision, trust_remote_code=cfg.train.trust_remote_code,
+                                          attn_implementation=run.attn_implementation)
     log.info("loaded model %s (%s, %s) in %.1fs", spec, next(model.parameters()).dtype,
              next(model.parameters()).device, time.perf_counter() - t0)
     return model, tok
@@ -143,10 +150,11 @@ def write_config(cfg) -> None:
         if old == new:
             return  # unchanged: keep the file (and its mtime, which tells the report whether it is stale)
         # a training field absent from one file has its default there
-        from sftmix.cli import _field_defaults
+        from sftmix.cli import RunConfig, _field_defaults
         from sftmix.trainer import SFTMixConfig
 
-        defaults = _plain(_field_defaults(SFTMixConfig))
+        # (RunConfig's too: a directory made before a run field existed still matches when it has the default)
+        defaults = _plain({**_field_defaults(RunConfig), **_field_defaults(SFTMixConfig)})
         old, new = {**defaults, **old}, {**defaults, **new}
         changed = sorted(k for k in set(old) | set(new)
                          if k not in MUTABLE_KEYS and old.get(k) != new.get(k) and k != "output_dir")
@@ -157,9 +165,23 @@ def write_config(cfg) -> None:
                               f"--output_dir, or delete that directory to start over.")
     if not _state().is_main_process:
         return
+    from sftmix.hub import sources_comment
+
     text = (f"# Resolved sftmix config (from {cfg.source}); rerun with:\n"
-            f"#   sftmix run --config {path}\n" + yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
+            f"#   sftmix run --config {path}\n" + sources_comment(cfg.sources) +
+            yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
     atomic_write_text(path, text)
+
+
+def _resolve_sources(cfg) -> dict:
+    """DIR/sources.json: the commit sha of every Hub model and dataset of the run (sftmix.hub.run_sources)."""
+    from sftmix.hub import run_sources
+
+    path = cfg.run_dir / "sources.json"
+    sources = run_sources(cfg.run, json.loads(path.read_text()) if path.exists() else None)
+    if _state().is_main_process and (sources["models"] or sources["data"] or path.exists()):
+        atomic_write_json(path, sources)
+    return sources
 
 
 def _plain(obj):
@@ -185,8 +207,11 @@ def stage_data(cfg) -> None:
         if not todo:
             return
         run = cfg.run
+        pinned = {e["id"]: e["sha"] for e in cfg.sources.get("data", [])}
         records, stats = load_records_with_stats(run.data, limit=run.data_limit,
-                                                 on_bad="skip" if run.data.startswith("sharegpt") else run.data_on_bad)
+                                                 on_bad="skip" if str(run.data).startswith("sharegpt") else
+                                                 run.data_on_bad, dataset_config=run.dataset_config,
+                                                 dataset_split=run.dataset_train_split, revisions=pinned)
         log_load_stats(stats)
         filtered = {}
         if run.max_turn is not None:
@@ -482,6 +507,12 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
 
         torch.set_num_threads(cfg.run.num_threads)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if _state().is_main_process:
+        from sftmix.cli import log_to_file
+
+        log_to_file(cfg.run_dir)  # the libraries' full output; the console keeps one line per stage
+    if command != "report":  # Hub ids -> commit shas, before anything runs (offline / gated errors come first)
+        cfg.sources = _resolve_sources(cfg)
     write_config(cfg)
     state = _state()
     needs_split = "sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"

@@ -56,7 +56,8 @@ def collect(cfg) -> dict:
     """Everything the report shows, from the run directory."""
     d = cfg.run_dir
     summary = {"run_dir": str(d), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "config_source": cfg.source,
-               "config": json.loads(json.dumps(cfg.flat(), default=str)), "versions": _versions()}
+               "config": json.loads(json.dumps(cfg.flat(), default=str)), "versions": _versions(),
+               "sources": _json(d / "sources.json")}  # Hub ids -> commit shas (sftmix.hub.run_sources)
     summary["data"] = {"load": _json(d / "data" / "stats.json"),
                        "tokenize": {n: {k: v for k, v in (_json(d / "data" / f"tokenize_{n}.json") or {}).items()
                                         if k != "dropped_guids"} or None for n in ("reference", "target")}}

@@ -102,7 +102,9 @@ def test_hub_id_not_in_local_cache():
     with pytest.raises(SFTMixError) as err:
         load_model_and_tokenizer("some-org/some-model-that-is-not-cached")
     msg = str(err.value)
-    assert "not in the local Hugging Face cache" in msg and "downloads nothing" in msg and "\n" not in msg
+    # issue 12 reverses "sftmix downloads nothing": offline (HF_HUB_OFFLINE=1, set above) it names the fetch command
+    assert "not in the local Hugging Face cache" in msg and "\n" not in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "`hf download some-org/some-model-that-is-not-cached`" in msg
     assert os.environ["HF_HOME"] in msg  # it looked in the (temporary) cache the environment names
 
 
@@ -118,6 +120,7 @@ def test_hub_id_found_in_local_cache(tmp_path):
     (repo / "refs" / "main").write_text("a" * 40)
     info = resolve_model("tiny-org/tiny-llama")
     assert info["kind"] == "hub" and info["path"] == str(snapshot)
+    assert info["sha"] == "a" * 40 and info["revision"] == "main"  # resolved through the cache's refs/main
     loaded, loaded_tok = load_model_and_tokenizer("tiny-org/tiny-llama", device="cpu")
     assert torch.equal(_logits(loaded, loaded_tok), _logits(model, tok))
 

@@ -1,0 +1,260 @@
+"""A loopback stand-in of the Hugging Face Hub, enough of its HTTP API for huggingface_hub, datasets and transformers.
+
+    from tests.hub_stub import HubStub
+    with HubStub() as hub:                                      # http://127.0.0.1:<free port>, a thread
+        hub.add_repo("org/tiny-model", folder)                  # a model repo from a local folder (save_pretrained)
+        hub.add_repo("org/alpaca", data_folder, repo_type="dataset")
+        hub.add_repo("org/gated", folder, gated=True)           # 401 without a token, 403 with a wrong one
+        env = hub.env(tmp_path / "hf_home")                     # HF_ENDPOINT, HF_HOME, telemetry off, ...
+        hub.downloads()                                         # [(repo_type, repo_id, file)] fetched by GET so far
+
+The real download code (hf_hub_download, snapshot_download, HfApi.*_info, HfFileSystem as datasets uses it,
+from_pretrained) runs unchanged against it. Served: repo info (/api/{models,datasets}/ID[/revision/REV]) with the
+commit sha and siblings, tree listings (/tree/REV[/PATH], recursive or not), paths-info, and /resolve/REV/FILE for
+HEAD and GET with ETag, X-Repo-Commit, Content-Length and byte Range requests. Errors carry the X-Error-Code header
+huggingface_hub maps to its exceptions: RepoNotFound (404), RevisionNotFound (404), EntryNotFound (404), GatedRepo
+(401 without a token, 403 with a token that was not granted). Each repo has one commit (`main`); its sha is a hash of
+the repo's files, so changing a file changes it. `cut_once(repo_id, file, n_bytes)` makes the next GET of that file
+stop after n bytes (the connection drops), to test resuming. Every request is logged in
+`hub.requests` as (method, path, range header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+GRANTED_TOKEN = "hf_stub_granted_token"
+
+
+class _Repo:
+    def __init__(self, repo_id: str, repo_type: str, folder: Path, gated: bool):
+        self.repo_id, self.repo_type, self.gated = repo_id, repo_type, gated
+        self.files: dict[str, bytes] = {}
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                self.files[p.relative_to(folder).as_posix()] = p.read_bytes()
+        h = hashlib.sha1()
+        for name, data in self.files.items():
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        self.sha = h.hexdigest()
+
+    def etag(self, name: str) -> str:
+        return hashlib.sha256(self.files[name]).hexdigest()
+
+    def folders(self) -> set[str]:
+        out = set()
+        for name in self.files:
+            parts = name.split("/")[:-1]
+            out.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        return out
+
+    def entry(self, path: str) -> dict | None:
+        if path in self.files:
+            data = self.files[path]
+            return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest(),
+                    "lfs": {"oid": self.etag(path), "size": len(data), "pointerSize": 134}}
+        if path in self.folders():
+            return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+        return None
+
+    def listing(self, path: str, recursive: bool) -> list[dict] | None:
+        prefix = f"{path}/" if path else ""
+        if path and path not in self.folders():
+            return None
+        names = sorted({*self.files, *self.folders()})
+        below = [n for n in names if n.startswith(prefix) and n != path]
+        if not recursive:
+            below = [n for n in below if "/" not in n[len(prefix):]]
+        return [self.entry(n) for n in below]
+
+
+class HubStub:
+    def __init__(self):
+        self.repos: dict[tuple[str, str], _Repo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+        self._cuts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet; requests are in stub.requests
+                pass
+
+            def do_HEAD(self):
+                stub._handle(self, "HEAD")
+
+            def do_GET(self):
+                stub._handle(self, "GET")
+
+            def do_POST(self):
+                stub._handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add_repo(self, repo_id: str, folder, repo_type: str = "model", gated: bool = False) -> str:
+        """Serve `folder`'s files as repo `repo_id`; returns its commit sha."""
+        repo = _Repo(repo_id, repo_type, Path(folder), gated)
+        self.repos[(repo_type, repo_id)] = repo
+        return repo.sha
+
+    def cut_once(self, repo_id: str, filename: str, n_bytes: int, repo_type: str = "model", times: int = 1) -> None:
+        """The next `times` GETs of that file stop after `n_bytes` of the body."""
+        self._cuts[(repo_type, f"{repo_id}/{filename}")] = [n_bytes] * times
+
+    def env(self, hf_home) -> dict:
+        """Environment variables that point huggingface_hub, datasets and transformers at this stand-in only."""
+        return {"HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "10",
+                "HF_HUB_DOWNLOAD_TIMEOUT": "10", "DO_NOT_TRACK": "1", "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost"}
+
+    def downloads(self) -> list[tuple[str, str]]:
+        """(method, path) of every GET of a file (resolve) so far: what was actually downloaded."""
+        return [(m, p) for m, p, _ in self.requests if m == "GET" and "/resolve/" in p]
+
+    # --------------------------------------------------------------------------------------------- serving
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlsplit(h.path)
+        with self._lock:
+            self.requests.append((method, url.path, h.headers.get("Range")))
+        body = b""
+        if method == "POST":
+            body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        parts = [p for p in url.path.split("/") if p]
+        try:
+            if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+                return self._api(h, method, parts[1][:-1], parts[2:], parse_qs(url.query), body)
+            repo_type = "model"
+            if parts[:1] == ["datasets"]:
+                repo_type, parts = "dataset", parts[1:]
+            if len(parts) >= 5 and parts[2] == "resolve":
+                return self._resolve(h, method, repo_type, "/".join(parts[:2]), unquote(parts[3]),
+                                     unquote("/".join(parts[4:])))
+            return self._error(h, 404, "RepoNotFound", f"no route for {url.path}")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send(self, h, status: int, headers: dict, body: bytes = b"", head: bool = False) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, str(v))
+        h.send_header("Content-Length", str(headers.get("Content-Length", len(body))))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def _json(self, h, obj, status: int = 200, extra: dict | None = None) -> None:
+        self._send(h, status, {"Content-Type": "application/json", **(extra or {})}, json.dumps(obj).encode())
+
+    def _error(self, h, status: int, code: str, message: str, extra: dict | None = None, head: bool = False) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._send(h, status, {"Content-Type": "application/json", "X-Error-Code": code,
+                               "X-Error-Message": message, **(extra or {})}, body, head=head)
+
+    def _repo(self, h, repo_type: str, repo_id: str, revision: str | None, head: bool = False):
+        """The repo, or None after answering with the error the Hub gives (missing, gated, unknown revision)."""
+        repo = self.repos.get((repo_type, repo_id))
+        if repo is None:
+            self._error(h, 401, "RepoNotFound", f"Repository Not Found for url: {repo_id}.", head=head)
+            return None
+        if repo.gated:
+            auth = h.headers.get("Authorization") or ""
+            if not auth:
+                self._error(h, 401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access "
+                            f"to it and be authenticated to access it. Please log in.", head=head)
+                return None
+            if auth != f"Bearer {GRANTED_TOKEN}":
+                self._error(h, 403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
+                            f"authorized list. Visit https://huggingface.co/{repo_id} to ask for access.", head=head)
+                return None
+        if revision not in (None, "main", repo.sha):
+            self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+            return None
+        return repo
+
+    def _api(self, h, method: str, repo_type: str, parts: list[str], query: dict, body: bytes) -> None:
+        repo_id, rest = "/".join(parts[:2]), parts[2:]
+        revision = unquote(rest[1]) if len(rest) >= 2 else None
+        repo = self._repo(h, repo_type, repo_id, revision)
+        if repo is None:
+            return
+        if not rest or rest[0] == "revision":  # repo info
+            siblings = [{"rfilename": n, "size": len(d)} for n, d in repo.files.items()]
+            return self._json(h, {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False,
+                                  "gated": "manual" if repo.gated else False, "disabled": False,
+                                  "siblings": siblings, "lastModified": "2026-01-01T00:00:00.000Z",
+                                  "tags": [], "downloads": 0, "likes": 0})
+        if rest[0] == "tree":
+            path = unquote("/".join(rest[2:])).strip("/")
+            recursive = query.get("recursive", ["False"])[0].lower() == "true"
+            listing = repo.listing(path, recursive)
+            if listing is None:
+                return self._error(h, 404, "EntryNotFound", f"{path} does not exist on {revision}",
+                                   {"X-Repo-Commit": repo.sha})
+            return self._json(h, listing)
+        if rest[0] == "paths-info" and method == "POST":
+            form = parse_qs(body.decode())
+            entries = [repo.entry(p.strip("/")) for p in form.get("paths", [])]
+            return self._json(h, [e for e in entries if e is not None])
+        return self._error(h, 404, "EntryNotFound", f"no API route {'/'.join(rest)}")
+
+    def _resolve(self, h, method: str, repo_type: str, repo_id: str, revision: str, filename: str) -> None:
+        head = method == "HEAD"
+        repo = self._repo(h, repo_type, repo_id, revision, head=head)
+        if repo is None:
+            return
+        if filename not in repo.files:
+            return self._error(h, 404, "EntryNotFound", f"{filename} does not exist in {repo_id}",
+                               {"X-Repo-Commit": repo.sha}, head=head)
+        data = repo.files[filename]
+        headers = {"ETag": f'"{repo.etag(filename)}"', "X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        start, status = 0, 200
+        rng = h.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            first, _, last = rng[len("bytes="):].partition("-")
+            start = int(first or 0)
+            end = int(last) if last else len(data) - 1
+            if start >= len(data):
+                return self._send(h, 416, {"Content-Range": f"bytes */{len(data)}"}, head=head)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start:end + 1], 206
+        if head:
+            return self._send(h, status, {**headers, "Content-Length": len(data)}, head=True)
+        cuts = self._cuts.get((repo_type, f"{repo_id}/{filename}")) or [None]
+        cut = cuts.pop(0)
+        if cut is not None and cut < len(data):
+            # promise the whole body, send part of it, drop the connection: a download killed half-way
+            h.send_response(status)
+            for k, v in {**headers, "Content-Length": len(data)}.items():
+                h.send_header(k, str(v))
+            h.end_headers()
+            h.wfile.write(data[:cut])
+            h.wfile.flush()
+            h.close_connection = True
+            with self._lock:
+                self.requests.append(("CUT", f"/{repo_id}/{filename}", str(cut)))
+            return
+        self._send(h, status, headers, data)
