@@ -113,6 +113,10 @@ class RunConfig:
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules that get adapters (with "
                                                   "use_peft), e.g. q_proj v_proj, or all-linear; default: PEFT's "
                                                   "default for the architecture."})
+    judge_min_valid_fraction: float = field(default=0.9, metadata={"help": "Smallest share of valid judgments "
+                                            "(parsed verdicts / ratings) for the report to show a judged metric; "
+                                            "below it the value is withheld, with the reason. Failed judgments are "
+                                            "asked again on the next run."})
 
     def __post_init__(self):
         bad = [r for r in self.recipes if r not in RECIPES]
