@@ -12,10 +12,10 @@ Only the standard library talks HTTP (urllib): POST {base_url}/chat/completions 
 Retries: transport errors, timeouts, HTTP 429/5xx and bodies that are not the expected JSON are retried with
 exponential backoff (backoff * 2**attempt seconds); other HTTP 4xx fail at once. A judgment that still fails, or whose
 text holds no parseable rating/verdict, is returned with failed=True and is never counted as a win, a loss or a score.
-Cache: every usable completion (one holding a rating / verdict) is appended (one write per line, under a lock) to a JSONL file keyed by
-sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the answer, so a rerun
-of the same evaluation makes no HTTP call. Failures (HTTP errors and replies without a rating / verdict) are not
-cached, so a rerun retries them; sftmix.pipeline reruns an evaluation that had failed judgments.
+Cache: every usable completion (one holding a rating / verdict) is appended (one write per line, under a lock) to a
+JSONL file keyed by sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the
+answer, so a rerun of the same evaluation makes no HTTP call. Failures (HTTP errors and replies without a rating /
+verdict) are not cached, so a rerun retries them; sftmix.pipeline reruns an evaluation that had failed judgments.
 
 Prompts are text files in sftmix/judge_prompts/ (or `prompt_dir`): system.txt, single_turn1.txt, single_turn2.txt
 and their *_ref.txt variants (used when a question has reference answers, as MT-Bench does for math, reasoning and

@@ -140,7 +140,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     needed = [("optimizer.pt", "optimizer"), ("scheduler.pt", "LR scheduler")] if not sharded else []
     needed.append(("rng_state", "RNG state"))
     for name, what in needed:
-        found = [p for n, p in files.items() if n == name or name == "rng_state" and re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+        found = [p for n, p in files.items()
+                 if n == name or name == "rng_state" and re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
         if not found:
             return f"{name if name != 'rng_state' else 'rng_state.pth'} ({what}) is missing"
         for f in found:

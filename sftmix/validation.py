@@ -33,7 +33,8 @@ def _num(name: str, value, *, low=None, high=None, low_open=False, allow_none=Fa
         raise SFTMixError(f"{name} must be set{why}.")
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     bad = bad or (integer and value != int(value))
-    bad = bad or (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and value > high)
     if bad:
         rng = "a whole number " if integer else "a number "
         if low is not None:
