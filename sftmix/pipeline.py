@@ -84,6 +84,10 @@ def _device(cfg) -> str:
 def load_model(cfg, spec: str):
     from sftmix.models import load_model_and_tokenizer
 
+    if os.path.isdir(spec):  # a damaged weights file is one line naming it, not a loader traceback
+        from sftmix.validation import check_weights
+
+        check_weights("model", spec, Path(spec))
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(spec, dtype=cfg.run.dtype, device=_device(cfg),
                                           chat_template=cfg.run.chat_template, cache_dir=cfg.run.model_cache_dir)

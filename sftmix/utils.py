@@ -134,7 +134,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if not weights and not sharded:
         return "no model weights (model.safetensors)"
     for w in weights:
-        problem = _safetensors_problem(w) if w.suffix == ".safetensors" else None
+        problem = safetensors_problem(w) if w.suffix == ".safetensors" else None
         if problem:
             return f"{w.name} {problem}"
     needed = [("optimizer.pt", "optimizer"), ("scheduler.pt", "LR scheduler")] if not sharded else []
@@ -159,7 +159,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """A safetensors file: 8-byte little-endian header length, a JSON header, then the tensors' bytes."""
     try:
         size = path.stat().st_size

@@ -140,6 +140,7 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool) -> None
     except (OSError, ValueError) as e:
         raise SFTMixError(f"{setting}={spec}: {conf} is not readable JSON ({e}); fix or replace the model "
                           f"folder.") from e
+    check_weights(setting, spec, Path(path))
     if isinstance(data, dict) and data.get("auto_map"):
         ignored = ("--trust_remote_code is set, but sftmix never runs a model's own code" if trust_remote_code else
                    "it needs trust_remote_code, which sftmix does not support")
@@ -157,6 +158,16 @@ def _loaded(setting: str, path: str, load, *args):
         # read_text decodes the whole file, so e.start is the bad byte's offset in it
         raise SFTMixError(f"{setting}={path}: line {_line_of_offset(path, e.start)} is not UTF-8 text ({e.reason}); "
                           f"save the file as UTF-8.") from e
+
+
+def check_weights(setting: str, spec: str, folder: Path) -> None:
+    """Each .safetensors file of a model folder is readable and whole (header parses, file as long as it says)."""
+    from sftmix.utils import safetensors_problem
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise SFTMixError(f"{setting}={spec}: {f} {problem}; restore or replace that file (or the folder).")
 
 
 def check_eval_files(cfg) -> None:

@@ -384,3 +384,16 @@ def test_lock_in_process_and_inputs_outside(tmp_path):
     with RunLock(tmp_path, "again"):  # released at exit
         pass
     assert os.path.exists(tmp_path / ".lock")
+
+
+def test_a_truncated_model_file_is_one_line_naming_it(tmp_path, capsys):
+    from sftmix.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("tiny-random:0", device="cpu")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", tmp_path / "run", *TINY, "--model", folder)
+    assert code == 2 and f"{weights} is truncated" in err and "Traceback" not in err, err[-2000:]
