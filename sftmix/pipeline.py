@@ -246,10 +246,22 @@ def _train_inputs(cfg, recipe: str) -> dict:
                                                                                      cfg.run.model_cache_dir),
            **_template_inputs(fp, cfg.run.chat_template)}
     if recipe == "sftmix" and cfg.train.split_source == "dynamics":
+        _check_step1_current(cfg, fp)
         for path in (d / "confidence.jsonl", d / "dynamics" / "hidden_final.npz"):
             if path.exists() and (path.suffix == ".jsonl" or cfg.train.pairing == "nearest"):
                 out[f"step 1's {path}"] = fp.digest(path)
     return out
+
+
+def _check_step1_current(cfg, fp) -> None:
+    """The Mixup recipe trains on step 1's split: refuse one computed on another training split (the data changed
+    and only `sftmix train` ran since), rather than mix by stale confidence."""
+    done = fp.stages.get("dynamics") or {}
+    now = _split_input(fp, cfg)
+    if (cfg.run_dir / "dynamics" / "split.json").exists() and done and any(done.get(k) != v for k, v in now.items()):
+        raise SFTMixError(f"step 1 ({cfg.run_dir / 'confidence.jsonl'}) was computed on another training split (the "
+                          f"data changed since): run `sftmix dynamics --output_dir {cfg.run_dir}` (or `sftmix run`) "
+                          f"first.")
 
 
 def _eval_inputs(cfg, name: str, spec: str, ecfg) -> dict:

@@ -70,6 +70,11 @@ def validate_settings(cfg) -> None:
     _num("mixup_alpha", tr.mixup_alpha, low=0, low_open=True)
     _num("mixup_weight", tr.mixup_weight, low=0)
     _num("selection_k", getattr(tr, "selection_k", None), low=1, integer=True, allow_none=True)
+    _num("mixup_chunk_tokens", getattr(tr, "mixup_chunk_tokens", None), low=1, integer=True, allow_none=True)
+    _num("save_total_limit", tr.save_total_limit, low=1, integer=True, allow_none=True)
+    _num("dataloader_num_workers", tr.dataloader_num_workers, low=0, integer=True)
+    for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
+        _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
     if "sftmix" in run.recipes and tr.mixup_enabled and tr.per_device_train_batch_size % 2:
         raise SFTMixError(f"per_device_train_batch_size={tr.per_device_train_batch_size} is odd: SFTMix batches hold "
                           f"equally many confident and unconfident examples. Use an even per-device batch size (e.g. "
@@ -86,6 +91,7 @@ def validate_settings(cfg) -> None:
     _num("max_new_tokens", ev.max_new_tokens, low=1, integer=True)
     _num("eval_max_length", getattr(ev, "eval_max_length", None), low=1, integer=True, allow_none=True)
     _num("mc_limit", ev.mc_limit, low=1, integer=True, allow_none=True)
+    _num("eval_seed", getattr(ev, "eval_seed", None), low=0, high=2**32 - 1, integer=True, allow_none=True)
     _num("top_p", ev.top_p, low=0, high=1, low_open=True)
     if ev.do_sample:
         _num("temperature", ev.temperature, low=0, low_open=True, why=" with do_sample")

@@ -301,6 +301,8 @@ BAD = [
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps=0 is out of range"),
     (["--judge_concurrency", "0"], "judge_concurrency=0 is out of range"),
     (["--judge_min_valid_fraction", "1.5"], "judge_min_valid_fraction=1.5 is out of range"),
+    (["--seed", "-1"], "seed=-1 is out of range"),
+    (["--dataloader_num_workers", "-1"], "dataloader_num_workers=-1 is out of range"),
     (["--pubmedqa_file", "no/such/pubmedqa.json"], "no/such/pubmedqa.json: file not found"),
     (["--chat_template", "TEMPLATE"], "does not parse"),
     (["--alpacaeval_file", str(DATA)], "need a judge: set judge_model"),
