@@ -246,6 +246,7 @@ def _train_inputs(cfg, recipe: str) -> dict:
                                                                                      cfg.run.model_cache_dir),
            **_template_inputs(fp, cfg.run.chat_template)}
     if recipe == "sftmix" and cfg.train.split_source == "dynamics":
+        _restore_confidence(cfg, d / "dynamics" / "split.json")
         _check_step1_current(cfg, fp)
         for path in (d / "confidence.jsonl", d / "dynamics" / "hidden_final.npz"):
             if path.exists() and (path.suffix == ".jsonl" or cfg.train.pairing == "nearest"):

@@ -227,7 +227,9 @@ class Fingerprints:
         old = self.stages.get(stage)
         changed = []
         if old is not None:
-            changed = [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
+            # what is read now and was not, or differently; an input gone missing (a deleted confidence.jsonl that
+            # is rebuilt later) is not a change of what the finished stage read
+            changed = [k for k in sorted(inputs) if old.get(k) != inputs[k]]
         has_output = any(Path(c).exists() for c in clear) or (marker is not None and marker.exists())
         stale = bool(changed or force_reason) and has_output
         if stale:
