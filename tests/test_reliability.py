@@ -174,6 +174,26 @@ def test_a_deleted_confidence_file_is_rebuilt_not_a_loop(tmp_path, capsys, logs)
     (out / "confidence.jsonl").unlink()
     code, err = cli(capsys, "dynamics", "--output_dir", out)
     assert code == 0 and (out / "confidence.jsonl").read_text() == conf
+    # a finished recipe is not retrained because its confidence file went missing and came back
+    (out / "confidence.jsonl").unlink()
+    logs.clear()
+    code, err = cli(capsys, "train", "--recipe", "sftmix", "--output_dir", out)
+    assert code == 0 and "train:sftmix done already" in logs.text and "rerunning" not in logs.text
+
+
+def test_train_refuses_a_step1_split_from_other_data(tmp_path, capsys):
+    data, out = tmp_path / "d.jsonl", tmp_path / "run"
+    shutil.copy(DATA, data)
+    args = ["--config", SMOKE, "--output_dir", out, "--data", data, "--recipes", "sftmix", "--max_steps", "2",
+            "--num_checkpoints", "1", "--disable_tqdm", "true"]
+    code, err = cli(capsys, "run", *args)
+    assert code == 0, err[-2000:]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "output": r["output"] + " edited"}) + "\n" for r in rows))
+    code, err = cli(capsys, "train", *args)
+    assert code == 2 and "was computed on another training split" in err, err[-2000:]
+    code, err = cli(capsys, "run", *args)  # the whole command reruns step 1 first
+    assert code == 0, err[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -399,3 +419,51 @@ def test_a_truncated_model_file_is_one_line_naming_it(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])
     code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", tmp_path / "run", *TINY, "--model", folder)
     assert code == 2 and f"{weights} is truncated" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"fail": True, "calls": 0}
+
+    class Judge(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            state["calls"] += 1
+            if state["fail"] and state["calls"] % 12:  # 11 of every 12 requests fail
+                self.send_response(400)
+                self.end_headers()
+                return
+            body = json.dumps({"choices": [{"message": {"content": "A is better. [[A]]"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"say {w}", "output": f"{w} {w}"} for w in
+                                  ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue",
+                                   "green", "small"]]))
+    out = tmp_path / "run"
+    judge = ["--alpacaeval_file", alpaca, "--judge_model", "stub", "--judge_max_retries", "0",
+             "--judge_base_url", f"http://127.0.0.1:{srv.server_address[1]}/v1", "--max_new_tokens", "4",
+             "--judge_concurrency", "1"]
+    try:
+        run_tiny(capsys, out, *judge)
+        md = (out / "report.md").read_text()
+        assert "withheld: 1/12 valid judgments, below the minimum share 90%" in md
+        assert "1.0000" not in md.split("## Data")[0]  # no win rate from the one valid judgment
+        state["fail"] = False
+        run_tiny(capsys, out, *judge)
+        res = json.loads((out / "eval" / "ntp.json").read_text())["results"]["alpacaeval"]
+        assert res["n_valid"] == 12 and res["n_failed"] == 0
+        assert "(n=12)" in (out / "report.md").read_text()
+    finally:
+        srv.shutdown()
+        srv.server_close()
