@@ -68,7 +68,8 @@ class RunConfig:
                                          "this many characters (before the split, the same for every tokenizer; "
                                          "counted in the report). Useful with a small max_length."})
     heldout: float = field(default=0.1, metadata={"help": "Held-out examples for evaluation: a count (>= 1) or a "
-                           "fraction (< 1) of the data, chosen by hashing guids with the seed."})
+                           "fraction (< 1) of the data, chosen by hashing contents with the seed (identical "
+                           "examples and the turns of a chat stay on one side)."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's own, else a plain Alpaca-style "
                                "one), model, plain, or a Jinja file/string."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on a GPU that supports it, fp32 on "

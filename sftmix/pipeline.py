@@ -11,9 +11,12 @@ Stages and the output that marks each one done (written last, atomically; a reru
     train:R     DIR/R/model/, DIR/R/train_result.json                         one target run, R in recipes
     eval        DIR/eval/{start,R...}.json (details in DIR/eval/<name>/)      sftmix.evaluate.run_eval per model
     report      DIR/report.{md,json,html}                                    sftmix.report
-An interrupted target run resumes from its newest complete Trainer checkpoint (DIR/R/checkpoint-*; one whose
-trainer_state.json, written last by the Trainer, is missing or unreadable was cut off and is ignored); the reference
-run resumes the same way inside sftmix.dynamics. DIR/timings.json holds each stage's wall time.
+An interrupted target run resumes from its newest complete Trainer checkpoint (DIR/R/checkpoint-*; see
+sftmix.utils.checkpoint_problem: weights whole, optimizer, scheduler, trainer state and RNG readable; newer torn ones
+are named and removed); the reference run resumes the same way inside sftmix.dynamics. DIR/timings.json holds each
+stage's wall time. Before any stage: sftmix.validation checks every setting and input; DIR/.lock admits one command at
+a time; DIR/fingerprints.json holds the content hashes each stage read, and a stage whose inputs changed reruns (see
+sftmix.rundir).
 """
 
 from __future__ import annotations
