@@ -84,7 +84,8 @@ class RunConfig:
                                          "this many characters (before the split, the same for every tokenizer; "
                                          "counted in the report). Useful with a small max_length."})
     heldout: float = field(default=0.1, metadata={"help": "Held-out examples for evaluation: a count (>= 1) or a "
-                           "fraction (< 1) of the data, chosen by hashing guids with the seed."})
+                           "fraction (< 1) of the data, chosen by hashing contents with the seed (identical "
+                           "examples and the turns of a chat stay on one side)."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's own, else a plain Alpaca-style "
                                "one), model, plain, or a Jinja file/string."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on a GPU that supports it, fp32 on "
@@ -139,6 +140,10 @@ class RunConfig:
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules that get adapters (with "
                                                   "use_peft), e.g. q_proj v_proj, or all-linear; default: PEFT's "
                                                   "default for the architecture."})
+    judge_min_valid_fraction: float = field(default=0.9, metadata={"help": "Smallest share of valid judgments "
+                                            "(parsed verdicts / ratings) for the report to show a judged metric; "
+                                            "below it the value is withheld, with the reason. Failed judgments are "
+                                            "asked again on the next run."})
 
     def __post_init__(self):
         if self.torch_dtype is not None:  # the name TRL and transformers used before `dtype`

@@ -161,11 +161,14 @@ def iter_json_array(path: str | os.PathLike, stats: dict | None = None, allow_tr
             nonlocal buf, pos, eof
             if eof:
                 return False
+            start = f.tell()
             data = f.read(n)
             try:
                 text = utf8.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                raise SFTMixError(f"{path}: line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+                # the chunk runs ahead of the parser: name the line of the bad byte itself
+                bad = _line_of_offset(path, start + max(e.start, 0))
+                raise SFTMixError(f"{path}: line {bad}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
             if not data:
                 eof = True
                 buf += text
@@ -236,15 +239,32 @@ def iter_json_array(path: str | os.PathLike, stats: dict | None = None, allow_tr
             yield row, where
 
 
+def _line_of_offset(path, offset: int) -> int:
+    """1-based line number of byte `offset` of a file."""
+    line, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 20, offset - done))
+            if not chunk:
+                break
+            line += chunk.count(b"\n")
+            done += len(chunk)
+    return line
+
+
 def _iter_jsonl(path, stats) -> Iterator[tuple[dict, str]]:
-    with open(path, encoding="utf-8-sig") as f:
+    # Bytes, decoded line by line: a text-mode file decodes 8 KiB ahead, so a bad byte deep in the file would be
+    # reported at the line being read when its chunk was decoded (often line 1).
+    with open(path, "rb") as f:
         lineno = 0
         while True:
             lineno += 1
+            raw = f.readline()
             try:
-                line = f.readline()
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise SFTMixError(f"{path}: line {lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+                raise SFTMixError(f"{path}: line {lineno}: not UTF-8 text ({e.reason}, byte {e.start + 1} of the "
+                                  f"line); save the file as UTF-8") from e
             if not line:
                 return
             if not line.strip():
@@ -685,9 +705,11 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
     """Hold out about `n_heldout` examples (a count, or a fraction in (0, 1)), chosen by hashing with seed.
 
     Whole conversations go to one side: the turns of a multi-turn chat share their history, so splitting them would
-    leak held-out text into training. Groups (a `conversation_id`, else the guid) are taken in hash order until the
-    count is reached, so the held-out side can exceed the count by the turns of its last conversation. Membership
-    depends only on the guids/conversation ids and the seed, not on the input order; both parts keep the input order.
+    leak held-out text into training; and identical examples (the same prompt and completion, whatever their guids)
+    go to one side, or the held-out set would contain training examples verbatim. Groups (see content_groups) are
+    taken in hash order until the count is reached, so the held-out side can exceed the count by the size of its last
+    group. Membership depends only on the contents / conversation ids and the seed, not on the input order; both
+    parts keep the input order.
     """
     n = len(records)
     if isinstance(n_heldout, float):
@@ -701,7 +723,7 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
     guids = [r["guid"] for r in records]
     if len(set(guids)) != n:
         raise SFTMixError("split_heldout: the records' guids are not unique; load them with load_records")
-    group_of = [str(r.get("conversation_id") or r["guid"]) for r in records]
+    group_of = content_groups(records)
     sizes: dict[str, int] = {}
     for g in group_of:
         sizes[g] = sizes.get(g, 0) + 1
@@ -717,6 +739,59 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
     train = [r for r, g in zip(records, group_of) if g not in held]
     heldout = [r for r, g in zip(records, group_of) if g in held]
     return train, heldout
+
+
+def content_key(record: dict) -> str:
+    """The content hash of an example (sftmix.data.example_guid of its prompt and completion): exact duplicates
+    share it whatever guid (suffixed or from the source) they carry. A record without any text (no example the
+    loaders produce) is its guid, without the duplicate suffix."""
+    if any(m.get("content") for m in [*record.get("prompt", []), *record.get("completion", [])]):
+        return example_guid(record["prompt"], record["completion"])
+    m = _GUID_RE.match(str(record["guid"]))
+    return m.group(1) if m else str(record["guid"])
+
+
+def content_groups(records: list[dict]) -> list[str]:
+    """Per record, the key of its split group: records are joined when they share a `conversation_id`, a content
+    or a guid up to its duplicate suffix (union-find), so every copy of an example and every turn of a chat land
+    on one side."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        a, b = find(a), find(b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # a group is named by its smallest key: stable whatever the input order
+
+    keys = []
+    for r in records:
+        c = "c\x1f" + content_key(r)
+        m = _GUID_RE.match(str(r["guid"]))
+        if m:
+            union(c, "g\x1f" + m.group(1))
+        if r.get("conversation_id"):
+            union(c, "v\x1f" + str(r["conversation_id"]))
+        keys.append(c)
+    return [find(k).split("\x1f", 1)[1] for k in keys]
+
+
+def duplicate_stats(train: list[dict], heldout: list[dict]) -> dict:
+    """How many exact duplicates the data had and where they went (all copies of one example are on one side)."""
+    from collections import Counter
+
+    tr, he = Counter(map(content_key, train)), Counter(map(content_key, heldout))
+    both = sorted(set(tr) & set(he))
+    return {"n_duplicate_copies": sum(n - 1 for n in (tr + he).values() if n > 1),
+            "n_duplicated_examples": sum(1 for n in (tr + he).values() if n > 1),
+            "duplicate_copies_in_train": sum(n - 1 for n in tr.values()),
+            "duplicate_copies_in_heldout": sum(n - 1 for n in he.values()),
+            "n_examples_on_both_sides": len(both)}
 
 
 # --------------------------------------------------------------------------------------------------- templates

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, last_complete_checkpoint, read_jsonl, write_jsonl
+from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, resume_checkpoint, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -869,9 +869,7 @@ def run_reference(
         trainer = SFTMixTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
                                 callbacks=[callback, *(callbacks or [])])
         callback.trainer = trainer
-        last = last_complete_checkpoint(ref_dir)
-        if last:
-            logger.info("resuming the reference run from %s", last)
+        last = resume_checkpoint(ref_dir, "the reference run")
         result = trainer.train(resume_from_checkpoint=last)
         # The reference's own training metrics: the NTP baseline reuses this run when it is the identical run.
         atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,

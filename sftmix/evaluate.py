@@ -804,11 +804,34 @@ _TASK_FIELDS = {  # the settings a task's result depends on: a stored result is 
 
 
 def _fingerprint(cfg: EvalConfig, model, names: list[str], files: list[str | None]) -> dict:
+    """What a stored task result depends on: its settings, its files' contents and the model's weights (by value:
+    a model retrained into the same folder, with the same parameter count, is another model)."""
+    from sftmix.rundir import file_sha256
+
     fp = {k: getattr(cfg, k) for k in names}
-    fp["files"] = {f: [os.path.getsize(f), int(os.path.getmtime(f))] for f in files if f and os.path.isfile(f)}
+    fp["files"] = {f: file_sha256(f) for f in files if f and os.path.isfile(f)}
     fp["model"] = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
     fp["model_parameters"] = sum(p.numel() for p in model.parameters())
+    fp["model_weights"] = _weights_digest(model)
     return json.loads(json.dumps(fp, default=str))
+
+
+_WEIGHTS_MEMO: dict = {}
+
+
+def _weights_digest(model) -> str:
+    """sha256 of every tensor of the state dict (names, dtypes, shapes, bytes); memoised per model object until a
+    parameter changes in place (torch's version counters)."""
+    state = model.state_dict()
+    key = (id(model), tuple((k, t.data_ptr(), t._version) for k, t in state.items()))
+    if key not in _WEIGHTS_MEMO:
+        h = hashlib.sha256()
+        for k, t in state.items():
+            h.update(f"{k}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1e".encode())
+            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        _WEIGHTS_MEMO.clear()
+        _WEIGHTS_MEMO[key] = h.hexdigest()
+    return _WEIGHTS_MEMO[key]
 
 
 def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.PathLike) -> dict:
@@ -836,7 +859,7 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
         fp = _fingerprint(cfg, model, names, files)
         if path.exists() and not cfg.overwrite:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("settings") == fp:
+            if old.get("settings") == fp and not old.get("n_failed"):  # failed judgments are asked again
                 log.info("%s: %s exists with the same settings; reusing it (overwrite=True to redo)", task, path)
                 results[task] = old
                 continue

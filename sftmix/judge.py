@@ -12,9 +12,10 @@ Only the standard library talks HTTP (urllib): POST {base_url}/chat/completions 
 Retries: transport errors, timeouts, HTTP 429/5xx and bodies that are not the expected JSON are retried with
 exponential backoff (backoff * 2**attempt seconds); other HTTP 4xx fail at once. A judgment that still fails, or whose
 text holds no parseable rating/verdict, is returned with failed=True and is never counted as a win, a loss or a score.
-Cache: every successful completion is appended (one write per line, under a lock) to a JSONL file keyed by
-sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the answer, so a rerun
-of the same evaluation makes no HTTP call. Failures are not cached, so a rerun retries them.
+Cache: every usable completion (one holding a rating / verdict) is appended (one write per line, under a lock) to a
+JSONL file keyed by sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the
+answer, so a rerun of the same evaluation makes no HTTP call. Failures (HTTP errors and replies without a rating /
+verdict) are not cached, so a rerun retries them; sftmix.pipeline reruns an evaluation that had failed judgments.
 
 Prompts are text files in sftmix/judge_prompts/ (or `prompt_dir`): system.txt, single_turn1.txt, single_turn2.txt
 and their *_ref.txt variants (used when a question has reference answers, as MT-Bench does for math, reasoning and
@@ -112,18 +113,21 @@ class JudgeClient:
                 os.close(fd)
 
     # ---------------------------------------------------------------------------------------------------- HTTP
-    def complete(self, messages: list[dict]) -> dict:
-        """{"text": str | None, "error": str | None, "cached": bool, "attempts": int}; never raises for HTTP trouble."""
+    def complete(self, messages: list[dict], valid=None) -> dict:
+        """{"text": str | None, "error": str | None, "cached": bool, "attempts": int}; never raises for HTTP trouble.
+
+        `valid(text)` (optional) tells a usable reply (one with a verdict / rating): an unusable one is returned but
+        never cached, so a later run asks again (one cached by an older version too)."""
         key = self.key(messages)
         with self._lock:
-            if key in self._cache:
+            if key in self._cache and (valid is None or valid(self._cache[key])):
                 return {"text": self._cache[key], "error": None, "cached": True, "attempts": 0}
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        error = None
+        error, text = None, None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 60.0))
@@ -146,19 +150,21 @@ class JudgeClient:
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"bad response ({type(e).__name__}): {_snippet(raw)}"
+                error, text = f"bad response ({type(e).__name__}): {_snippet(raw)}", None
                 continue
-            self._store(key, text)
+            if valid is None or valid(text):
+                self._store(key, text)  # a reply without a verdict is returned but not cached: a rerun asks again
             return {"text": text, "error": None, "cached": False, "attempts": attempt + 1}
-        return {"text": None, "error": error, "cached": False, "attempts": attempt + 1}
+        return {"text": text, "error": error, "cached": False, "attempts": attempt + 1}
 
-    def map(self, messages_list: list[list[dict]], concurrency: int = 4, desc: str = "judging") -> list[dict]:
+    def map(self, messages_list: list[list[dict]], concurrency: int = 4, desc: str = "judging",
+            valid=None) -> list[dict]:
         """complete() over many prompts with a thread pool (the work is waiting on the server), in order."""
         from tqdm.auto import tqdm
 
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(tqdm(pool.map(self.complete, messages_list), total=len(messages_list), desc=desc,
-                             leave=False))
+            return list(tqdm(pool.map(lambda m: self.complete(m, valid), messages_list), total=len(messages_list),
+                             desc=desc, leave=False))
 
 
 def _snippet(raw: bytes | str, n: int = 200) -> str:
@@ -227,7 +233,8 @@ def judge_mt_bench(client: JudgeClient, questions: list[dict], answers: list[lis
             jobs.append(_messages(name, prompt_dir, **fields))
             meta.append({"question_id": q["question_id"], "category": q.get("category"), "turn": t + 1})
     rows = []
-    for m, res in zip(meta, client.map(jobs, concurrency, desc="judging MT-Bench")):
+    replies = client.map(jobs, concurrency, desc="judging MT-Bench", valid=lambda t: parse_rating(t) is not None)
+    for m, res in zip(meta, replies):
         rating = parse_rating(res["text"])
         error = res["error"] or (None if rating is not None else "no [[rating]] in 1..10 in the judge's reply")
         rows.append({**m, "rating": rating, "failed": rating is None, "error": error, "judgment": res["text"],
@@ -271,7 +278,8 @@ def judge_pairwise(client: JudgeClient, instructions: list[str], outputs: list[s
         jobs.append(_messages("pairwise", prompt_dir, instruction=ins, output_a=a_text, output_b=b_text))
         swaps.append(b)
     rows = []
-    for i, (res, b) in enumerate(zip(client.map(jobs, concurrency, desc="judging pairwise"), swaps)):
+    replies = client.map(jobs, concurrency, desc="judging pairwise", valid=lambda t: parse_verdict(t) is not None)
+    for i, (res, b) in enumerate(zip(replies, swaps)):
         v = parse_verdict(res["text"])
         winner = None if v is None else "tie" if v == "tie" else "model" if (v == "B") == b else "reference"
         error = res["error"] or (None if v is not None else "no single [[A]]/[[B]]/[[C]] verdict in the judge's reply")

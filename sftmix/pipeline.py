@@ -11,9 +11,12 @@ Stages and the output that marks each one done (written last, atomically; a reru
     train:R     DIR/R/model/, DIR/R/train_result.json                         one target run, R in recipes
     eval        DIR/eval/{start,R...}.json (details in DIR/eval/<name>/)      sftmix.evaluate.run_eval per model
     report      DIR/report.{md,json,html}                                    sftmix.report
-An interrupted target run resumes from its newest complete Trainer checkpoint (DIR/R/checkpoint-*; one whose
-trainer_state.json, written last by the Trainer, is missing or unreadable was cut off and is ignored); the reference
-run resumes the same way inside sftmix.dynamics. DIR/timings.json holds each stage's wall time.
+An interrupted target run resumes from its newest complete Trainer checkpoint (DIR/R/checkpoint-*; see
+sftmix.utils.checkpoint_problem: weights whole, optimizer, scheduler, trainer state and RNG readable; newer torn ones
+are named and removed); the reference run resumes the same way inside sftmix.dynamics. DIR/timings.json holds each
+stage's wall time. Before any stage: sftmix.validation checks every setting and input; DIR/.lock admits one command at
+a time; DIR/fingerprints.json holds the content hashes each stage read, and a stage whose inputs changed reruns (see
+sftmix.rundir).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, last_complete_checkpoint, read_jsonl
+from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
 log = logging.getLogger("sftmix")
 
@@ -83,6 +87,10 @@ def _device(cfg) -> str:
 def load_model(cfg, spec: str):
     from sftmix.models import load_model_and_tokenizer
 
+    if os.path.isdir(spec):  # a damaged weights file is one line naming it, not a loader traceback
+        from sftmix.validation import check_weights
+
+        check_weights("model", spec, Path(spec))
     t0 = time.perf_counter()
     from sftmix.hub import pinned_revision
 
@@ -149,15 +157,11 @@ def write_config(cfg) -> None:
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if old == new:
             return  # unchanged: keep the file (and its mtime, which tells the report whether it is stale)
-        # a training field absent from one file has its default there
-        from sftmix.cli import RunConfig, _field_defaults
-        from sftmix.trainer import SFTMixConfig
-
-        # (RunConfig's too: a directory made before a run field existed still matches when it has the default)
-        defaults = _plain({**_field_defaults(RunConfig), **_field_defaults(SFTMixConfig)})
+        # a field absent from one file (an older version wrote fewer keys) has its default there
+        defaults, later_stage_keys = _config_defaults()
         old, new = {**defaults, **old}, {**defaults, **new}
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in MUTABLE_KEYS and old.get(k) != new.get(k) and k != "output_dir")
+        changed = sorted(k for k in set(old) | set(new) if k not in MUTABLE_KEYS and k not in later_stage_keys
+                         and old.get(k) != new.get(k) and k != "output_dir")
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
             more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
@@ -184,6 +188,26 @@ def _resolve_sources(cfg) -> dict:
     return sources
 
 
+def _config_defaults() -> tuple[dict, set]:
+    """Every field's default as the parser sets it (run, training with the pipeline's defaults, evaluation), and the
+    keys that only the evaluation / report read: those may change on a finished run (the eval stage's fingerprint
+    reruns what they touch)."""
+    import dataclasses
+
+    from sftmix.cli import RUN_TRAINING_DEFAULTS, RunConfig, _eval_args_class, _field_defaults
+    from sftmix.trainer import SFTMixConfig
+
+    eval_cls = _eval_args_class()
+    defaults = {**_field_defaults(SFTMixConfig), **RUN_TRAINING_DEFAULTS, **_field_defaults(RunConfig),
+                **_field_defaults(eval_cls)}
+    later = {f.name for f in dataclasses.fields(eval_cls)} | set(REPORT_ONLY)
+    return _plain(defaults), later
+
+
+# RunConfig fields that only the report reads.
+REPORT_ONLY = ("judge_min_valid_fraction",)
+
+
 def _plain(obj):
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -195,6 +219,132 @@ def _plain(obj):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fingerprints: what each stage read, by content (sftmix.rundir.Fingerprints)
+
+
+def _fingerprints(cfg):
+    from sftmix.rundir import Fingerprints
+
+    return Fingerprints(cfg.run_dir, write=_state().is_main_process)
+
+
+def _fresh(cfg, stage: str, marker: Path, inputs: dict, clear: list, force_reason: str | None = None) -> None:
+    """Rerun `stage` (its outputs `clear` removed) when what it read changed since it ran; see rundir.refresh."""
+    state = _state()
+    if state.is_main_process:
+        _fingerprints(cfg).refresh(stage, marker, inputs, clear=clear, force_reason=force_reason)
+    state.wait_for_everyone()  # the other processes see the done marker only once it is known to be current
+
+
+def _template_inputs(fp, template: str | None, label: str = "chat template") -> dict:
+    return {f"{label} file {template}": fp.digest(template)} if template and os.path.isfile(template) else {}
+
+
+def _data_inputs(cfg) -> dict:
+    fp, data = _fingerprints(cfg), cfg.run.data
+    if os.path.exists(data):
+        return {f"data file {data}": fp.digest(data)}
+    if data.startswith("sharegpt:"):
+        from sftmix.data import sharegpt_package_file
+
+        with contextlib.suppress(SFTMixError, OSError):
+            return {f"data {data}": fp.digest(sharegpt_package_file())}
+    return {f"data {data}": data}
+
+
+def _split_input(fp, cfg) -> dict:
+    path = cfg.run_dir / "data" / "train.jsonl"
+    return {f"training split {path}": fp.digest(path)} if path.exists() else {}
+
+
+def _dynamics_inputs(cfg) -> dict:
+    fp = _fingerprints(cfg)
+    spec = cfg.run.reference_model or cfg.run.model
+    return {**_split_input(fp, cfg), f"reference model {spec}": fp.model_digest(spec, cfg.run.model_cache_dir),
+            **_template_inputs(fp, cfg.run.chat_template)}
+
+
+def _train_inputs(cfg, recipe: str) -> dict:
+    fp, d = _fingerprints(cfg), cfg.run_dir
+    out = {**_split_input(fp, cfg), f"start model {cfg.run.model}": fp.model_digest(cfg.run.model,
+                                                                                     cfg.run.model_cache_dir),
+           **_template_inputs(fp, cfg.run.chat_template)}
+    if recipe == "sftmix" and cfg.train.split_source == "dynamics":
+        _restore_confidence(cfg, d / "dynamics" / "split.json")
+        _check_step1_current(cfg, fp)
+        for path in (d / "confidence.jsonl", d / "dynamics" / "hidden_final.npz"):
+            if path.exists() and (path.suffix == ".jsonl" or cfg.train.pairing == "nearest"):
+                out[f"step 1's {path}"] = fp.digest(path)
+    return out
+
+
+def _check_step1_current(cfg, fp) -> None:
+    """The Mixup recipe trains on step 1's split: refuse one computed on another training split (the data changed
+    and only `sftmix train` ran since), rather than mix by stale confidence."""
+    done = fp.stages.get("dynamics") or {}
+    now = _split_input(fp, cfg)
+    if (cfg.run_dir / "dynamics" / "split.json").exists() and done and any(done.get(k) != v for k, v in now.items()):
+        raise SFTMixError(f"step 1 ({cfg.run_dir / 'confidence.jsonl'}) was computed on another training split (the "
+                          f"data changed since): run `sftmix dynamics --output_dir {cfg.run_dir}` (or `sftmix run`) "
+                          f"first.")
+
+
+def _eval_inputs(cfg, name: str, spec: str, ecfg) -> dict:
+    """The weights evaluated (by content, not by path), every evaluation file and every evaluation setting."""
+    import dataclasses
+
+    fp = _fingerprints(cfg)
+    if name == "start":
+        out = {f"start model {spec}": fp.model_digest(spec, cfg.run.model_cache_dir)}
+    else:
+        out = {f"weights of {spec}": fp.digest(spec) if os.path.isdir(spec) else None}
+    for f in dataclasses.fields(ecfg):
+        value = getattr(ecfg, f.name)
+        if f.name in ("overwrite", "judge_api_key", "judge_cache_file"):
+            continue
+        if f.name.endswith("_file") and value and os.path.isfile(value):
+            out[f"{f.name} {value}"] = fp.digest(value)
+        else:
+            out[f"setting {f.name}"] = value
+    out.update(_template_inputs(fp, ecfg.chat_template, "eval chat template"))
+    return out
+
+
+def _failed_judgments(marker: Path) -> str | None:
+    """A reason to rerun an evaluation whose judge failed on some requests (successful judgments are cached)."""
+    if not marker.exists():
+        return None
+    try:
+        results = json.loads(marker.read_text(encoding="utf-8")).get("results") or {}
+    except (OSError, ValueError):
+        return None
+    failed = {t: m.get("n_failed") for t, m in results.items() if isinstance(m, dict) and m.get("n_failed")}
+    if not failed:
+        return None
+    return "judgments failed in " + ", ".join(f"{t} ({n})" for t, n in failed.items()) + ": retrying them"
+
+
+def _restore_confidence(cfg, marker: Path) -> None:
+    """confidence.jsonl deleted after step 1: rebuild it from dynamics/ckpt_*.jsonl, or mark step 1 to run again
+    (it resumes from its checkpoints and skips scored ones), so that no command waits on another."""
+    conf = cfg.run_dir / "confidence.jsonl"
+    if not marker.exists() or conf.exists() or not _state().is_main_process:
+        return
+    if cfg.run.confidence_mode == "checkpoints":
+        from sftmix.dynamics import build_confidence
+
+        try:
+            build_confidence(cfg.run_dir, cfg.run.num_checkpoints)
+            log.warning("[sftmix] %s was missing: rebuilt from %s/ckpt_*.jsonl", conf, cfg.run_dir / "dynamics")
+            return
+        except SFTMixError as e:
+            log.warning("[sftmix] %s is missing and cannot be rebuilt (%s): rerunning step 1", conf, e)
+    else:
+        log.warning("[sftmix] %s is missing: rerunning step 1", conf)
+    marker.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # stages
 
 
@@ -203,6 +353,7 @@ def stage_data(cfg) -> None:
     from sftmix.data import load_records_with_stats, log_load_stats, save_records_jsonl, split_heldout
 
     out = cfg.run_dir / "data"
+    _fresh(cfg, "data", out / "stats.json", _data_inputs(cfg), [out])
     with _stage(cfg, "data", out / "stats.json") as todo:
         if not todo:
             return
@@ -233,9 +384,21 @@ def stage_data(cfg) -> None:
         save_records_jsonl(out / "heldout.jsonl", held)
         stats.update(filtered=filtered, n_after_filters=len(records), n_train=len(train), n_heldout=len(held),
                      heldout=run.heldout)
+        stats["duplicates"] = _log_duplicates(train, held)
         atomic_write_json(out / "stats.json", stats)
         log.info("data: %d train + %d held-out examples (%s)", len(train), len(held),
                  ", ".join(f"{n} dropped for {k}" for k, n in filtered.items()) or "no filter")
+
+
+def _log_duplicates(train, held) -> dict:
+    from sftmix.data import duplicate_stats
+
+    dup = duplicate_stats(train, held)
+    if dup["n_duplicate_copies"]:
+        log.info("data: %d exact duplicate copies of %d examples, each example's copies on one side: %d in train, "
+                 "%d in held-out", dup["n_duplicate_copies"], dup["n_duplicated_examples"],
+                 dup["duplicate_copies_in_train"], dup["duplicate_copies_in_heldout"])
+    return dup
 
 
 def stage_dynamics(cfg) -> None:
@@ -243,6 +406,10 @@ def stage_dynamics(cfg) -> None:
     from sftmix.dynamics import run_reference
 
     marker = cfg.run_dir / "dynamics" / "split.json"
+    d = cfg.run_dir
+    _fresh(cfg, "dynamics", marker, _dynamics_inputs(cfg),
+           [d / "reference", d / "dynamics", d / "confidence.jsonl", d / "plots"])
+    _restore_confidence(cfg, marker)
     with _stage(cfg, "dynamics", marker) as todo:
         if not todo:
             return
@@ -308,6 +475,7 @@ def stage_train(cfg, recipe: str) -> None:
     from sftmix.trainer import SFTMixTrainer
 
     out = cfg.run_dir / recipe
+    _fresh(cfg, f"train:{recipe}", out / "train_result.json", _train_inputs(cfg, recipe), [out])
     with _stage(cfg, f"train:{recipe}", out / "train_result.json") as todo:
         if not todo:
             return
@@ -326,9 +494,7 @@ def stage_train(cfg, recipe: str) -> None:
             args = training_config(cfg, out, drop=MIXUP_ONLY, mixup_weight=0.0)
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                 peft_config=lora_config(cfg.run))
-        resume = last_complete_checkpoint(out)
-        if resume:
-            log.info("train:%s: resuming from %s", recipe, resume)
+        resume = resume_checkpoint(out, f"train:{recipe}")
         result = trainer.train(resume_from_checkpoint=resume)
         final, tmp = out / "model", out / "model.tmp"
         if state.is_main_process:
@@ -441,6 +607,7 @@ def _with_split(cfg, ds):
     if cfg.train.split_source == "column":
         return ds  # the split column travels with the records
     path = cfg.run_dir / "confidence.jsonl"
+    _restore_confidence(cfg, cfg.run_dir / "dynamics" / "split.json")
     if not path.exists():
         raise SFTMixError(f"{path} is missing: run step 1 first (`sftmix dynamics --output_dir {cfg.run_dir}`), or "
                           f"set split_source=column with a split_column.")
@@ -469,6 +636,8 @@ def stage_eval(cfg) -> None:
     ecfg = cfg.eval_config()
     for name, spec in eval_targets(cfg):
         marker = cfg.run_dir / "eval" / f"{name}.json"
+        _fresh(cfg, f"eval:{name}", marker, _eval_inputs(cfg, name, spec, ecfg), [marker],
+               force_reason=_failed_judgments(marker))
         with _stage(cfg, f"eval:{name}", marker) as todo:
             if not todo or not state.is_main_process:
                 continue
@@ -499,14 +668,26 @@ def stage_report(cfg, force: bool = True) -> dict | None:
 
 def run(cfg, command: str, recipe: str | None = None) -> int:
     """Run `command` (run, dynamics, train, eval, report) on cfg.run_dir; returns the exit code."""
-    from sftmix import report
+    from sftmix.rundir import RunLock
+    from sftmix.validation import make_run_dir, validate
 
     t0 = time.perf_counter()
+    validate(cfg, command)  # every setting and input file, before anything is written or trained
+    make_run_dir(cfg.run_dir)
+    # one command at a time on a run directory (the main process holds the lock for all under accelerate launch)
+    lock = RunLock(cfg.run_dir, " ".join(sys.argv) or command) if _state().is_main_process \
+        else contextlib.nullcontext()
+    with lock:
+        return _run(cfg, command, recipe, t0)
+
+
+def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
+    from sftmix import report
+
     if cfg.run.num_threads:
         import torch
 
         torch.set_num_threads(cfg.run.num_threads)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if _state().is_main_process:
         from sftmix.cli import log_to_file
 
@@ -516,11 +697,6 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
     write_config(cfg)
     state = _state()
     needs_split = "sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"
-    if cfg.train.pairing == "nearest" and cfg.train.split_source == "column" and command != "report":
-        # checked before any stage runs: nearest pairing uses step 1's hidden states, and a column split skips step 1
-        raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
-                          "writes, but split_source=column skips step 1; use pairing=random with a column split, "
-                          "or split_source=dynamics.")
     if command == "report":
         report.print_comparison(stage_report(cfg))
         return 0

@@ -109,13 +109,30 @@ def collect(cfg) -> dict:
             entry["train"]["last_logged"] = last
         models[name] = entry
     summary["models"] = models
-    summary["comparison"] = comparison_rows(models)
+    summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
     summary["timings"] = _json(d / "timings.json") or {}
     return summary
 
 
-def comparison_rows(models: dict) -> list[dict]:
-    """One row per model: held-out NLL / PPL, the change against the start model, other metrics, training loss."""
+JUDGED = ("score", "win_rate", "lc_win_rate")  # metrics that rest on judgments, some of which may have failed
+
+
+def sample_size(metrics: dict) -> tuple[int | None, int | None]:
+    """(n_valid, n) behind a task's metrics: valid judgments of all judgments, or questions scored."""
+    if "n_judgments" in metrics:  # MT-Bench
+        n = metrics["n_judgments"]
+        return n - (metrics.get("n_failed") or 0), n
+    if "n_valid" in metrics:  # pairwise
+        return metrics["n_valid"], metrics.get("n")
+    n = metrics.get("n")
+    return n, n
+
+
+def comparison_rows(models: dict, min_valid_fraction: float = 0.9) -> list[dict]:
+    """One row per model: held-out NLL / PPL, the change against the start model, other metrics, training loss.
+
+    Each other metric comes with its sample size in row["samples"] ((n_valid, n)); a judged metric whose share of
+    valid judgments is below `min_valid_fraction` is withheld (None) with the reason in row["withheld"]."""
     rows = []
     start_nll = (((models.get("start") or {}).get("eval") or {}).get("heldout") or {}).get("nll")
     for name, m in models.items():
@@ -126,11 +143,27 @@ def comparison_rows(models: dict) -> list[dict]:
                "n_tokens": h.get("n_tokens")}
         row["delta_nll_vs_start"] = (h["nll"] - start_nll) if h.get("nll") is not None and start_nll is not None \
             else None
+        row["samples"], row["withheld"] = {}, {}
         for task, metrics in ev.items():
             if task != "heldout" and isinstance(metrics, dict):
+                n_valid, n = sample_size(metrics)
+                judged = "n_judgments" in metrics or "n_valid" in metrics
                 for key in ("accuracy", "score", "win_rate", "lc_win_rate"):
-                    if isinstance(metrics.get(key), (int, float)):
-                        row[f"{task}_{key}"] = metrics[key]
+                    if key not in metrics:
+                        continue
+                    name = f"{task}_{key}"
+                    share = n_valid / n if n_valid is not None and n else 0.0
+                    if judged and key in JUDGED and share < min_valid_fraction:
+                        row[name] = None
+                        row["withheld"][name] = (f"withheld: {n_valid}/{n} valid judgments, below the minimum share "
+                                                 f"{min_valid_fraction:.0%} (judge_min_valid_fraction)")
+                    elif isinstance(metrics.get(key), (int, float)):
+                        row[name] = metrics[key]
+                    else:
+                        row[name] = None
+                        if key == "lc_win_rate" and metrics.get("lc_note"):
+                            row["withheld"][name] = f"not defined: {metrics['lc_note']}"
+                    row["samples"][name] = [n_valid, n]
         tr = m.get("train") or {}
         row["train_ntp_loss"] = (tr.get("last_logged") or {}).get("ntp_loss")
         row["train_seconds"] = tr.get("train_runtime")
@@ -153,7 +186,7 @@ def _fmt(v, digits=4) -> str:
 def _comparison_table(summary) -> tuple[list[str], list[list[str]]]:
     rows = summary["comparison"]
     extra = sorted({k for r in rows for k in r if k.split("_")[0] not in ("heldout", "delta", "train", "n", "model",
-                                                                          "label")})
+                                                                          "label", "samples", "withheld")})
     header = ["model", "held-out NLL", "Δ NLL vs start", "held-out PPL", "mean example PPL", "examples"] + extra + [
         "last train NTP loss", "train s"]
     body = []
@@ -161,9 +194,22 @@ def _comparison_table(summary) -> tuple[list[str], list[list[str]]]:
         delta = r["delta_nll_vs_start"]
         body.append([r["label"], _fmt(r["heldout_nll"]), "–" if delta is None or r["model"] == "start" else
                      f"{delta:+.4f}", _fmt(r["heldout_ppl"], 3), _fmt(r["heldout_ppl_example_mean"], 3),
-                     _fmt(r["n_examples"])] + [_fmt(r.get(k)) for k in extra] + [
+                     _fmt(r["n_examples"])] + [_with_n(r, k) for k in extra] + [
             _fmt(r["train_ntp_loss"]), _fmt(r["train_seconds"], 1)])
     return header, body
+
+
+def _with_n(row: dict, key: str) -> str:
+    """A metric with its sample size: `0.5000 (n=100)`, `0.7500 (9/10 valid)`, or why it is withheld."""
+    reason = (row.get("withheld") or {}).get(key)
+    if reason:
+        return reason
+    n_valid, n = (row.get("samples") or {}).get(key) or (None, None)
+    if row.get(key) is None:
+        return "–"
+    if n is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row[key])} ({n_valid}/{n} valid)" if n_valid != n else f"{_fmt(row[key])} (n={n})"
 
 
 def _md_table(header, body) -> str:
@@ -176,6 +222,14 @@ def _md_table(header, body) -> str:
 def _short(text, n=140) -> str:
     text = text or "?"
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _duplicates_line(dup: dict | None) -> str:
+    if not dup:
+        return "–"
+    return (f"{dup['n_duplicate_copies']} extra copies of {dup['n_duplicated_examples']} examples: "
+            f"{dup['duplicate_copies_in_train']} in train, {dup['duplicate_copies_in_heldout']} in held-out; "
+            f"{dup['n_examples_on_both_sides']} examples on both sides (the split is by content)")
 
 
 def _sections(summary) -> list[tuple[str, str, list]]:
@@ -193,6 +247,7 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     rows = [["source", load.get("source")], ["format", load.get("format")],
             ["source rows", load.get("n_rows")], ["examples", load.get("n_records")],
             ["exact duplicates (guid suffixed)", load.get("n_duplicates")],
+            ["duplicates in the split", _duplicates_line(load.get("duplicates"))],
             ["skipped rows", f"{load.get('n_skipped_rows', 0)} {load.get('skipped') or ''}".strip()],
             ["notes", json.dumps(load.get("notes")) if load.get("notes") else "–"],
             ["filtered", json.dumps(load.get("filtered")) if load.get("filtered") else "–"],

@@ -84,8 +84,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read JSON lines; a bad line raises SFTMixError naming the file and the line number."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:  # line by line, so that a bad byte is reported at its own line
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SFTMixError(f"{path}: line {lineno} is not UTF-8 text ({e.reason}); save the file as "
+                                  f"UTF-8.") from e
             if not line.strip():
                 continue
             try:
@@ -107,25 +112,120 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest checkpoint-* in `folder` whose trainer_state.json (the Trainer writes it last) is readable.
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
 
-    Why not transformers' get_last_checkpoint: it picks the newest folder by name, so a run killed while saving
-    resumes from a half-written checkpoint. Newer, incomplete ones are removed (by the main process) so that
-    nothing picks them up later."""
+    Complete: trainer_state.json (the Trainer writes it last) parses; the model weights are there and whole (each
+    .safetensors file's header parses and the file is as long as the header says: a truncated copy is caught); the
+    optimizer, the LR scheduler and the RNG states are there and readable (torch.save files are zip archives, whose
+    directory sits at the end, so a cut-off file does not open). DeepSpeed / FSDP checkpoints keep the optimizer in
+    their own folders; those are accepted as they are."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or unreadable (cut off while saving)"
+    files = {p.name: p for p in path.iterdir() if p.is_file()}
+    sharded = any(p.is_dir() and (p.name.startswith("global_step") or "fsdp" in p.name) for p in path.iterdir())
+    weights = [p for n, p in files.items() if n.endswith(".safetensors")]
+    weights += [p for n, p in files.items() if re.fullmatch(r"(pytorch_model|adapter_model)(-\d+-of-\d+)?\.bin", n)]
+    if not weights and not sharded:
+        return "no model weights (model.safetensors)"
+    for w in weights:
+        problem = safetensors_problem(w) if w.suffix == ".safetensors" else None
+        if problem:
+            return f"{w.name} {problem}"
+    needed = [("optimizer.pt", "optimizer"), ("scheduler.pt", "LR scheduler")] if not sharded else []
+    needed.append(("rng_state", "RNG state"))
+    for name, what in needed:
+        found = [p for n, p in files.items()
+                 if n == name or name == "rng_state" and re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+        if not found:
+            return f"{name if name != 'rng_state' else 'rng_state.pth'} ({what}) is missing"
+        for f in found:
+            if not os.access(f, os.R_OK):
+                return f"{f.name} ({what}) is not readable (permissions)"
+            try:
+                if zipfile.is_zipfile(f):
+                    zipfile.ZipFile(f).close()
+                else:
+                    with open(f, "rb") as fh:  # torch.save's legacy (pre-zip) format is a pickle: b"\x80" first
+                        if fh.read(1) != b"\x80":
+                            raise zipfile.BadZipFile("neither a zip archive nor a pickle")
+            except (OSError, zipfile.BadZipFile):
+                return f"{f.name} ({what}) is truncated or corrupt"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A safetensors file: 8-byte little-endian header length, a JSON header, then the tensors' bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return "is truncated (shorter than its header)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"is not readable ({e.strerror})"
+    except ValueError:
+        return "has a corrupt header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "data_offsets" in v]
+    if 8 + n + max(ends, default=0) > size:
+        return f"is truncated ({size} bytes, its header needs {8 + n + max(ends)})"
+    return None
+
+
+def checkpoints(folder: str | os.PathLike) -> list[tuple[Path, str | None]]:
+    """(path, problem or None) of every checkpoint-* in `folder`, newest first. Reads only."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    for _, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            logging.getLogger("sftmix").warning("%s is incomplete (cut off while saving): ignored and removed", path)
-            from accelerate import PartialState
+        return []
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    return [(p, checkpoint_problem(p)) for _, p in found]
 
-            if PartialState().is_main_process:
-                shutil.rmtree(path, ignore_errors=True)
-    return None
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint-* in `folder` (see checkpoint_problem), or None. Reads only: removing the
+    torn ones is remove_torn_checkpoints' job.
+
+    Why not transformers' get_last_checkpoint: it picks the newest folder by name, so a run killed while saving
+    resumes from a half-written checkpoint."""
+    return next((str(p) for p, problem in checkpoints(folder) if problem is None), None)
+
+
+def remove_torn_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """Remove the incomplete checkpoints newer than the newest complete one (so that nothing picks them up later);
+    main process only. Returns what was removed."""
+    from accelerate import PartialState
+
+    removed = []
+    for path, problem in checkpoints(folder):
+        if problem is None:
+            break
+        if PartialState().is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(str(path))
+    return removed
+
+
+def resume_checkpoint(folder: str | os.PathLike, what: str) -> str | None:
+    """The checkpoint to resume `what` from: the newest complete one. Says which it used and why newer ones were
+    skipped, and removes those (they were cut off while saving or are damaged)."""
+    log = logging.getLogger("sftmix")
+    found = checkpoints(folder)
+    for path, problem in found:
+        if problem is None:
+            break
+        log.warning("%s: %s is incomplete (%s): skipped and removed", what, path, problem)
+    remove_torn_checkpoints(folder)
+    last = next((str(p) for p, problem in found if problem is None), None)
+    if last:
+        log.info("%s: resuming from %s", what, last)
+    elif found:
+        log.warning("%s: no complete checkpoint in %s: training starts over", what, folder)
+    return last

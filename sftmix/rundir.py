@@ -1,0 +1,260 @@
+"""The run directory's safety: one run at a time, inputs never inside its outputs, and stage fingerprints.
+
+    from sftmix import rundir
+    with rundir.RunLock(cfg.run_dir, "sftmix run ..."):   # a second run on DIR: SFTMixError naming the holder
+        rundir.check_inputs_outside(cfg)                  # a data/eval/template/model path inside DIR's outputs
+        fp = rundir.Fingerprints(cfg.run_dir)
+        fp.refresh("data", marker, {"data file x.jsonl": fp.digest("x.jsonl")}, clear=[DIR / "data"])
+
+Lock: fcntl.flock on DIR/.lock, which holds the holder's pid, host and command. The kernel releases a flock when its
+process dies, so a lock left by a killed run (kill -9) is simply taken over (and the log says so).
+Fingerprints: DIR/fingerprints.json maps each stage to the content hashes of what it read (data file, training
+split, confidence, model weights, evaluation files) plus any setting that may change on a finished run (the
+evaluation settings). A stage's fingerprint is recorded when it starts; if the inputs differ on a later invocation,
+the stage's outputs are removed (so nothing resumes from a stale checkpoint) and it runs again, saying what changed.
+File hashes are sha256, read in 1 MiB chunks, cached in the same file by (path, size, mtime) so reruns stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from sftmix.utils import SFTMixError, atomic_write_json
+
+log = logging.getLogger("sftmix")
+
+LOCK_NAME = ".lock"
+FINGERPRINTS = "fingerprints.json"
+# What a run writes in its directory (besides config.yaml, which reruns read on purpose): no input may lie there.
+OUTPUTS = ("data", "reference", "dynamics", "plots", "eval", "sftmix", "ntp", "confidence.jsonl", "report.md",
+           "report.json", "report.html", "timings.json", FINGERPRINTS, LOCK_NAME, "judge_cache.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive lock of a run directory for the life of one command (see the module docstring)."""
+
+    def __init__(self, run_dir: str | os.PathLike, command: str):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.command = command
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SFTMixError(f"{self.path.parent}: cannot write in the run directory ({e.strerror}); choose another "
+                              f"--output_dir or fix its permissions.") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._read()
+            os.close(self.fd)
+            self.fd = None
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
+                   f"{holder.get('command')}") if holder else "another process"
+            raise SFTMixError(f"{self.path.parent} is in use by another sftmix run ({who}); wait for it to finish, "
+                              f"or use another --output_dir.") from None
+        old = self._read()
+        if old.get("pid"):
+            same_host = old.get("host") == socket.gethostname()
+            state = "no longer running" if same_host and not _alive(int(old["pid"])) else "its lock was released"
+            log.info("[sftmix] took over the lock of %s left by pid %s (%s)", self.path.parent, old["pid"], state)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        return self
+
+    def _read(self) -> dict:
+        try:
+            data = os.pread(self.fd, 4096, 0)
+            return json.loads(data) if data.strip() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # released cleanly: the next holder has nothing to take over
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs inside the outputs
+
+
+def input_paths(cfg) -> list[tuple[str, str]]:
+    """(setting, path) of every local path a run reads (data, evaluation sets, templates, models)."""
+    run, ev = cfg.run, cfg.eval_args
+    out = [("data", run.data), ("model", run.model), ("reference_model", run.reference_model),
+           ("chat_template", run.chat_template)]
+    for f in ev.__dataclass_fields__:
+        if f.endswith("_file") and f != "judge_cache_file" or f in ("eval_chat_template", "judge_prompt_dir"):
+            out.append((f, getattr(ev, f)))
+    for name in ("split_column_file", "confidence_file"):  # any later confidence-file setting is an input too
+        if hasattr(run, name):
+            out.append((name, getattr(run, name)))
+    return [(k, str(v)) for k, v in out if isinstance(v, (str, os.PathLike)) and v and Path(v).exists()]
+
+
+def check_inputs_outside(cfg) -> None:
+    """Refuse an input path that lies in what the run writes (DIR/data/, DIR/sftmix/, DIR/report.md, ...)."""
+    root = Path(cfg.run_dir).resolve()
+    outputs = [root / name for name in OUTPUTS]
+    default_heldout = root / "data" / "heldout.jsonl"  # the eval default itself, read on purpose
+    for key, value in input_paths(cfg):
+        p = Path(value).resolve()
+        if key == "heldout_file" and p == default_heldout:
+            continue
+        for o in outputs:
+            if p == o or o in p.parents:
+                raise SFTMixError(f"{key}={value} lies inside the run directory's output {o}, which this run "
+                                  f"writes (it would be overwritten or read back as its own result); move the file "
+                                  f"out of {root} or use another --output_dir.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# content hashes and stage fingerprints
+
+
+_MEMO: dict[str, list] = {}  # this process's file hashes, shared by every Fingerprints instance
+
+
+def file_sha256(path: str | os.PathLike, hashes: dict | None = None) -> str:
+    """sha256 of one file's content, read in 1 MiB chunks; memoised by (path, size, mtime) in this process and in
+    `hashes` (a run directory's persistent cache)."""
+    hashes = {} if hashes is None else hashes
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    for cached in (hashes.get(key), _MEMO.get(key)):
+        if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            hashes[key] = cached
+            return cached[2]
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise SFTMixError(f"{p}: cannot read the file ({e.strerror}); check its permissions.") from e
+    hashes[key] = _MEMO[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return h.hexdigest()
+
+
+class Fingerprints:
+    """DIR/fingerprints.json: {"stages": {stage: {input: digest}}, "hashes": {path: [size, mtime_ns, sha256]}}."""
+
+    def __init__(self, run_dir: str | os.PathLike, write: bool = True):
+        self.path = Path(run_dir) / FINGERPRINTS
+        self.write = write  # False on non-main processes: they compare but never write
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        except (OSError, ValueError):
+            data = {}  # a torn or foreign file: every stage is checked afresh
+        self.stages: dict = data.get("stages") or {}
+        self.hashes: dict = data.get("hashes") or {}
+
+    def _save(self) -> None:
+        if self.write:
+            atomic_write_json(self.path, {"stages": self.stages, "hashes": self.hashes})
+
+    def file_digest(self, path: str | os.PathLike) -> str:
+        return file_sha256(path, self.hashes)
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """sha256 of a file, or of a folder's files (relative names and contents; hidden files and Trainer
+        checkpoint folders left out)."""
+        p = Path(path)
+        if not p.is_dir():
+            return self.file_digest(p)
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            rel = f.relative_to(p)
+            if any(part.startswith(".") or part.startswith("checkpoint-") for part in rel.parts):
+                continue
+            h.update(f"{rel.as_posix()}\x1f{self.file_digest(f)}\x1e".encode())
+        return h.hexdigest()
+
+    def model_digest(self, spec: str, cache_dir: str | None = None) -> str:
+        """The start model's identity: the resolved spec plus the hash of its files (a built-in random model is
+        its spec: it is built from code and seed)."""
+        from sftmix.models import resolve_model
+
+        try:
+            info = resolve_model(spec, cache_dir=cache_dir)
+        except SFTMixError:
+            return f"unresolved:{spec}"  # loading it reports the problem
+        if info.get("kind") == "tiny-random":
+            return f"tiny-random:{info['seed']}"
+        path = info.get("path")
+        if path and Path(path).exists():
+            return f"{info.get('kind')}:{self.digest(path)}"
+        return f"{info.get('kind')}:{spec}"
+
+    def refresh(self, stage: str, marker: Path | None, inputs: dict, clear=(), force_reason: str | None = None) -> bool:
+        """Record `inputs` for `stage`; if they differ from those of the earlier run, remove `clear` (the stage's
+        outputs, its done marker included) so that it runs again, and say what changed. Returns True if stale."""
+        inputs = json.loads(json.dumps(inputs, default=str))
+        old = self.stages.get(stage)
+        changed = []
+        if old is not None:
+            # what is read now and was not, or differently; an input gone missing (a deleted confidence.jsonl that
+            # is rebuilt later) is not a change of what the finished stage read
+            changed = [k for k in sorted(inputs) if old.get(k) != inputs[k]]
+        has_output = any(Path(c).exists() for c in clear) or (marker is not None and marker.exists())
+        stale = bool(changed or force_reason) and has_output
+        if stale:
+            why = force_reason or "; ".join(_describe(k, old, inputs) for k in changed[:4])
+            log.warning("[sftmix] %s since the last run: rerunning %s", why, stage)
+            if self.write:
+                for c in clear:
+                    c = Path(c)
+                    if c.is_dir():
+                        shutil.rmtree(c, ignore_errors=True)
+                    elif c.exists():
+                        c.unlink()
+        if old != inputs:
+            self.stages[stage] = inputs
+            self._save()
+        elif stale or self.write and not self.path.exists():
+            self._save()
+        return stale
+
+
+def _describe(key: str, old: dict, new: dict) -> str:
+    if key not in old:
+        return f"{key} is new"
+    if key not in new:
+        return f"{key} is no longer used"
+    if key.startswith("setting "):
+        return f"{key} changed ({old[key]!r} -> {new[key]!r})"
+    return f"{key} changed"
