@@ -129,14 +129,15 @@ def check_template(setting: str, value: str | None) -> None:
                           f"template.") from e
 
 
-def check_model(setting: str, spec: str | None, trust_remote_code: bool) -> None:
-    """The model spec resolves (sftmix.models.resolve_model); a local folder's config.json parses and does not need
-    custom code, which sftmix does not run (it loads built-in architectures only)."""
+def check_model(setting: str, spec: str | None, trust_remote_code: bool, revision: str | None = None) -> None:
+    """The model spec resolves (sftmix.models.resolve_model; for a Hub id this fetches config.json, so offline,
+    gated and missing repos fail here, before any training); a local folder's config.json parses, its weights are
+    whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code."""
     if not spec:
         return
     from sftmix.models import resolve_model
 
-    info = resolve_model(spec)
+    info = resolve_model(spec, revision=revision)
     path = info.get("path")
     if info.get("kind") not in ("hf-dir", "hub") or not path or not (Path(path) / "config.json").is_file():
         return
@@ -146,12 +147,12 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool) -> None
     except (OSError, ValueError) as e:
         raise SFTMixError(f"{setting}={spec}: {conf} is not readable JSON ({e}); fix or replace the model "
                           f"folder.") from e
-    check_weights(setting, spec, Path(path))
-    if isinstance(data, dict) and data.get("auto_map"):
-        ignored = ("--trust_remote_code is set, but sftmix never runs a model's own code" if trust_remote_code else
-                   "it needs trust_remote_code, which sftmix does not support")
-        raise SFTMixError(f"{setting}={spec}: the model brings its own code (auto_map in {conf}); {ignored}; use a "
-                          f"model of an architecture transformers ships (its config.json without auto_map).")
+    if info["kind"] == "hf-dir":
+        check_weights(setting, spec, Path(path))
+    if isinstance(data, dict) and data.get("auto_map") and not trust_remote_code:
+        raise SFTMixError(f"{setting}={spec}: the model brings its own code (auto_map in {conf}), which runs only "
+                          f"with --trust_remote_code true; read that code first, then pass the flag (or use a model "
+                          f"of an architecture transformers ships).")
 
 
 def _loaded(setting: str, path: str, load, *args):
@@ -261,9 +262,9 @@ def validate(cfg, command: str = "run") -> None:
     check_inputs_outside(cfg)
     check_data(cfg)
     trust = bool(getattr(cfg.train, "trust_remote_code", False))
-    check_model("model", cfg.run.model, trust)
+    check_model("model", cfg.run.model, trust, cfg.run.model_revision)
     if cfg.run.reference_model:
-        check_model("reference_model", cfg.run.reference_model, trust)
+        check_model("reference_model", cfg.run.reference_model, trust, cfg.run.reference_model_revision)
     check_template("chat_template", cfg.run.chat_template)
     check_template("eval_chat_template", getattr(cfg.eval_args, "eval_chat_template", None))
     if command in ("run", "eval"):

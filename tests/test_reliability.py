@@ -371,8 +371,9 @@ def test_latin1_deep_in_a_data_file_names_its_line(tmp_path, capsys, container):
     assert f"line {30 if container == 'jsonl' else bad_line}:" in err
 
 
-def test_a_model_with_custom_code_is_one_line_whatever_trust_remote_code_says(tmp_path, capsys):
+def test_a_model_with_custom_code_needs_trust_remote_code(tmp_path, capsys):
     from sftmix.models import load_model_and_tokenizer
+    from sftmix.validation import check_model
 
     model, tok = load_model_and_tokenizer("tiny-random:0", device="cpu")
     folder = tmp_path / "custom"
@@ -381,11 +382,10 @@ def test_a_model_with_custom_code_is_one_line_whatever_trust_remote_code_says(tm
     conf = json.loads((folder / "config.json").read_text())
     conf["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
     (folder / "config.json").write_text(json.dumps(conf))
-    for extra in ([], ["--trust_remote_code", "true"]):
-        code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", tmp_path / "run", *TINY, "--model",
-                        folder, *extra)
-        assert code == 2 and "auto_map" in err and "trust_remote_code" in err, err[-2000:]
-        assert ("--trust_remote_code is set, but" in err) == bool(extra)
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", tmp_path / "run", *TINY, "--model", folder)
+    assert code == 2 and "auto_map" in err and "--trust_remote_code true" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "data").exists()  # refused before any stage ran
+    check_model("model", str(folder), trust_remote_code=True)  # with the flag the model's code is allowed to load
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
