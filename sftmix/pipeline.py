@@ -241,15 +241,24 @@ def _template_inputs(fp, template: str | None, label: str = "chat template") -> 
 
 
 def _data_inputs(cfg) -> dict:
-    fp, data = _fingerprints(cfg), cfg.run.data
-    if os.path.exists(data):
-        return {f"data file {data}": fp.digest(data)}
-    if data.startswith("sharegpt:"):
-        from sftmix.data import sharegpt_package_file
+    """Each data source by content: a local file or folder by its hash, a Hub dataset by the commit sha recorded in
+    sources.json (a new commit is a change), `sharegpt:N` by the package's file."""
+    fp, out = _fingerprints(cfg), {}
+    from sftmix.hub import pinned_revision
 
-        with contextlib.suppress(SFTMixError, OSError):
-            return {f"data {data}": fp.digest(sharegpt_package_file())}
-    return {f"data {data}": data}
+    for data in cfg.run.data if isinstance(cfg.run.data, list) else [cfg.run.data]:
+        if os.path.exists(data):
+            out[f"data file {data}"] = fp.digest(data)
+        elif data.startswith("sharegpt:"):
+            from sftmix.data import sharegpt_package_file
+
+            try:
+                out[f"data {data}"] = fp.digest(sharegpt_package_file())
+            except (SFTMixError, OSError):
+                out[f"data {data}"] = data
+        else:
+            out[f"data {data}"] = pinned_revision(getattr(cfg, "sources", None), "data", data) or data
+    return out
 
 
 def _split_input(fp, cfg) -> dict:
@@ -350,7 +359,8 @@ def _restore_confidence(cfg, marker: Path) -> None:
 
 def stage_data(cfg) -> None:
     """Load the data, apply the turn / prompt-length filters, split off the held-out set, write them as JSONL."""
-    from sftmix.data import load_records_with_stats, log_load_stats, save_records_jsonl, split_heldout
+    from sftmix.data import (is_sharegpt_package, load_records_with_stats, log_load_stats, save_records_jsonl,
+                             split_heldout)
 
     out = cfg.run_dir / "data"
     _fresh(cfg, "data", out / "stats.json", _data_inputs(cfg), [out])
@@ -360,7 +370,7 @@ def stage_data(cfg) -> None:
         run = cfg.run
         pinned = {e["id"]: e["sha"] for e in cfg.sources.get("data", [])}
         records, stats = load_records_with_stats(run.data, limit=run.data_limit,
-                                                 on_bad="skip" if str(run.data).startswith("sharegpt") else
+                                                 on_bad="skip" if is_sharegpt_package(run.data) else
                                                  run.data_on_bad, dataset_config=run.dataset_config,
                                                  dataset_split=run.dataset_train_split, revisions=pinned)
         log_load_stats(stats)

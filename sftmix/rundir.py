@@ -215,6 +215,8 @@ class Fingerprints:
             return f"unresolved:{spec}"  # loading it reports the problem
         if info.get("kind") == "tiny-random":
             return f"tiny-random:{info['seed']}"
+        if info.get("kind") == "hub" and info.get("sha"):
+            return f"hub:{info['repo_id']}@{info['sha']}"  # a commit names its files: no need to hash gigabytes
         path = info.get("path")
         if path and Path(path).exists():
             return f"{info.get('kind')}:{self.digest(path)}"

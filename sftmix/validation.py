@@ -216,18 +216,19 @@ def check_eval_files(cfg) -> None:
 
 
 def check_data(cfg) -> None:
-    """The data path, when it names a local file or folder, exists and is readable (it is parsed by the data stage,
-    the first one, before any training)."""
-    data = cfg.run.data
-    p = Path(data)
-    looks_local = p.suffix.lower() in (".json", ".jsonl", ".arrow", ".parquet", ".csv") or data.startswith((".", "/"))
-    if not p.exists():
-        if looks_local:
-            raise SFTMixError(f"data {data}: no such file or directory; check the path (relative paths start at "
-                              f"{os.getcwd()}, then at the config file's folder).")
-        return
-    if not os.access(p, os.R_OK):
-        raise SFTMixError(f"data {data}: cannot read it (permission denied); check its permissions.")
+    """Each data path, when it names a local file or folder, exists and is readable (it is parsed by the data stage,
+    the first one, before any training); Hub ids are resolved with the run's sources."""
+    for data in cfg.run.data if isinstance(cfg.run.data, list) else [cfg.run.data]:
+        p = Path(data)
+        looks_local = p.suffix.lower() in (".json", ".jsonl", ".arrow", ".parquet", ".csv") or \
+            data.startswith((".", "/"))
+        if not p.exists():
+            if looks_local:
+                raise SFTMixError(f"data {data}: no such file or directory; check the path (relative paths start at "
+                                  f"{os.getcwd()}, then at the config file's folder).")
+            continue
+        if not os.access(p, os.R_OK):
+            raise SFTMixError(f"data {data}: cannot read it (permission denied); check its permissions.")
 
 
 def check_run_dir(run_dir: Path) -> None:

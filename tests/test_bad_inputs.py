@@ -135,3 +135,18 @@ def test_data_on_bad_skip_counts_instead_of_failing(tmp_path):
     assert cfg.run.data_on_bad == "skip"
     records, stats = load_records_with_stats(str(path), on_bad=cfg.run.data_on_bad)
     assert len(records) == 1 and stats["n_skipped_rows"] == 2
+
+
+def test_a_file_named_sharegpt_follows_data_on_bad(tmp_path, capsys, monkeypatch):
+    """Only the `sharegpt[:N]` spec of the pip package skips its known bad rows; a local file whose name merely starts
+    with "sharegpt" stops at a bad row under the default data_on_bad=error."""
+    from sftmix.data import is_sharegpt_package
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "sharegpt_clean.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({"instruction": "x", "input": "", "output": " "}) + "\n")
+    assert is_sharegpt_package("sharegpt:20") and is_sharegpt_package("sharegpt")
+    assert not is_sharegpt_package("sharegpt_clean.jsonl") and not is_sharegpt_package(str(path))
+    msg = one_line_error(capsys, ["run", "--config", SMOKE, "--output_dir", str(tmp_path / "run"), "--data",
+                                  "sharegpt_clean.jsonl"])
+    assert "sharegpt_clean.jsonl" in msg and "line 2" in msg
