@@ -352,7 +352,8 @@ def render_markdown(summary: dict) -> str:
              + (f"; {', '.join(map(_metric_header, better))}: higher is better" if better else "") +
              ". \"changes vs baseline\" lists the settings in which a variant's config differs from the baseline's; "
              "\"repeated / epoch\" counts the examples the balanced sampler repeats when the confident and unconfident "
-             "sides differ in size (a selected subset, a label split, nearest pairs), which also adds steps.\n",
+             "sides differ in size (a subset under selection_split=all, a label split, nearest pairs), which also "
+             "adds steps.\n",
              _md_table(header, body) + "\n"]
     shared = [r for r in summary["runs"] if r.get("shared")]
     if shared:
