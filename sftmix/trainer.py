@@ -355,7 +355,7 @@ class SFTMixTrainer(SFTTrainer):
         if train_dataset is not None and hasattr(train_dataset, "column_names"):
             train_dataset, self.selection_description = select_examples(train_dataset, args)
             if args.ntp_subset != "all" and not args.mixup_enabled:
-                # §5.4 without Mixup: NTP on that half alone, so plain SFTTrainer on its rows (ceil(N_half/batch) steps)
+                # §5.4 without Mixup: NTP on that half alone, plain SFTTrainer on its rows (ceil(N_half/batch) steps)
                 half = confident_flags(train_dataset, args) == (args.ntp_subset == "confident")
                 if not half.any():
                     raise SFTMixError(f"ntp_subset={args.ntp_subset}: the training data has no {args.ntp_subset} "

@@ -12,7 +12,7 @@ from test_trainer import COMMON, make_trainer
 
 from sftmix import SFTMixConfig
 from sftmix.models import build_byte_tokenizer
-from sftmix.trainer import _mixup_weight_at, median_split, nearest_partners, select_examples
+from sftmix.trainer import _mixup_weight_at, nearest_partners, select_examples
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
 
 
@@ -242,6 +242,8 @@ def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_tra
 
 @pytest.mark.parametrize("subset", ["confident", "unconfident"])
 def test_ntp_subset_without_mixup_trains_that_half_alone(tok, tmp_path, subset):
+    from sftmix.trainer import median_split
+
     ds = tiny_dataset(32)
     half = median_split(ds["confidence"], ds["guid"]) == (subset == "confident")
     wanted = {g for g, h in zip(ds["guid"], half) if h}
@@ -291,8 +293,10 @@ def test_sweep_shares_step1_with_a_selection_only_in_the_all_variant(tmp_path):
 
     abl = ROOT / "configs" / "ablations"
     tiny = abl / "overrides" / "tiny_cpu.yaml"
-    key = lambda stem, *extra: _keys(parse_config(run_argv(abl / f"{stem}.yaml", tmp_path / stem, tiny,  # noqa: E731
-                                                           list(extra))))[0]
+
+    def key(stem, *extra):  # the step-1 key: equal keys share one reference run in a sweep
+        return _keys(parse_config(run_argv(abl / f"{stem}.yaml", tmp_path / stem, tiny, list(extra))))[0]
+
     assert key("select_long") != key("baseline")  # step 1 on the selected subset: its own reference
     assert key("select_long") != key("select_random")
     assert key("select_long", "--selection_split", "all") == key("baseline", "--selection_split", "all")
