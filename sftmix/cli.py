@@ -43,6 +43,7 @@ COMMANDS = {
 }
 RECIPES = ("sftmix", "ntp")
 CONFIDENCE_MODES = ("checkpoints", "online")
+SELECTION_SPLITS = ("subset", "all")
 
 
 @dataclass
@@ -116,6 +117,11 @@ class RunConfig:
                                      "each scoring step (resumes lose less work, but C full checkpoints: ~112 GB each "
                                      "for an 8B full fine-tune with AdamW). See docs/distributed.md.",
                                      "choices": ["trainer", "always"]})
+    selection_split: str = field(default="subset", metadata={"help": "With a data `selection` (paper §5.5): `subset` "
+                                 "(the paper) runs step 1 on the selected examples only (the reference trains on "
+                                 "them and the median splits them into equal halves); `all` runs step 1 on all the "
+                                 "training data and the selected examples keep those flags (halves can be unequal; "
+                                 "a variant the paper does not run).", "choices": list(SELECTION_SPLITS)})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
@@ -159,6 +165,8 @@ class RunConfig:
             raise SFTMixError(f"recipes: {self.recipes} names a recipe twice.")
         if self.confidence_mode not in CONFIDENCE_MODES:
             raise SFTMixError(f"confidence_mode={self.confidence_mode!r} is not one of {', '.join(CONFIDENCE_MODES)}.")
+        if self.selection_split not in SELECTION_SPLITS:
+            raise SFTMixError(f"selection_split={self.selection_split!r} is not one of {', '.join(SELECTION_SPLITS)}.")
         if self.num_checkpoints < 1:
             raise SFTMixError(f"num_checkpoints must be >= 1; got {self.num_checkpoints}.")
         if self.reference_epochs <= 0:

@@ -402,6 +402,21 @@ def load_model_and_tokenizer(spec: str | None = None, *, dtype: str = "auto", de
     return model, tokenizer
 
 
+def load_tokenizer(spec: str | None = None, *, chat_template: str = "auto", cache_dir: str | None = None):
+    """The tokenizer of `spec` with its chat template, as load_model_and_tokenizer gives it, without loading the
+    weights (e.g. to rank examples by the target's tokens before step 1; pad token left as shipped: tokenizing
+    single examples does not read it)."""
+    info = resolve_model(spec, cache_dir=cache_dir)
+    if info["kind"] == "tiny-random":
+        tokenizer = build_byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        folder = convert_gguf(info["path"], cache_dir) if info["kind"] == "gguf" else info["path"]
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _apply_chat_template(tokenizer, chat_template)
+
+
 def _ensure_pad_token(tokenizer, model, spec: str) -> None:
     """Give the tokenizer a pad token if it has none (a dedicated one in the vocab, else eos), and make the model
     config and generation config agree with it."""

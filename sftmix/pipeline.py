@@ -425,6 +425,7 @@ def stage_dynamics(cfg) -> None:
             return
         run, train = cfg.run, cfg.train
         records = train_records(cfg)
+        records, selection = _step1_records(cfg, records)  # §5.5: the paper runs step 1 on the selected examples
         spec = run.reference_model or run.model
         model, tok = load_model(cfg, spec)
         ds = tokenize(cfg, records, tok, "reference")
@@ -452,7 +453,7 @@ def stage_dynamics(cfg) -> None:
         if _state().is_main_process:
             atomic_write_json(marker, {"confidence_mode": run.confidence_mode, "reference_model": spec,
                                        "n_examples": len(rows), "n_confident": n_conf,
-                                       "n_unconfident": len(rows) - n_conf})
+                                       "n_unconfident": len(rows) - n_conf, "selection": selection})
         log.info("dynamics: %d confident / %d unconfident examples (%s confidence)", n_conf, len(rows) - n_conf,
                  run.confidence_mode)
 
@@ -495,13 +496,16 @@ def stage_train(cfg, recipe: str) -> None:
         records = train_records(cfg)
         model, tok = load_model(cfg, cfg.run.model)
         ds = tokenize(cfg, records, tok, "target")
+        # Selected before the split is joined (step 1 may have scored the selected examples only), so the trainer
+        # gets the subset and selects nothing more.
+        ds, selection = select_target_examples(cfg, ds)
         if recipe == "sftmix":
             ds = _with_split(cfg, ds)
-            args = training_config(cfg, out)
-            if not args.mixup_enabled:
+            args = training_config(cfg, out, selection="none")
+            if not args.mixup_enabled and args.ntp_subset == "all":
                 log.warning("recipe sftmix with mixup_weight=0 and no analysis option: this is plain NTP")
         else:
-            args = training_config(cfg, out, drop=MIXUP_ONLY, mixup_weight=0.0)
+            args = training_config(cfg, out, drop=MIXUP_ONLY, mixup_weight=0.0, selection="none")
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                 peft_config=lora_config(cfg.run))
         resume = resume_checkpoint(out, f"train:{recipe}")
@@ -521,7 +525,7 @@ def stage_train(cfg, recipe: str) -> None:
             atomic_write_json(out / "train_result.json", {
                 "recipe": recipe, "metrics": result.metrics, "global_step": trainer.state.global_step,
                 "resumed_from": resume, "n_train_examples": len(trainer.train_dataset),
-                "selection": trainer.selection_description,
+                "selection": selection or trainer.selection_description,
                 "duplicates_per_epoch": getattr(sampler, "duplicates_per_epoch", None),
                 "mixup_enabled": args.mixup_enabled, "mixup_weight": args.mixup_weight,
                 "use_peft": cfg.run.use_peft,
@@ -633,6 +637,70 @@ def _with_split(cfg, ds):
     return ds
 
 
+def select_target_examples(cfg, ds):
+    """The data selection of the run (paper §5.5) on a dataset tokenized by the target's tokenizer, as
+    sftmix.trainer.select_examples ranks it: (dataset, description), or (ds, None) without a selection."""
+    from sftmix.trainer import select_examples
+
+    if cfg.train.selection == "none":
+        return ds, None
+    return select_examples(ds, cfg.train)
+
+
+def _selected_target_dataset(cfg, records):
+    """The selected examples as the target runs will see them (target tokenizer only, no weights loaded)."""
+    from sftmix.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.run.model, chat_template=cfg.run.chat_template, cache_dir=cfg.run.model_cache_dir)
+    return select_target_examples(cfg, tokenize(cfg, records, tok, "target"))
+
+
+def _step1_records(cfg, records):
+    """The records step 1 runs on, and the selection's description: with a selection and selection_split=subset
+    (the paper's §5.5: select first, then train NTP / SFTMix on the selection, whose halves come from a reference
+    trained on it), only the selected records; otherwise all of them (None)."""
+    if cfg.train.selection == "none" or cfg.run.selection_split != "subset":
+        return records, None
+    ds, desc = _selected_target_dataset(cfg, records)
+    keep = set(ds["guid"])
+    log.info("dynamics: step 1 on the selected subset (selection_split=subset): %s", desc)
+    return [r for r in records if r["guid"] in keep], desc
+
+
+def check_split_halves(cfg) -> None:
+    """Refuse, before any training, a selection (or label split) that leaves fewer than 2 examples in a half of the
+    SFTMix split, which the balanced sampler needs; one line naming the counts and the fix."""
+    from sftmix.dynamics import join_confidence
+    from sftmix.trainer import confident_flags
+
+    train = cfg.train
+    if (train.selection == "none" and train.split_source != "column") or (
+            cfg.run_dir / "sftmix" / "train_result.json").exists():
+        return
+    path = cfg.run_dir / "confidence.jsonl"
+    if train.split_source == "dynamics" and not path.exists():
+        return  # no split yet (`sftmix train` before step 1): stage_train names the missing file
+    ds, desc = _selected_target_dataset(cfg, train_records(cfg))
+    if train.split_source == "dynamics":
+        ds = join_confidence(ds, read_jsonl(path))
+    flags = confident_flags(ds, train)
+    n_conf, n_unconf = int(flags.sum()), int((~flags).sum())
+    if min(n_conf, n_unconf) >= 2:
+        return
+    if train.split_source == "column":
+        source = f"the split column {train.split_column!r}"
+    elif cfg.run.selection_split == "all":
+        source = "step 1's split of all the data (selection_split=all)"
+    else:
+        source = "step 1's split"
+    what = f"selection={train.selection} ({desc})" if desc else "the data"
+    fix = ("use selection_split=subset (step 1 on the selected examples, equal halves), or relax the selection"
+           if train.split_source == "dynamics" and cfg.run.selection_split == "all" else
+           "relax the selection or use another split")
+    raise SFTMixError(f"{what} leaves {n_conf} confident and {n_unconf} unconfident examples by {source}; SFTMix "
+                      f"needs at least 2 in each half: {fix}.")
+
+
 def eval_targets(cfg) -> list[tuple[str, str]]:
     """(name, model spec) of every model to evaluate: the untrained start and each trained recipe."""
     return [("start", cfg.run.model)] + [(r, str(cfg.run_dir / r / "model")) for r in cfg.run.recipes]
@@ -715,6 +783,8 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
     if command in ("dynamics",) or (command == "run" and needs_split):
         stage_dynamics(cfg)
     if command in ("train", "run"):
+        if "sftmix" in ([recipe] if recipe else cfg.run.recipes):
+            check_split_halves(cfg)  # before any training: a lopsided selection fails now, not after the NTP run
         for r in [recipe] if recipe else cfg.run.recipes:
             stage_train(cfg, r)
     if command in ("eval", "run"):

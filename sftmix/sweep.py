@@ -119,6 +119,8 @@ def _keys(cfg) -> tuple[str, str]:
     flat = json.loads(json.dumps(cfg.flat(), default=str, sort_keys=True))
     eval_fields = {f for f in flat if hasattr(cfg.eval_args, f)}
     skip = TARGET_ONLY | set(MUTABLE_KEYS) | set(MIXUP_ONLY) | set(SELECTION_FIELDS)
+    if cfg.train.selection != "none" and cfg.run.selection_split == "subset":
+        skip -= set(SELECTION_FIELDS)  # step 1 runs on the selected examples (and reads the seed of `random`)
     step1 = {k: v for k, v in flat.items() if k not in skip and k not in eval_fields}
     # step 1 reads learning_rate only as the default of reference_learning_rate
     step1["reference_learning_rate"] = step1.pop("reference_learning_rate", None) or step1.pop("learning_rate", None)
@@ -350,7 +352,8 @@ def render_markdown(summary: dict) -> str:
              + (f"; {', '.join(map(_metric_header, better))}: higher is better" if better else "") +
              ". \"changes vs baseline\" lists the settings in which a variant's config differs from the baseline's; "
              "\"repeated / epoch\" counts the examples the balanced sampler repeats when the confident and unconfident "
-             "sides differ in size (a selected subset, a label split, nearest pairs), which also adds steps.\n",
+             "sides differ in size (a subset under selection_split=all, a label split, nearest pairs), which also "
+             "adds steps.\n",
              _md_table(header, body) + "\n"]
     shared = [r for r in summary["runs"] if r.get("shared")]
     if shared:

@@ -64,8 +64,10 @@ class SFTMixConfig(SFTConfig):
     )
     ntp_subset: str = field(
         default="all",
-        metadata={"help": "Rows that carry the NTP loss (paper §5.4): `all`, `confident` or `unconfident`. Mixup still "
-                          "uses both halves.", "choices": list(NTP_SUBSETS)},
+        metadata={"help": "Rows that carry the NTP loss (paper §5.4): `all`, `confident` or `unconfident`. With Mixup "
+                          "the other half takes part through Mixup only; without (mixup_weight=0) it is plain NTP on "
+                          "that half alone (the other half is left out: ordinary sampler, the configured batch).",
+                  "choices": list(NTP_SUBSETS)},
     )
     pairing: str = field(
         default="random",
@@ -143,8 +145,9 @@ class SFTMixConfig(SFTConfig):
 
     @property
     def mixup_enabled(self) -> bool:
-        """Whether anything differs from plain NTP (otherwise the trainer is exactly trl.SFTTrainer)."""
-        return self.mixup_weight > 0 or self.mixup_role != "regularizer" or self.ntp_subset != "all"
+        """Whether the Mixup term is on (balanced pairs, Mixup loss); otherwise the trainer is exactly trl.SFTTrainer,
+        on one half of the data when ntp_subset is not `all` (§5.4 without Mixup)."""
+        return self.mixup_weight > 0 or self.mixup_role != "regularizer"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +354,13 @@ class SFTMixTrainer(SFTTrainer):
         self.selection_description = None
         if train_dataset is not None and hasattr(train_dataset, "column_names"):
             train_dataset, self.selection_description = select_examples(train_dataset, args)
+            if args.ntp_subset != "all" and not args.mixup_enabled:
+                # §5.4 without Mixup: NTP on that half alone, plain SFTTrainer on its rows (ceil(N_half/batch) steps)
+                half = confident_flags(train_dataset, args) == (args.ntp_subset == "confident")
+                if not half.any():
+                    raise SFTMixError(f"ntp_subset={args.ntp_subset}: the training data has no {args.ntp_subset} "
+                                      "example; check the split.")
+                train_dataset = train_dataset.select(np.flatnonzero(half))
             if args.mixup_enabled:
                 self._check_supported(args)
                 flags = confident_flags(train_dataset, args)
@@ -362,7 +372,7 @@ class SFTMixTrainer(SFTTrainer):
                 if "example_idx" in train_dataset.column_names:
                     train_dataset = train_dataset.remove_columns("example_idx")
                 train_dataset = train_dataset.add_column("example_idx", list(range(len(train_dataset))))
-        elif args.mixup_enabled and train_dataset is not None:
+        elif (args.mixup_enabled or args.ntp_subset != "all") and train_dataset is not None:
             raise SFTMixError("SFTMixTrainer needs a map-style `datasets.Dataset` (an IterableDataset cannot be "
                               "split into balanced confident/unconfident batches).")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
@@ -375,7 +385,8 @@ class SFTMixTrainer(SFTTrainer):
         if args.mixup_enabled:
             self._check_parallelism()
         if args.mixup_enabled or args.record_online_dynamics:
-            self._check_lm_head(causal_lm)
+            if args.mixup_enabled:  # online records read TRL's own log-probs, which apply bias, scale and softcap
+                self._check_lm_head(causal_lm)
             # The backbone's output is the LM head's input (after the final norm). TRL's fused head calls the backbone
             # as a module, so a forward hook sees it without a second pass.
             causal_lm.base_model.register_forward_hook(self._capture_hidden)

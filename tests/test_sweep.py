@@ -37,7 +37,7 @@ EXPECTED = {
                      ("run", "recipes", ["ntp", "sftmix"])],
     "select_random": [("train", "selection", "random"), ("run", "recipes", ["ntp", "sftmix"])],
     "lora": [("run", "use_peft", True), ("run", "recipes", ["ntp", "sftmix"])],
-    "weak_reference": [("run", "reference_model", "google/gemma-2b")],
+    "weak_reference": [("run", "reference_model", "google/gemma-2-2b")],
     "pairing_nearest": [("train", "pairing", "nearest")],
     "mixup_weight_warmup": [("train", "mixup_weight_schedule", "linear_warmup")],
 }
