@@ -33,6 +33,7 @@ This module imports only torch and transformers (no TRL): it runs next to any TR
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import types
 from collections import defaultdict
@@ -388,8 +389,8 @@ class SFTMixMixin:
         """After the Trainer's __init__: wrap the collator, check the model and layout, hook the backbone."""
         args = self.args
         if not callable(getattr(args, "validate_mixup_args", None)):
-            raise SFTMixError(f"{type(self).__name__} needs training arguments with the SFTMix fields (MixupArguments), "
-                              f"got {type(args).__name__}.")
+            raise SFTMixError(f"{type(self).__name__} needs training arguments with the SFTMix fields "
+                              f"(MixupArguments), got {type(args).__name__}.")
         args.validate_mixup_args()
         if self.data_collator is not None and not isinstance(self.data_collator, SFTMixCollator):
             self.data_collator = SFTMixCollator(self.data_collator, args.ntp_subset)
@@ -422,6 +423,8 @@ class SFTMixMixin:
                     self._captured["mix"] = self._mixup_term(*self._captured.pop("mixup"))
             return out
 
+        # The Trainer keeps the dataset columns the model's forward signature names (remove_unused_columns): keep it.
+        forward_and_capture.__signature__ = inspect.signature(type(causal_lm).forward)
         causal_lm.forward = types.MethodType(forward_and_capture, causal_lm)
 
     # -- hooks a trainer may override -------------------------------------------------------------------------------
