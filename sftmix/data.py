@@ -601,11 +601,11 @@ def log_load_stats(stats: dict) -> None:
             log.warning("%s: %s: %d rows", stats["source"], k, n)
 
 
-def row_guids(rows, source: str = "the data") -> list[str]:
-    """The guid of each source row, as `load_records` gives it for the same rows in the same order (repeats get the
-    same -1, -2 suffixes), for joining step 1's confidence.jsonl to rows another tool tokenizes (e.g. axolotl, see
-    sftmix.integrations.axolotl). Each row must hold one example: a chat with several assistant turns, which sftmix
-    splits into one example per turn with a confidence each, is refused (it trains as one row there)."""
+def row_records(rows, source: str = "the data") -> list[dict]:
+    """One record per source row, with the guid `load_records` gives it for the same rows in the same order (repeats
+    get the same -1, -2 suffixes): for joining step 1's confidence.jsonl to rows another tool tokenizes (e.g. axolotl,
+    see sftmix.integrations.axolotl). Each row must hold one example: a chat with several assistant turns, which
+    sftmix splits into one example per turn with a confidence each, is refused (it trains as one row there)."""
     records, fmt, notes = [], None, Counter()
     for i, row in enumerate(rows):
         if fmt is None:
@@ -624,7 +624,7 @@ def row_guids(rows, source: str = "the data") -> list[str]:
                               "reply per row, e.g. the chats split per turn).")
         records.extend(recs)
     _assign_guids(records)
-    return [r["guid"] for r in records]
+    return records
 
 
 # ------------------------------------------------------------------------------------------ datasets and splits

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import trl
+from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 # The TRL-free component (sampler, collator, split and selection, capture, Mixup term, guard); re-exported here
@@ -34,6 +36,10 @@ from .core import (  # noqa: F401
 )
 from .loss import mixup_loss
 from .utils import SFTMixError
+
+if Version(trl.__version__) < Version("1.16"):  # the [axolotl] extra allows TRL 1.9; SFTMixTrainer needs 1.16's head
+    raise ImportError(f"sftmix.trainer (SFTMixTrainer) needs trl>=1.16 (its fused LM head); this environment has "
+                      f"{trl.__version__}. With another TRL use sftmix.core (SFTMixHFTrainer, SFTMixMixin).")
 
 
 @dataclass
