@@ -428,6 +428,11 @@ class SFTMixMixin:
         causal_lm.forward = types.MethodType(forward_and_capture, causal_lm)
 
     # -- hooks a trainer may override -------------------------------------------------------------------------------
+    # Whether the Mixup term may be computed after the NTP loss when that loss did not call the model's forward (it
+    # called the backbone directly): right for one process and DDP; under FSDP/ZeRO-3 the LM head is gathered only
+    # inside the forward, where _lm_head_weight's checks refuse a sharded head with a one-line error.
+    mixup_after_forward = True
+
     def _is_loss_forward(self, forward_kwargs: dict) -> bool:
         """Whether this model forward is the one that computes the NTP loss (the Trainer calls no other one)."""
         return True
@@ -599,6 +604,10 @@ class SFTMixMixin:
             return result
 
         mix = self._captured.get("mix")
+        if mix is None and self.mixup_after_forward and "hidden" in self._captured:
+            # The NTP loss ran the backbone itself rather than the model's forward (e.g. a chunked cross-entropy over
+            # the label positions): the hidden states were captured all the same; the Mixup term follows it here.
+            mix = self._mixup_term(*self._captured.pop("mixup"))
         if mix is None:
             raise SFTMixError(self._missing_mixup_message())
         self._captured = {}

@@ -64,6 +64,7 @@ class SFTMixTrainer(SFTMixMixin, SFTTrainer):
     """trl.SFTTrainer with the SFTMix Mixup regularizer. See the module docstring and [`SFTMixConfig`]."""
 
     _tag_names = ["trl", "sft", "sftmix"]
+    mixup_after_forward = False  # the Mixup term runs inside TRL's fused-head forward (see _missing_mixup_message)
 
     def __init__(self, model=None, args: SFTMixConfig | None = None, train_dataset=None, eval_dataset=None, **kwargs):
         if args is None:

@@ -206,3 +206,48 @@ def test_core_imports_no_trl():
 
     code = "import sys, sftmix.core; assert 'trl' not in sys.modules, 'sftmix.core imported trl'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ChunkedNTPTrainer(Trainer):
+    """A Trainer with its own NTP loss: the backbone, then a cross-entropy over the label positions only, in chunks
+    (no [B, T, V] logits), as memory-saving trainers do."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        hidden = model.model(**inputs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        h, y = hidden[keep], targets[keep]
+        total = sum(torch.nn.functional.cross_entropy(h[s:s + 16] @ model.lm_head.weight.t(), y[s:s + 16],
+                                                      reduction="sum") for s in range(0, len(y), 16))
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else len(y))
+        return (loss, None) if return_outputs else loss
+
+
+class SFTMixChunkedTrainer(sftmix.core.SFTMixMixin, ChunkedNTPTrainer):
+    def __init__(self, *a, args=None, train_dataset=None, **kw):
+        train_dataset, _ = sftmix.core.prepare_train_dataset(train_dataset, args)
+        super().__init__(*a, args=args, train_dataset=train_dataset, **kw)
+        self.setup_sftmix()
+
+
+def test_any_trainer_with_its_own_chunked_ntp_loss(tok, tmp_path):
+    """SFTMixMixin on a Trainer whose NTP loss is a chunked cross-entropy over label positions: the same Mixup and NTP
+    loss as SFTMixHFTrainer (the model's own loss) on the same batch, one backbone pass, and it trains."""
+    from transformers import DataCollatorForSeq2Seq
+
+    args = SFTMixTrainingArguments(output_dir=str(tmp_path / "c"), **{**COMMON, "per_device_train_batch_size": 4,
+                                                                        "max_steps": 2})
+    ours = SFTMixChunkedTrainer(model=build_tiny_model(tok), args=args, train_dataset=hf_dataset(tok, 16),
+                                processing_class=tok, data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+    ref = make("hf", tok, tmp_path / "h", n=16, per_device_train_batch_size=4, max_steps=2)
+    batch = next(iter(ref.get_train_dataloader()))
+    for t in (ours, ref):
+        t.model.train()
+        t.compute_loss(t.model, {k: v.clone() for k, v in batch.items()})
+    for key, rel in (("mixup_loss", 1e-6), ("ntp_loss", 1e-5)):
+        assert ours._metrics["train"][key][-1] == pytest.approx(ref._metrics["train"][key][-1], rel=rel)
+    calls = []
+    ours.model.model.register_forward_hook(lambda *a: calls.append(1))
+    ours.train()
+    assert calls == [1, 1] and len(losses(ours, "mixup_loss")) == 2
