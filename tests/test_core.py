@@ -238,8 +238,9 @@ def test_any_trainer_with_its_own_chunked_ntp_loss(tok, tmp_path):
 
     args = SFTMixTrainingArguments(output_dir=str(tmp_path / "c"), **{**COMMON, "per_device_train_batch_size": 4,
                                                                         "max_steps": 2})
+    collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
     ours = SFTMixChunkedTrainer(model=build_tiny_model(tok), args=args, train_dataset=hf_dataset(tok, 16),
-                                processing_class=tok, data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+                                processing_class=tok, data_collator=collator)
     ref = make("hf", tok, tmp_path / "h", n=16, per_device_train_batch_size=4, max_steps=2)
     batch = next(iter(ref.get_train_dataloader()))
     for t in (ours, ref):
