@@ -12,7 +12,9 @@ What changes relative to SFTTrainer, and nothing else:
 - compute_loss: TRL's own NTP loss (its fused LM head, unchanged), plus mixup_weight * L_Mixup computed from the
   backbone's last hidden states, which a forward hook keeps from the same forward pass: no second transformer pass and
   no full-vocabulary logits (see sftmix.loss);
-- log: `ntp_loss` and `mixup_loss` are logged separately.
+- log: `ntp_loss` and `mixup_loss` are logged separately;
+- online dynamics (`record_online_dynamics=True`): each example's mean response NLL from TRL's per-token log-probs of
+  the training forward passes, into `trainer.online_records` (only this trainer has those log-probs).
 With Mixup off (`mixup_weight=0`, `mixup_role="regularizer"`, `ntp_subset="all"`) it *is* SFTTrainer: same sampler, same
 loss, same numbers step by step. That is the NTP baseline of every comparison.
 Everything but TRL's fused head lives in the TRL-free component sftmix.core (SFTMixMixin), which also gives
