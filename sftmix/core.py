@@ -3,8 +3,7 @@
 Any `transformers.Trainer` subclass gets SFTMix by putting `SFTMixMixin` first; its own NTP loss (the model's loss,
 a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the Mixup term is added to it:
 
-    from transformers import Trainer
-    from sftmix.core import SFTMixMixin, MixupArguments, SFTMixHFTrainer, SFTMixTrainingArguments
+    from sftmix.core import SFTMixMixin, SFTMixHFTrainer, SFTMixTrainingArguments, prepare_train_dataset
 
     args = SFTMixTrainingArguments(output_dir="out", per_device_train_batch_size=8, mixup_weight=0.2)
     trainer = SFTMixHFTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)  # = Trainer + the core
@@ -12,7 +11,7 @@ a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the 
 
     class MyTrainer(SFTMixMixin, SomeTrainer):   # any other Trainer subclass (its args need the MixupArguments fields)
         def __init__(self, *a, args=None, train_dataset=None, **kw):
-            train_dataset = prepare_train_dataset(train_dataset, args)   # adds `confident` and `example_idx`
+            train_dataset, _ = prepare_train_dataset(train_dataset, args)  # adds `confident` and `example_idx`
             super().__init__(*a, args=args, train_dataset=train_dataset, **kw)
             self.setup_sftmix()                  # wraps the collator, hooks the backbone, checks the model
 
@@ -22,8 +21,8 @@ a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the 
   confident row paired with the i-th unconfident one;
 - the collator (SFTMixCollator around the trainer's own) turns `confident` and `example_idx` into tensors;
 - a forward hook on the backbone keeps its last hidden states (the LM head's input) from the NTP forward itself, and
-  the Mixup loss (sftmix.loss.mixup_loss) is computed from them inside the model's forward: one backbone pass per step,
-  no full-vocabulary logits for the mixed states;
+  the Mixup loss (sftmix.loss.mixup_loss) is computed from them inside the model's forward (or right after an NTP loss
+  that runs the backbone itself): one backbone pass per step, no full-vocabulary logits for the mixed states;
 - compute_loss returns NTP + mu * Mixup (normalised like the Trainer normalises the NTP loss under gradient
   accumulation), logs `ntp_loss` and `mixup_loss`, and stops on a non-finite loss, gradient or weight before the update.
 This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
@@ -316,7 +315,7 @@ class BalancedPairSampler(Sampler[int]):
 
 
 class SFTMixCollator:
-    """Wraps TRL's collator: moves `confident` (and `example_idx`) into tensors, and, when NTP is restricted to one
+    """Wraps the trainer's collator (TRL's, DataCollatorForSeq2Seq, axolotl's): moves `confident` (and `example_idx`) into tensors, and, when NTP is restricted to one
     half, masks the other half's NTP labels while keeping the full labels for Mixup in `mixup_labels`."""
 
     def __init__(self, base, ntp_subset: str = "all"):
