@@ -315,8 +315,9 @@ class BalancedPairSampler(Sampler[int]):
 
 
 class SFTMixCollator:
-    """Wraps the trainer's collator (TRL's, DataCollatorForSeq2Seq, axolotl's): moves `confident` (and `example_idx`) into tensors, and, when NTP is restricted to one
-    half, masks the other half's NTP labels while keeping the full labels for Mixup in `mixup_labels`."""
+    """Wraps the trainer's collator (TRL's, DataCollatorForSeq2Seq, axolotl's): moves `confident` (and `example_idx`)
+    into tensors, and, when NTP is restricted to one half, masks the other half's NTP labels while keeping the full
+    labels for Mixup in `mixup_labels`."""
 
     def __init__(self, base, ntp_subset: str = "all"):
         self.base = base
