@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "SFTMixConfig": "sftmix.trainer",
     "SFTMixTrainer": "sftmix.trainer",
+    "SFTMixHFTrainer": "sftmix.core",
+    "SFTMixTrainingArguments": "sftmix.core",
+    "SFTMixMixin": "sftmix.core",
     "mixup_loss": "sftmix.loss",
     "SFTMixError": "sftmix.utils",
 }

@@ -684,6 +684,32 @@ def log_load_stats(stats: dict) -> None:
             log.warning("%s: %s: %d rows", stats["source"], k, n)
 
 
+def row_records(rows, source: str = "the data") -> list[dict]:
+    """One record per source row, with the guid `load_records` gives it for the same rows in the same order (repeats
+    get the same -1, -2 suffixes): for joining step 1's confidence.jsonl to rows another tool tokenizes (e.g. axolotl,
+    see sftmix.integrations.axolotl). Each row must hold one example: a chat with several assistant turns, which
+    sftmix splits into one example per turn with a confidence each, is refused (it trains as one row there)."""
+    records, fmt, notes = [], None, Counter()
+    for i, row in enumerate(rows):
+        if fmt is None:
+            fmt = _detect(row) if isinstance(row, dict) else None
+            if fmt is None:
+                keys = sorted(row) if isinstance(row, dict) else f"a {type(row).__name__}"
+                raise SFTMixError(f"{source}: row {i}: unknown format (keys seen: {keys}); supported formats: "
+                                  f"{'; '.join(FORMATS.values())}")
+        try:
+            recs = _parse_row(row, fmt, False, notes)
+        except _Bad as e:
+            raise SFTMixError(f"{source}: row {i}: {e.msg}") from None
+        if len(recs) != 1:
+            raise SFTMixError(f"{source}: row {i} has {len(recs)} assistant turns, which sftmix scores as {len(recs)} "
+                              "examples but this trainer trains as one row; use single-turn rows (one assistant "
+                              "reply per row, e.g. the chats split per turn).")
+        records.extend(recs)
+    _assign_guids(records)
+    return records
+
+
 # ------------------------------------------------------------------------------------------ datasets and splits
 
 def records_to_dataset(records: list[dict]):

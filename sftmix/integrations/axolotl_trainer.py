@@ -1,0 +1,24 @@
+"""SFTMixAxolotlTrainer: axolotl's AxolotlTrainer + sftmix.core.SFTMixMixin (returned by the axolotl plugin).
+
+    from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer   # after axolotl registered the plugin
+
+Imported only from SFTMixPlugin.get_trainer_cls: importing axolotl's trainer module builds its training-arguments
+class, which has to include the plugin's MixupArguments mixin.
+"""
+
+from __future__ import annotations
+
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from sftmix.core import SFTMixMixin, prepare_train_dataset
+
+
+class SFTMixAxolotlTrainer(SFTMixMixin, AxolotlTrainer):
+    """AxolotlTrainer (its NTP loss, optimizers, callbacks, checkpointing) with the SFTMix balanced sampler,
+    hidden-state capture, Mixup term, `ntp_loss`/`mixup_loss` logs and non-finite guard of sftmix.core."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["train_dataset"], self.selection_description = prepare_train_dataset(kwargs.get("train_dataset"),
+                                                                                    kwargs["args"])
+        super().__init__(*args, **kwargs)
+        self.setup_sftmix()
