@@ -188,6 +188,12 @@ def test_run_with_a_hub_model_and_dataset_downloads_then_hits_the_cache(repos, t
     assert hub.requests[n2:] == []
     assert json.loads((tmp_path / "run3" / "sources.json").read_text()) == report["sources"]
 
+    # the first run directory refuses another model, and its record of what it loaded stays as it was
+    res = sftmix(env, "run", "--config", SMOKE, "--model", "tiny-random:1", "--data", "org/alpaca",
+                 "--output_dir", str(out))
+    assert res.returncode == 2 and "holds a run made with another config" in res.stderr
+    assert json.loads((out / "sources.json").read_text()) == report["sources"]
+
 
 @pytest.mark.slow  # whole pipelines in subprocesses (about a minute)
 def test_multi_turn_hub_dataset_with_a_named_split(repos, tmp_path):
