@@ -106,6 +106,10 @@ def repos(tmp_path_factory):
     with HubStub() as hub:
         hub.model_sha = hub.add_repo("org/tiny-model", root / "model")
         hub.add_repo("org/gated-model", root / "model", gated=True)
+        ref = build_tiny_model(tok, seed=9)
+        ref.save_pretrained(root / "ref")
+        tok.save_pretrained(root / "ref")
+        hub.ref_sha = hub.add_repo("org/ref-model", root / "ref")
         big = build_tiny_model(tok, seed=8, hidden_size=512)  # ~20 MB of weights: more than one 10 MB chunk
         big.save_pretrained(root / "big")
         tok.save_pretrained(root / "big")
@@ -200,9 +204,18 @@ def test_multi_turn_hub_dataset_with_a_named_split(repos, tmp_path):
     hub = repos
     env = _env(hub, tmp_path / "hf_home")
     out = tmp_path / "run"
+    # step 1 with another Hub model as the reference (at its own revision: here its commit sha)
     _ok(sftmix(env, "run", "--config", SMOKE, "--model", "org/tiny-model", "--data", "org/chat",
-               "--dataset_train_split", "train_sft", "--output_dir", str(out), "--recipes", "ntp",
+               "--dataset_train_split", "train_sft", "--output_dir", str(out), "--recipes", "sftmix",
+               "--reference_model", "org/ref-model", "--reference_model_revision", hub.ref_sha,
                "--num_checkpoints", "1", "--max_length", "256"))  # byte tokens: 3-turn histories need > 128
+    sources = json.loads((out / "sources.json").read_text())
+    assert sources["models"][1] == {"role": "reference_model", "id": "org/ref-model", "revision": hub.ref_sha,
+                                    "sha": hub.ref_sha}
+    assert sources["data"] == [{"id": "org/chat", "config": None, "split": "train_sft", "revision": "main",
+                                "sha": hub.chat_sha}]
+    assert any(p.endswith(f"/org/ref-model/resolve/{hub.ref_sha}/model.safetensors") for _, p in hub.downloads())
+    assert json.loads((out / "dynamics" / "split.json").read_text())["reference_model"] == "org/ref-model"
     stats = json.loads((out / "data" / "stats.json").read_text())
     n_turns = sum(2 + i % 2 for i in range(N_CHATS))
     assert stats["format"] == "openai" and stats["n_rows"] == N_CHATS and stats["n_records"] == n_turns
