@@ -110,6 +110,13 @@ def repos(tmp_path_factory):
         ref.save_pretrained(root / "ref")
         tok.save_pretrained(root / "ref")
         hub.ref_sha = hub.add_repo("org/ref-model", root / "ref")
+        # a repo with its own modelling code (auto_map): transformers runs it only with trust_remote_code
+        tok.save_pretrained(root / "custom")
+        (root / "custom" / "config.json").write_text(json.dumps({
+            "model_type": "sftmix-custom", "architectures": ["XForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+        (root / "custom" / "configuration_x.py").write_text("raise RuntimeError('remote code must not run')\n")
+        hub.add_repo("org/custom-code", root / "custom")
         big = build_tiny_model(tok, seed=8, hidden_size=512)  # ~20 MB of weights: more than one 10 MB chunk
         big.save_pretrained(root / "big")
         tok.save_pretrained(root / "big")
@@ -298,6 +305,11 @@ def test_gated_missing_and_bad_revision_are_one_line(repos, tmp_path):
     msg = resolve("org/tiny-model", "v9")
     assert "no revision 'v9'" in msg
     assert resolve("org/tiny-model", repos.model_sha) == "resolved"
+    load = ("from sftmix.models import load_model_and_tokenizer\nfrom sftmix.utils import SFTMixError\ntry:\n"
+            "    load_model_and_tokenizer('org/custom-code', device='cpu')\nexcept SFTMixError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", load], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "own modelling code" in res.stdout and "--trust_remote_code true" in res.stdout
 
 
 def test_a_download_cut_half_way_resumes(repos, tmp_path):
