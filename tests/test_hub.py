@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from tests.hub_stub import GRANTED_TOKEN, HubStub
+from hub_stub import GRANTED_TOKEN, HubStub
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
