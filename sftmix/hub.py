@@ -117,6 +117,11 @@ def hub_errors(repo_id: str, repo_type: str = "model", revision: str | None = No
                               f"{str(cut).splitlines()[0]}); run the same command again: the files already in the "
                               f"cache ({hub_cache_dir()}) are kept and only the missing ones are fetched.") from None
         raise SFTMixError(f"{what}: {' '.join(str(err).split())[:300]}") from None
+    except ValueError as err:  # transformers: "... requires you to execute the modeling code ... trust_remote_code"
+        if "trust_remote_code" not in str(err):
+            raise
+        raise SFTMixError(f"{what} comes with its own modelling code, which transformers runs only with "
+                          f"trust_remote_code: true (--trust_remote_code true); set it if you trust this repo.") from None
 
 
 def _network_cause(err: BaseException) -> BaseException | None:

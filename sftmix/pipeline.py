@@ -85,6 +85,7 @@ def _device(cfg) -> str:
 
 
 def load_model(cfg, spec: str):
+    from sftmix.hub import pinned_revision
     from sftmix.models import load_model_and_tokenizer
 
     if os.path.isdir(spec):  # a damaged weights file is one line naming it, not a loader traceback
@@ -92,8 +93,6 @@ def load_model(cfg, spec: str):
 
         check_weights("model", spec, Path(spec))
     t0 = time.perf_counter()
-    from sftmix.hub import pinned_revision
-
     run = cfg.run
     revision = pinned_revision(cfg.sources, "models", spec) or (  # the sha recorded at the start of the run
         run.reference_model_revision if spec == run.reference_model != run.model else run.model_revision)
@@ -178,14 +177,18 @@ def write_config(cfg) -> None:
 
 
 def _resolve_sources(cfg) -> dict:
-    """DIR/sources.json: the commit sha of every Hub model and dataset of the run (sftmix.hub.run_sources)."""
+    """The commit sha of every Hub model and dataset of the run (sftmix.hub.run_sources); DIR/sources.json's when it
+    has them (a resumed run loads what it started with)."""
     from sftmix.hub import run_sources
 
     path = cfg.run_dir / "sources.json"
-    sources = run_sources(cfg.run, json.loads(path.read_text()) if path.exists() else None)
-    if _state().is_main_process and (sources["models"] or sources["data"] or path.exists()):
-        atomic_write_json(path, sources)
-    return sources
+    return run_sources(cfg.run, json.loads(path.read_text()) if path.exists() else None)
+
+
+def _save_sources(cfg) -> None:
+    """DIR/sources.json, written once write_config has accepted the run directory."""
+    if _state().is_main_process and (cfg.sources.get("models") or cfg.sources.get("data")):
+        atomic_write_json(cfg.run_dir / "sources.json", cfg.sources)
 
 
 def _config_defaults() -> tuple[dict, set]:
@@ -773,6 +776,7 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
     if command != "report":  # Hub ids -> commit shas, before anything runs (offline / gated errors come first)
         cfg.sources = _resolve_sources(cfg)
     write_config(cfg)
+    _save_sources(cfg)
     state = _state()
     needs_split = "sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"
     if command == "report":

@@ -1,6 +1,6 @@
 """A loopback stand-in of the Hugging Face Hub, enough of its HTTP API for huggingface_hub, datasets and transformers.
 
-    from tests.hub_stub import HubStub
+    from hub_stub import HubStub                            # (tests/ is on sys.path under pytest)
     with HubStub() as hub:                                      # http://127.0.0.1:<free port>, a thread
         hub.add_repo("org/tiny-model", folder)                  # a model repo from a local folder (save_pretrained)
         hub.add_repo("org/alpaca", data_folder, repo_type="dataset")

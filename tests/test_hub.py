@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from tests.hub_stub import GRANTED_TOKEN, HubStub
+from hub_stub import GRANTED_TOKEN, HubStub
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -106,6 +106,17 @@ def repos(tmp_path_factory):
     with HubStub() as hub:
         hub.model_sha = hub.add_repo("org/tiny-model", root / "model")
         hub.add_repo("org/gated-model", root / "model", gated=True)
+        ref = build_tiny_model(tok, seed=9)
+        ref.save_pretrained(root / "ref")
+        tok.save_pretrained(root / "ref")
+        hub.ref_sha = hub.add_repo("org/ref-model", root / "ref")
+        # a repo with its own modelling code (auto_map): transformers runs it only with trust_remote_code
+        tok.save_pretrained(root / "custom")
+        (root / "custom" / "config.json").write_text(json.dumps({
+            "model_type": "sftmix-custom", "architectures": ["XForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+        (root / "custom" / "configuration_x.py").write_text("raise RuntimeError('remote code must not run')\n")
+        hub.add_repo("org/custom-code", root / "custom")
         big = build_tiny_model(tok, seed=8, hidden_size=512)  # ~20 MB of weights: more than one 10 MB chunk
         big.save_pretrained(root / "big")
         tok.save_pretrained(root / "big")
@@ -188,15 +199,30 @@ def test_run_with_a_hub_model_and_dataset_downloads_then_hits_the_cache(repos, t
     assert hub.requests[n2:] == []
     assert json.loads((tmp_path / "run3" / "sources.json").read_text()) == report["sources"]
 
+    # the first run directory refuses another model, and its record of what it loaded stays as it was
+    res = sftmix(env, "run", "--config", SMOKE, "--model", "tiny-random:1", "--data", "org/alpaca",
+                 "--output_dir", str(out))
+    assert res.returncode == 2 and "holds a run made with another config" in res.stderr
+    assert json.loads((out / "sources.json").read_text()) == report["sources"]
+
 
 @pytest.mark.slow  # whole pipelines in subprocesses (about a minute)
 def test_multi_turn_hub_dataset_with_a_named_split(repos, tmp_path):
     hub = repos
     env = _env(hub, tmp_path / "hf_home")
     out = tmp_path / "run"
+    # step 1 with another Hub model as the reference (at its own revision: here its commit sha)
     _ok(sftmix(env, "run", "--config", SMOKE, "--model", "org/tiny-model", "--data", "org/chat",
-               "--dataset_train_split", "train_sft", "--output_dir", str(out), "--recipes", "ntp",
+               "--dataset_train_split", "train_sft", "--output_dir", str(out), "--recipes", "sftmix",
+               "--reference_model", "org/ref-model", "--reference_model_revision", hub.ref_sha,
                "--num_checkpoints", "1", "--max_length", "256"))  # byte tokens: 3-turn histories need > 128
+    sources = json.loads((out / "sources.json").read_text())
+    assert sources["models"][1] == {"role": "reference_model", "id": "org/ref-model", "revision": hub.ref_sha,
+                                    "sha": hub.ref_sha}
+    assert sources["data"] == [{"id": "org/chat", "config": None, "split": "train_sft", "revision": "main",
+                                "sha": hub.chat_sha}]
+    assert any(p.endswith(f"/org/ref-model/resolve/{hub.ref_sha}/model.safetensors") for _, p in hub.downloads())
+    assert json.loads((out / "dynamics" / "split.json").read_text())["reference_model"] == "org/ref-model"
     stats = json.loads((out / "data" / "stats.json").read_text())
     n_turns = sum(2 + i % 2 for i in range(N_CHATS))
     assert stats["format"] == "openai" and stats["n_rows"] == N_CHATS and stats["n_records"] == n_turns
@@ -279,6 +305,11 @@ def test_gated_missing_and_bad_revision_are_one_line(repos, tmp_path):
     msg = resolve("org/tiny-model", "v9")
     assert "no revision 'v9'" in msg
     assert resolve("org/tiny-model", repos.model_sha) == "resolved"
+    load = ("from sftmix.models import load_model_and_tokenizer\nfrom sftmix.utils import SFTMixError\ntry:\n"
+            "    load_model_and_tokenizer('org/custom-code', device='cpu')\nexcept SFTMixError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", load], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "own modelling code" in res.stdout and "--trust_remote_code true" in res.stdout
 
 
 def test_a_download_cut_half_way_resumes(repos, tmp_path):
