@@ -467,3 +467,11 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_moved_run_directory_is_not_stale(tmp_path, capsys, logs):
+    run_tiny(capsys, tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    logs.clear()
+    run_tiny(capsys, tmp_path / "b")
+    assert "rerunning" not in logs.text and "eval:ntp     done already" in logs.text
