@@ -239,6 +239,15 @@ def _fresh(cfg, stage: str, marker: Path, inputs: dict, clear: list, force_reaso
     state.wait_for_everyone()  # the other processes see the done marker only once it is known to be current
 
 
+def _rel(cfg, path) -> str:
+    """A path as fingerprints name it: relative to the run directory when inside it, so a moved run directory is
+    not a changed input."""
+    try:
+        return str(Path(path).resolve().relative_to(cfg.run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _template_inputs(fp, template: str | None, label: str = "chat template") -> dict:
     return {f"{label} file {template}": fp.digest(template)} if template and os.path.isfile(template) else {}
 
@@ -266,7 +275,7 @@ def _data_inputs(cfg) -> dict:
 
 def _split_input(fp, cfg) -> dict:
     path = cfg.run_dir / "data" / "train.jsonl"
-    return {f"training split {path}": fp.digest(path)} if path.exists() else {}
+    return {f"training split {_rel(cfg, path)}": fp.digest(path)} if path.exists() else {}
 
 
 def _dynamics_inputs(cfg) -> dict:
@@ -286,7 +295,7 @@ def _train_inputs(cfg, recipe: str) -> dict:
         _check_step1_current(cfg, fp)
         for path in (d / "confidence.jsonl", d / "dynamics" / "hidden_final.npz"):
             if path.exists() and (path.suffix == ".jsonl" or cfg.train.pairing == "nearest"):
-                out[f"step 1's {path}"] = fp.digest(path)
+                out[f"step 1's {_rel(cfg, path)}"] = fp.digest(path)
     return out
 
 
@@ -309,13 +318,13 @@ def _eval_inputs(cfg, name: str, spec: str, ecfg) -> dict:
     if name == "start":
         out = {f"start model {spec}": fp.model_digest(spec, cfg.run.model_cache_dir)}
     else:
-        out = {f"weights of {spec}": fp.digest(spec) if os.path.isdir(spec) else None}
+        out = {f"weights of {_rel(cfg, spec)}": fp.digest(spec) if os.path.isdir(spec) else None}
     for f in dataclasses.fields(ecfg):
         value = getattr(ecfg, f.name)
         if f.name in ("overwrite", "judge_api_key", "judge_cache_file"):
             continue
         if f.name.endswith("_file") and value and os.path.isfile(value):
-            out[f"{f.name} {value}"] = fp.digest(value)
+            out[f"{f.name} {_rel(cfg, value)}"] = fp.digest(value)
         else:
             out[f"setting {f.name}"] = value
     out.update(_template_inputs(fp, ecfg.chat_template, "eval chat template"))

@@ -204,7 +204,7 @@ def check_eval_files(cfg) -> None:
         from sftmix.judge import load_prompt
 
         if not ecfg.judge_model:
-            raise SFTMixError(f"{' and '.join(judged)} need a judge: set judge_model (and judge_base_url, e.g. "
+            raise SFTMixError(f"{' and '.join(judged)} need{'s' if len(judged) == 1 else ''} a judge: set judge_model (and judge_base_url, e.g. "
                               f"http://127.0.0.1:8000/v1 for a local vLLM or llama.cpp server).")
         if not str(ecfg.judge_base_url).startswith(("http://", "https://")):
             raise SFTMixError(f"judge_base_url={ecfg.judge_base_url!r} is not an http(s) URL; e.g. "
@@ -239,7 +239,9 @@ def check_run_dir(run_dir: Path) -> None:
     probe = p
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise SFTMixError(f"--output_dir {p}: {probe} is a file, not a folder; choose another --output_dir.")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise SFTMixError(f"--output_dir {p}: cannot write in {probe} (permission denied); choose another "
                           f"--output_dir or fix its permissions.")
 

@@ -325,7 +325,7 @@ BAD = [
     (["--dataloader_num_workers", "-1"], "dataloader_num_workers=-1 is out of range"),
     (["--pubmedqa_file", "no/such/pubmedqa.json"], "no/such/pubmedqa.json: file not found"),
     (["--chat_template", "TEMPLATE"], "does not parse"),
-    (["--alpacaeval_file", str(DATA)], "need a judge: set judge_model"),
+    (["--alpacaeval_file", str(DATA)], "alpacaeval needs a judge: set judge_model"),
     (["--medqa_file", "LATIN1"], "line 3 is not UTF-8"),
 ]
 
@@ -392,7 +392,7 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", blocker / "run", *TINY)
-    assert code == 2 and "cannot write in" in err and "Traceback" not in err
+    assert code == 2 and f"{blocker} is a file, not a folder" in err and "Traceback" not in err
     code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", blocker, *TINY)
     assert code == 2 and "is a file, not a folder" in err
 
@@ -467,3 +467,11 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_moved_run_directory_is_not_stale(tmp_path, capsys, logs):
+    run_tiny(capsys, tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    logs.clear()
+    run_tiny(capsys, tmp_path / "b")
+    assert "rerunning" not in logs.text and "eval:ntp     done already" in logs.text
