@@ -276,7 +276,7 @@ RUN_TRAINING_DEFAULTS = {"save_strategy": "steps", "save_steps": 0.1, "save_tota
 # Settings that may change between invocations on the same run directory without invalidating finished stages.
 MUTABLE_KEYS = {"recipes", "num_threads", "keep_checkpoints", "score_batch_size", "disable_tqdm", "logging_steps", "report_to",
                 "log_level", "dataloader_num_workers", "save_total_limit", "device", "model_cache_dir",
-                "per_device_eval_batch_size", "run_name", "logging_first_step"}
+                "per_device_eval_batch_size", "run_name", "logging_first_step", "scoring_checkpoints"}
 
 
 def packaged_config(name: str) -> Path:

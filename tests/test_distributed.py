@@ -143,7 +143,7 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
                 np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6, err_msg=name + key)
             else:
                 assert [r[key] for r in b] == [r[key] for r in a], name + key
-    for k, stats in json.loads((ddir2 / "dynamics" / "schedule.json").read_text())["scoring"].items():
+    for stats in json.loads((ddir2 / "dynamics" / "schedule.json").read_text())["scoring"].values():
         assert stats["num_processes"] == 2
         _about_half(stats["per_process"], "response_tokens")
     h1, h2 = np.load(ddir1 / "dynamics" / "hidden_final.npz"), np.load(ddir2 / "dynamics" / "hidden_final.npz")

@@ -406,9 +406,9 @@ def test_default_saves_as_the_trainer_says_and_a_resume_rescores_correctly(tmp_p
     assert calls == ["scoring checkpoint 4/4"]  # 1-3 kept: the retrained steps reproduce the same weights
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming the reference at")]
     start = 5 if save == "steps" else 0
-    assert lines == [f"resuming the reference at step {start}: retraining steps {start + 1}..6 (done before the "
-                     f"interruption, past the last saved checkpoint); checkpoint(s) [1, 2, 3] already scored (kept), "
-                     f"scoring checkpoint(s) [4] at step(s) [8]"]
+    assert lines == [(f"resuming the reference at step {start}: retraining steps {start + 1}..6 (done before the "
+                      f"interruption, past the last saved checkpoint); checkpoint(s) [1, 2, 3] already scored "
+                      f"(kept), scoring checkpoint(s) [4] at step(s) [8]")]
     assert {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)} == first
 
     fresh = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "fresh", **kw)
