@@ -169,8 +169,8 @@ class MixupArguments:
 
 def median_split(values, guids=None) -> np.ndarray:
     """Boolean mask, True for the higher half of `values` (exactly floor(N/2) True; the median of an odd N goes to the
-    lower half; ties broken by guid, else by index). The one rule of the project: sftmix.dynamics.split_confident."""
-    from .dynamics import split_confident
+    lower half; ties broken by guid, else by index). The one rule of the project: sftmix.split.split_confident."""
+    from sftmix.split import split_confident
 
     return split_confident(values, guids if guids is not None else [f"{i:012d}" for i in range(len(values))])
 

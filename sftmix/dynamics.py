@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from sftmix.split import confidence, split_confident, variability  # noqa: F401  (step 1's API, re-exported)
 from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, resume_checkpoint, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -422,49 +423,6 @@ class _fetcher:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Confidence and the split
-
-
-def confidence(ppl) -> np.ndarray:
-    """ppl [C, N] (checkpoints x examples) -> confidence [N] = -(1/C) sum_c ppl_c (the paper's eq. 1)."""
-    ppl = _as_ppl_matrix(ppl)
-    return -ppl.mean(axis=0)
-
-
-def variability(ppl) -> np.ndarray:
-    """ppl [C, N] -> std of ppl over the checkpoints (dataset cartography's variability)."""
-    return _as_ppl_matrix(ppl).std(axis=0)
-
-
-def _as_ppl_matrix(ppl) -> np.ndarray:
-    ppl = np.asarray(ppl, dtype=np.float64)
-    if ppl.ndim != 2 or ppl.shape[0] < 1 or ppl.shape[1] < 1:
-        raise SFTMixError(f"ppl must be a [checkpoints, examples] array, got shape {ppl.shape}.")
-    return ppl
-
-
-def split_confident(confidence, guids) -> np.ndarray:
-    """Bool [N]: True for the floor(N/2) most confident examples (ties broken by guid: order-independent).
-
-    For odd N the median example goes to the unconfident half. All-identical confidence is an SFTMixError."""
-    conf = np.asarray(confidence, dtype=np.float64)
-    guids = [str(g) for g in guids]
-    if conf.ndim != 1 or len(conf) != len(guids):
-        raise SFTMixError(f"confidence ({conf.shape}) and guids ({len(guids)}) must be 1-D and of the same length.")
-    if len(conf) < 2:
-        raise SFTMixError(f"the split needs at least 2 examples, got {len(conf)}.")
-    if not np.all(np.isfinite(conf)):
-        i = int(np.flatnonzero(~np.isfinite(conf))[0])
-        raise SFTMixError(f"confidence of example {guids[i]!r} is {conf[i]}; re-score the reference checkpoints.")
-    if conf.max() == conf.min():
-        raise SFTMixError(
-            f"all {len(conf)} examples have the same confidence ({conf[0]:.6g}), so a confident/unconfident split "
-            f"would be arbitrary; train the reference longer (more epochs or a higher learning rate) or use a "
-            f"stronger reference model."
-        )
-    order = sorted(range(len(conf)), key=lambda i: (-conf[i], guids[i]))
-    confident = np.zeros(len(conf), dtype=bool)
-    confident[order[: len(conf) // 2]] = True
-    return confident
 
 
 # ----------------------------------------------------------------------------------------------------------------------
