@@ -799,10 +799,13 @@ def content_groups(records: list[dict]) -> list[str]:
             x = parent[x]
         return x
 
+    def rank(x: str) -> tuple[bool, str]:  # a conversation id names its group (as before content grouping existed)
+        return (not x.startswith("v\x1f"), x)
+
     def union(a: str, b: str) -> None:
         a, b = find(a), find(b)
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # a group is named by its smallest key: stable whatever the input order
+        if a != b:  # a group is named by its smallest key: stable whatever the input order
+            parent[max(a, b, key=rank)] = min(a, b, key=rank)
 
     keys = []
     for r in records:
