@@ -33,8 +33,8 @@ prompt is the whole history before it, as the paper does for UltraChat; those re
 of the whole conversation) and `turn` (1-based). Scalar fields of the source rows (`id`, `confident`, `confidence`,
 `quality`, `score`, ...) are kept on the record as they are; non-scalar ones are ignored and reported; a field named
 like one the record gets (`prompt`, `completion`, and for chats `turn`, `conversation_id`: UltraChat has a `prompt`
-string beside its `messages`) is kept as `source_<name>`. Message text is normalised on load (\\r\\n -> \\n, surrounding whitespace stripped). `limit` counts source rows (conversations),
-not expanded examples.
+string beside its `messages`) is kept as `source_<name>`. Message text is normalised on load (\\r\\n -> \\n,
+surrounding whitespace stripped). `limit` counts source rows (conversations), not expanded examples.
 
 guid = the first 16 hex digits of sha256 over the normalised messages (roles and text of prompt, then completion).
 It does not depend on the file format, order, extra fields or tokenizer. Exact repeats get `<hash>-1`, `-2`, ... in

@@ -121,7 +121,8 @@ def hub_errors(repo_id: str, repo_type: str = "model", revision: str | None = No
         if "trust_remote_code" not in str(err):
             raise
         raise SFTMixError(f"{what} comes with its own modelling code, which transformers runs only with "
-                          f"trust_remote_code: true (--trust_remote_code true); set it if you trust this repo.") from None
+                          f"trust_remote_code: true (--trust_remote_code true); set it if you trust this "
+                          f"repo.") from None
 
 
 def _network_cause(err: BaseException) -> BaseException | None:
