@@ -185,9 +185,9 @@ def run_overrides(args, data: dict) -> list[str]:
 
 def run_dir_for(args, common: list[str], seed: int) -> Path:
     """One folder per settings (a short hash of them) and seed, so a changed setting never reuses a stale run.
-    Settings the pipeline lets change on a run directory (sftmix.cli.MUTABLE_KEYS, e.g. num_threads) are not part of
+    Settings the pipeline lets change on a run directory (sftmix.config.MUTABLE_KEYS, e.g. num_threads) are not part of
     the hash: an interrupted run can resume with `-- --num_threads 1` on a machine that got busy."""
-    from sftmix.cli import MUTABLE_KEYS
+    from sftmix.config import MUTABLE_KEYS
 
     kept, i = [], 0
     while i < len(common):
@@ -235,7 +235,7 @@ def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
     import gc
 
     from sftmix import pipeline
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
 
     run_dir = run_dir_for(args, common, seed)
     reuse_start_eval(run_dir, done)
@@ -512,9 +512,9 @@ def collect(args, data: dict, common: list[str], runs: list[dict], t0: float, cp
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    from sftmix.cli import _setup_logging
+    from sftmix.console import setup_logging
 
-    _setup_logging()  # the pipeline's progress lines, as the `sftmix` command prints them
+    setup_logging()  # the pipeline's progress lines, as the `sftmix` command prints them
     data = prepare_data(args)
     common = run_overrides(args, data)
     print(f"[quality] {data['n_train_per_run']} training examples per run, {data['n_heldout']} held-out; seeds "

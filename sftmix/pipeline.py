@@ -1,6 +1,6 @@
 """The stages of `sftmix run`, each resumable on the same run directory (see sftmix.cli for the command line).
 
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix import pipeline
     cfg = parse_config(["--config", "configs/smoke.yaml", "--output_dir", "runs/smoke"])
     pipeline.run(cfg, "run")          # or "dynamics", "train" (recipe=...), "eval", "report"
@@ -30,15 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from sftmix.config import MIXUP_ONLY, SELECTION_FIELDS
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
 log = logging.getLogger("sftmix")
-
-# SFTMixConfig fields that only the Mixup recipe reads: the reference and the NTP baseline run without them.
-MIXUP_ONLY = ("mixup_alpha", "mixup_weight", "mixup_role", "ntp_subset", "pairing", "split_source", "split_column",
-              "split_confident_values", "mixup_weight_schedule", "mixup_chunk_tokens", "record_online_dynamics")
-SELECTION_FIELDS = ("selection", "selection_k", "selection_score_column", "selection_threshold")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
@@ -148,7 +143,7 @@ def write_config(cfg) -> None:
     """Write DIR/config.yaml (the resolved config) first; refuse a run directory made with a different config."""
     import yaml
 
-    from sftmix.cli import MUTABLE_KEYS
+    from sftmix.config import MUTABLE_KEYS
 
     path = cfg.run_dir / "config.yaml"
     new = _plain(cfg.flat())
@@ -197,7 +192,7 @@ def _config_defaults() -> tuple[dict, set]:
     reruns what they touch)."""
     import dataclasses
 
-    from sftmix.cli import RUN_TRAINING_DEFAULTS, RunConfig, _eval_args_class, _field_defaults
+    from sftmix.config import RUN_TRAINING_DEFAULTS, RunConfig, _eval_args_class, _field_defaults
     from sftmix.trainer import SFTMixConfig
 
     eval_cls = _eval_args_class()
@@ -371,8 +366,13 @@ def _restore_confidence(cfg, marker: Path) -> None:
 
 def stage_data(cfg) -> None:
     """Load the data, apply the turn / prompt-length filters, split off the held-out set, write them as JSONL."""
-    from sftmix.data import (is_sharegpt_package, load_records_with_stats, log_load_stats, save_records_jsonl,
-                             split_heldout)
+    from sftmix.data import (
+        is_sharegpt_package,
+        load_records_with_stats,
+        log_load_stats,
+        save_records_jsonl,
+        split_heldout,
+    )
 
     out = cfg.run_dir / "data"
     _fresh(cfg, "data", out / "stats.json", _data_inputs(cfg), [out])
@@ -779,7 +779,7 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
 
         torch.set_num_threads(cfg.run.num_threads)
     if _state().is_main_process:
-        from sftmix.cli import log_to_file
+        from sftmix.console import log_to_file
 
         log_to_file(cfg.run_dir)  # the libraries' full output; the console keeps one line per stage
     if command != "report":  # Hub ids -> commit shas, before anything runs (offline / gated errors come first)

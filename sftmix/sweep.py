@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 from sftmix.report import _fmt  # one number format for run reports and the sweep table
+from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sftmix")
 
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
     """`--key value` arguments from an overrides YAML, and its reference_model (applied separately)."""
-    from sftmix.cli import _read_yaml
+    from sftmix.config import _read_yaml
 
     values = _read_yaml(path)
     argv, reference = [], values.pop("reference_model", None)
@@ -99,7 +99,7 @@ def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
 
 def run_argv(config: Path, run_dir: Path, overrides: Path | None = None, extra: list[str] = ()) -> list[str]:
     """The arguments after `sftmix run` for one config of a sweep."""
-    from sftmix.cli import _read_yaml
+    from sftmix.config import _read_yaml
 
     argv = ["--config", str(config), "--output_dir", str(run_dir)]
     if overrides is not None:
@@ -113,8 +113,7 @@ def run_argv(config: Path, run_dir: Path, overrides: Path | None = None, extra: 
 def _keys(cfg) -> tuple[str, str]:
     """(step-1 key, start-eval key): configs with equal keys share the data split and step 1 (and the evaluation of
     the untrained start model)."""
-    from sftmix.cli import MUTABLE_KEYS
-    from sftmix.pipeline import MIXUP_ONLY, SELECTION_FIELDS
+    from sftmix.config import MIXUP_ONLY, MUTABLE_KEYS, SELECTION_FIELDS
 
     flat = json.loads(json.dumps(cfg.flat(), default=str, sort_keys=True))
     eval_fields = {f for f in flat if hasattr(cfg.eval_args, f)}
@@ -183,7 +182,7 @@ def share_step1(donor: Path, run_dir: Path, step1: bool, start_eval: bool) -> li
 def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None, extra: list[str] = (),
               reuse: bool = True, launcher: list[str] | None = None) -> list[dict]:
     """Run every config (`sftmix run` in a subprocess) into out_dir/<stem>; returns one status dict per config."""
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
 
     stems = [c.stem for c in configs]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -232,8 +231,7 @@ def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None,
 
 def _config_diff(config: dict, base: dict, recipe: str) -> str:
     """What a run's config changes relative to the baseline's (settings the recipe actually reads)."""
-    from sftmix.cli import MUTABLE_KEYS
-    from sftmix.pipeline import MIXUP_ONLY
+    from sftmix.config import MIXUP_ONLY, MUTABLE_KEYS
 
     skip = {"output_dir", "run_name", "judge_api_key"} | set(MUTABLE_KEYS)
     if recipe != "sftmix":

