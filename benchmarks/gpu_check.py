@@ -382,9 +382,9 @@ def check_scoring(checks: Checks, kit: TrainerKit) -> None:
 
 def check_guard(checks: Checks, kit: TrainerKit) -> None:
     """A NaN Mixup loss at step 2, and an inf gradient (finite loss) at step 2: SFTMixError, weights = step 1's."""
-    import sftmix.trainer
     from transformers import TrainerCallback
 
+    import sftmix.trainer
     from sftmix.utils import SFTMixError
 
     class Snapshot(TrainerCallback):

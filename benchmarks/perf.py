@@ -451,9 +451,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="per-device batch (default 8; quick 4)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length of the batch (default CPU 256, GPU 1024)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant (default CPU 5, GPU 20, quick 3)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 1; one more, profiled for memory, follows)")
-    ap.add_argument("--data", default=ALPACA, help="data file for the lengths (default ../shared/data/alpaca_4500.json)")
-    ap.add_argument("--score-examples", type=int, default=None, help="examples scored (default CPU 64, GPU 4096, quick 32)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps per variant first (default 1; one more, profiled for memory, follows)")
+    ap.add_argument("--data", default=ALPACA,
+                    help="data file for the lengths (default ../shared/data/alpaca_4500.json)")
+    ap.add_argument("--score-examples", type=int, default=None,
+                    help="examples scored (default CPU 64, GPU 4096, quick 32)")
     ap.add_argument("--score-batch-size", type=int, default=16, help="scoring batch size (score_examples' default)")
     ap.add_argument("--no-gradient-checkpointing", action="store_true", help="turn off TRL's default checkpointing")
     ap.add_argument("--quick", action="store_true", help="tiny model, batch 4, seq 128, 3 reps (for the test)")
@@ -601,7 +604,8 @@ def main(argv=None) -> dict:
         "gradient_checkpointing": ckpt,
         "load_avg": load_after,
         "threads": torch.get_num_threads(),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu
+                                 else f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
         "model": model_desc,
         "batch": B,
         "seq_len": T,

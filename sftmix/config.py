@@ -201,7 +201,8 @@ def _eval_args_class():
             help_text += " Default: the run's held-out split (DIR/data/heldout.jsonl)."
         meta = {**f.metadata, "help": help_text}
         specs.append((f.name, hints[f.name], field(default=f.default, metadata=meta)
-                      if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory, metadata=meta)))
+                      if f.default is not dataclasses.MISSING
+                      else field(default_factory=f.default_factory, metadata=meta)))
     cls = dataclasses.make_dataclass("EvalArgs", specs)
     cls.__doc__ = "The fields of sftmix.evaluate.EvalConfig, as set for a run."
     cls.renamed = renamed
@@ -261,7 +262,8 @@ RUN_TRAINING_DEFAULTS = {"save_strategy": "steps", "save_steps": 0.1, "save_tota
                          "logging_steps": 5, "disable_tqdm": False}
 
 # Settings that may change between invocations on the same run directory without invalidating finished stages.
-MUTABLE_KEYS = {"recipes", "num_threads", "keep_checkpoints", "score_batch_size", "disable_tqdm", "logging_steps", "report_to",
+MUTABLE_KEYS = {"recipes", "num_threads", "keep_checkpoints", "score_batch_size", "disable_tqdm", "logging_steps",
+                "report_to",
                 "log_level", "dataloader_num_workers", "save_total_limit", "device", "model_cache_dir",
                 "per_device_eval_batch_size", "run_name", "logging_first_step", "scoring_checkpoints"}
 

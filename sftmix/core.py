@@ -95,7 +95,8 @@ class MixupArguments:
         default="dynamics",
         metadata={"help": "Where the confident/unconfident split comes from (paper §5.2): `dynamics` (the reference "
                           "model's training dynamics, or a ready `confident`/`confidence` column) or `column` (a user "
-                          "column named by `split_column`, e.g. a known quality label).", "choices": list(SPLIT_SOURCES)},
+                          "column named by `split_column`, e.g. a known quality label).",
+                  "choices": list(SPLIT_SOURCES)},
     )
     split_column: str | None = field(
         default=None,
@@ -216,7 +217,8 @@ def select_examples(dataset, args: MixupArguments):
         elif "labels" in dataset.column_names:
             lengths = np.array([sum(t != -100 for t in row) for row in dataset["labels"]])
         else:
-            lengths = np.array([len(c[-1]["content"]) if isinstance(c, list) else len(c) for c in dataset["completion"]])
+            lengths = np.array([len(c[-1]["content"]) if isinstance(c, list) else len(c)
+                                for c in dataset["completion"]])
         keep = np.argsort(-lengths, kind="stable")[: args.selection_k]
         desc = f"the {len(keep)} of {n} examples with the longest responses"
     elif args.selection == "random":
@@ -273,7 +275,8 @@ class BalancedPairSampler(Sampler[int]):
     def __init__(self, confident, batch_size: int, seed: int = 0, pairs: tuple[np.ndarray, np.ndarray] | None = None,
                  num_replicas: int = 1):
         if batch_size % 2:
-            raise SFTMixError(f"per_device_train_batch_size must be even for SFTMix (half confident, half unconfident); "
+            raise SFTMixError("per_device_train_batch_size must be even for SFTMix (half confident, half "
+                              "unconfident); "
                               f"got {batch_size}.")
         self.confident = np.asarray(confident, dtype=bool)
         self.half = batch_size // 2
@@ -496,7 +499,8 @@ class SFTMixMixin:
         used = {k: v for k, v in sizes.items() if v and v > 1}
         if used:
             raise SFTMixError(
-                f"SFTMix does not support {', '.join(f'{k} parallelism ({k[:1]}p_size={v})' for k, v in used.items())}: "
+                "SFTMix does not support "
+                f"{', '.join(f'{k} parallelism ({k[:1]}p_size={v})' for k, v in used.items())}: "
                 "it splits each sequence (context/sequence), the LM head's vocabulary (tensor) or the model (pipeline, "
                 "expert) across processes, so no process holds whole confident/unconfident examples to pair and the "
                 "whole LM head to score their mixed states. Use data parallelism only (DDP, FSDP2 or DeepSpeed ZeRO), "
@@ -515,7 +519,8 @@ class SFTMixMixin:
             raise SFTMixError(f"{type(causal_lm).__name__} has an LM head with a bias, which the Mixup loss does not "
                               "model; use a model without it or set mixup_weight=0.")
         if getattr(cfg, "final_logit_softcapping", None):
-            raise SFTMixError(f"{type(causal_lm).__name__} uses final logit soft-capping (e.g. Gemma-2), which the Mixup "
+            raise SFTMixError(f"{type(causal_lm).__name__} uses final logit soft-capping (e.g. Gemma-2), which the "
+                              "Mixup "
                               "loss does not apply; use another target model or set mixup_weight=0. (A soft-capped "
                               "model can still be the *reference* of step 1.)")
         for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
@@ -711,7 +716,8 @@ class SFTMixMixin:
         step = self.state.global_step + 1
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         last = last_complete_checkpoint(self.args.output_dir)
-        kept = f"the last checkpoint, {last}, is intact (resume from it)" if last else "no checkpoint was saved before it"
+        kept = (f"the last checkpoint, {last}, is intact (resume from it)" if last
+                else "no checkpoint was saved before it")
         batch = ""
         if example_idx is not None and "guid" in getattr(self.train_dataset, "column_names", []):
             rows = sorted({int(i) for i in example_idx.tolist()})[:8]
@@ -719,7 +725,8 @@ class SFTMixMixin:
         if self.args.fp16:
             hint = "fp16 overflow is the usual cause: train with bf16 (or fp32) instead; else lower the learning rate"
         else:
-            hint = (f"lower the learning rate (now {lr:.3g}) or keep max_grad_norm > 0 (now {self.args.max_grad_norm}), "
+            hint = (f"lower the learning rate (now {lr:.3g}) or keep max_grad_norm > 0 (now "
+                    f"{self.args.max_grad_norm}), "
                     f"and check the examples of this batch{batch}")
         return (f"non-finite {what} at step {step} ({values}; lr={lr:.3g}): training stopped before this update; "
                 f"{kept}. Try: {hint}.")

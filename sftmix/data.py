@@ -770,7 +770,8 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
         held.add(g)
         taken += sizes[g]
     if taken >= n:
-        raise SFTMixError(f"n_heldout={n_heldout}: holding out whole conversations leaves no training examples; lower it")
+        raise SFTMixError(f"n_heldout={n_heldout}: holding out whole conversations leaves no training examples; "
+                          "lower it")
     train = [r for r, g in zip(records, group_of) if g not in held]
     heldout = [r for r, g in zip(records, group_of) if g in held]
     return train, heldout

@@ -58,7 +58,8 @@ RETRYABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
 class JudgeClient:
     """Chat completions with retries and a persistent cache. Thread-safe; `n_requests` counts HTTP calls made."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str | None = "OPENAI_API_KEY",
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, cache_path: str | None = None,
                  max_tokens: int = 1024, temperature: float = 0.0):
         if not base_url or not model:
@@ -89,7 +90,8 @@ class JudgeClient:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     bad += 1  # a line torn by a killed run: that judgment is simply asked again
         if bad:
-            log.warning("%s: ignored %d unreadable line(s); those judgments will be requested again", self.cache_path, bad)
+            log.warning("%s: ignored %d unreadable line(s); those judgments will be requested again",
+                        self.cache_path, bad)
         return cache
 
     def key(self, messages: list[dict]) -> str:

@@ -154,7 +154,8 @@ def mixup_loss(
         Scalar fp32 tensor: mean over pairs of each pair's mean soft-target cross-entropy.
     """
     if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
-        raise ValueError(f"hidden_states [B,T,H] and labels [B,T] disagree: {tuple(hidden_states.shape)} vs {tuple(labels.shape)}")
+        raise ValueError(f"hidden_states [B,T,H] and labels [B,T] disagree: {tuple(hidden_states.shape)} vs "
+                         f"{tuple(labels.shape)}")
     pairs = pairs.to(device=labels.device, dtype=torch.long).reshape(-1, 2)
     lam = lam.reshape(-1)
     if lam.numel() != pairs.size(0):

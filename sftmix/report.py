@@ -65,7 +65,8 @@ def collect(cfg) -> dict:
     conf_path = d / "confidence.jsonl"
     if conf_path.exists():
         rows = read_jsonl(conf_path)
-        train = {r["guid"]: r for r in read_jsonl(d / "data" / "train.jsonl")} if (d / "data" / "train.jsonl").exists() else {}
+        train_file = d / "data" / "train.jsonl"
+        train = {r["guid"]: r for r in read_jsonl(train_file)} if train_file.exists() else {}
         ranked = sorted(rows, key=lambda r: (-r["confidence"], r["guid"]))
         confident = [r for r in rows if r["confident"]]
         unconfident = [r for r in rows if not r["confident"]]

@@ -2,7 +2,7 @@
 
     from sftmix import SFTMixConfig, SFTMixTrainer
     args = SFTMixConfig(output_dir="out", per_device_train_batch_size=8, mixup_alpha=0.5, mixup_weight=0.2)
-    trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds)   # ds: prompt/completion (or tokenized) + `confident`
+    trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds)  # ds: prompt/completion (or tokens) + `confident`
     trainer.train()
 
 What changes relative to SFTTrainer, and nothing else:
@@ -32,9 +32,22 @@ from trl import SFTConfig, SFTTrainer
 
 # The TRL-free component (sampler, collator, split and selection, capture, Mixup term, guard); re-exported here
 from .core import (  # noqa: F401
-    MIXUP_ROLES, NTP_SUBSETS, PAIRINGS, SELECTIONS, SPLIT_SOURCES, WEIGHT_SCHEDULES, BalancedPairSampler,
-    MixupArguments, SFTMixCollator, SFTMixMixin, _mixup_weight_at, confident_flags, median_split, nearest_partners,
-    prepare_train_dataset, select_examples,
+    MIXUP_ROLES,
+    NTP_SUBSETS,
+    PAIRINGS,
+    SELECTIONS,
+    SPLIT_SOURCES,
+    WEIGHT_SCHEDULES,
+    BalancedPairSampler,
+    MixupArguments,
+    SFTMixCollator,
+    SFTMixMixin,
+    _mixup_weight_at,
+    confident_flags,
+    median_split,
+    nearest_partners,
+    prepare_train_dataset,
+    select_examples,
 )
 from .loss import mixup_loss
 from .utils import SFTMixError

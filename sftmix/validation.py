@@ -204,7 +204,8 @@ def check_eval_files(cfg) -> None:
         from sftmix.judge import load_prompt
 
         if not ecfg.judge_model:
-            raise SFTMixError(f"{' and '.join(judged)} need{'s' if len(judged) == 1 else ''} a judge: set judge_model (and judge_base_url, e.g. "
+            raise SFTMixError(f"{' and '.join(judged)} need{'s' if len(judged) == 1 else ''} a judge: set judge_model "
+                              "(and judge_base_url, e.g. "
                               f"http://127.0.0.1:8000/v1 for a local vLLM or llama.cpp server).")
         if not str(ecfg.judge_base_url).startswith(("http://", "https://")):
             raise SFTMixError(f"judge_base_url={ecfg.judge_base_url!r} is not an http(s) URL; e.g. "

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from sftmix.evaluate import (
-    EvalConfig, MCItem, eval_multiple_choice, generate, heldout_nll, load_mc, pick_shots, run_eval, score_choices,
-    split_shots, wilson_interval,
+    EvalConfig,
+    MCItem,
+    eval_multiple_choice,
+    generate,
+    heldout_nll,
+    load_mc,
+    pick_shots,
+    run_eval,
+    score_choices,
+    split_shots,
+    wilson_interval,
 )
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
@@ -166,8 +175,9 @@ def test_pubmedqa_bad_record_names_file_and_record(tmp_path):
 
 
 def test_heldout_nll_equals_independent_loss(tiny):
-    from sftmix.data import tokenize_records
     from helpers import tiny_records
+
+    from sftmix.data import tokenize_records
 
     model, tok = tiny
     records = tiny_records(9, seed=3, with_confidence=False)

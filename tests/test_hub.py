@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hub_stub import GRANTED_TOKEN, HubStub
 
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from hub_stub import GRANTED_TOKEN, HubStub
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")

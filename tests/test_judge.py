@@ -8,8 +8,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sftmix.judge import (
-    JudgeClient, judge_mt_bench, judge_pairwise, load_prompt, model_is_b, mt_bench_summary, parse_rating,
-    parse_verdict, win_rate,
+    JudgeClient,
+    judge_mt_bench,
+    judge_pairwise,
+    load_prompt,
+    model_is_b,
+    mt_bench_summary,
+    parse_rating,
+    parse_verdict,
+    win_rate,
 )
 
 

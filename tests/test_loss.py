@@ -28,7 +28,7 @@ def explicit_reference(hidden, labels, weight, pairs, lam):
         r_u = [t for t in range(labels.size(1)) if labels[u, t] != -100]
         L = min(len(r_c), len(r_u))
         pair = 0.0
-        for l in range(L):
+        for l in range(L):  # noqa: E741  (the paper's l-th response token)
             z = lam_p * hidden[c, r_c[l] - 1] + (1 - lam_p) * hidden[u, r_u[l] - 1]
             logp = torch.log_softmax(weight @ z, dim=-1)
             pair = pair - (lam_p * logp[labels[c, r_c[l]]] + (1 - lam_p) * logp[labels[u, r_u[l]]])
