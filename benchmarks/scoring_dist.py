@@ -51,7 +51,7 @@ def worker(a) -> None:
     if world > 1:
         torch.distributed.barrier()
     t0 = time.perf_counter()
-    res = run_scoring(model, ds, batch_size=a.batch_size, show_progress=False)
+    res = run_scoring(model, ds, batch_size=a.batch_size, show_progress=False, distributed=True)
     wall = time.perf_counter() - t0
     if world > 1:
         walls = [None] * world

@@ -74,7 +74,7 @@ def score_examples(model, dataset, batch_size: int = 16, desc: str | None = None
     """Per-example `nll_mean`, `n_tokens`, `ppl = exp(nll_mean)` over the response tokens, in dataset order.
 
     `dataset` (datasets.Dataset or list of dicts) has `input_ids`, `labels` (-100 outside the response) and `guid`.
-    Keyword arguments go to `run_scoring` (padding_side, hidden_at, show_progress)."""
+    Keyword arguments go to `run_scoring` (padding_side, hidden_at, show_progress, distributed)."""
     return run_scoring(model, dataset, batch_size=batch_size, desc=desc, **kwargs).rows
 
 
@@ -89,13 +89,15 @@ def run_scoring(
     padding_side: str = "right",
     hidden_at: str | None = None,
     show_progress: bool = True,
+    distributed: bool = False,
 ) -> ScoringResult:
     """Score `dataset` with `model` (inference only) in length-sorted batches; see `score_examples`.
 
     hidden_at: None, "last_response" (the hidden state of the example's last response token, which has seen the
     whole example) or "last_prompt" (the last prompt token, which predicts the first response token).
 
-    Several processes (a torch.distributed process group; call it on every process): the length-sorted batches are
+    distributed=True, under several processes (a torch.distributed process group; every process must call it; the
+    default False scores everything here, for callers that run on one process only): the length-sorted batches are
     shared out by tokens (`share_batches`), each process scores its share, a process with fewer batches runs dummy
     forwards (its shortest example, discarded) until all have run as many as the busiest, so that sharded forwards
     (FSDP2/FSDP1 all-gathers, ZeRO-3 gathers incl. the LM head's) line up, and the rows and hidden states are
@@ -135,7 +137,7 @@ def run_scoring(
     # exactly as on one process), and the rows are gathered. Ranks with fewer batches run dummy forwards (the shortest
     # example, discarded) until all have run the same number, so that the collectives of a sharded forward (FSDP's
     # all-gathers, ZeRO-3's parameter and head gathers) line up.
-    world, rank = world_and_rank()
+    world, rank = world_and_rank() if distributed else (1, 0)
     shares = share_batches([len(b) * max(lengths[i] for i in b) for b in batches], world)
     plan = [(batches[b], False) for b in shares[rank]]
     if n:
@@ -544,7 +546,8 @@ class CheckpointScoringCallback(TrainerCallback):
             return
         res = run_scoring(model, self.score_dataset, batch_size=self.batch_size,
                           desc=f"scoring checkpoint {k}/{self.num_checkpoints}",
-                          hidden_at=self.hidden_at if final else None, show_progress=self.show_progress)
+                          hidden_at=self.hidden_at if final else None, show_progress=self.show_progress,
+                          distributed=True)  # every process is in on_step_end
         self.scored.append(k)
         if state.is_world_process_zero:
             if final:  # written before ckpt_C.jsonl: if that exists, so does this

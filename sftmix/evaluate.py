@@ -121,16 +121,16 @@ class EvalConfig:
 # ------------------------------------------------------------------------------------------------------ held-out
 
 def heldout_nll(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int | None = None,
-                source: str = "<held-out>", return_rows: bool = False) -> dict:
+                source: str = "<held-out>", return_rows: bool = False, distributed: bool = False) -> dict:
     """Response NLL of `records` (sftmix.data records): token-weighted mean NLL and its perplexity, plus the mean of
     the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped).
-    Under several processes (a torch.distributed process group), call it on every process: each scores its share
-    and every process gets the rows and metrics of one process (sftmix.dynamics.run_scoring)."""
+    distributed=True, under several processes (a torch.distributed process group; every process must call it): each
+    scores its share and every process gets the rows and metrics of one process (sftmix.dynamics.run_scoring)."""
     from sftmix.data import tokenize_records
     from sftmix.dynamics import score_examples
 
     ds, stats = tokenize_records(records, tokenizer, max_length=max_length, source=source)
-    rows = score_examples(model, ds, batch_size=batch_size, desc=f"scoring {source}")
+    rows = score_examples(model, ds, batch_size=batch_size, desc=f"scoring {source}", distributed=distributed)
     n_tok = sum(r["n_tokens"] for r in rows)
     nll = sum(r["nll_mean"] * r["n_tokens"] for r in rows) / n_tok
     out = {
@@ -431,14 +431,15 @@ def _full_attention_cache(cache) -> bool:
 @torch.no_grad()
 def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]], batch_size: int = 8,
                      max_length: int | None = None, share_prefix: bool = True, pad_id: int = 0,
-                     show_progress: bool = True) -> dict:
+                     show_progress: bool = True, distributed: bool = False) -> dict:
     """Summed log p(choice tokens | prompt tokens) for each prompt and each of its choices.
 
     Returns {"logprobs": [[float]], "n_tokens": [[int]], "truncated": [bool], "stats": {...}}. Each prompt is run once
     (left padded, batched longest first); the first token of every choice is read off the prompt's last logits, the
     rest of multi-token choices are run on a copy of the prompt's key/value cache. With `share_prefix` the common
-    prefix of all untruncated prompts is run once and its cache copied into every batch. Under several processes (a
-    torch.distributed process group; call it on every process) each runs a token-balanced share of the batches, with
+    prefix of all untruncated prompts is run once and its cache copied into every batch. distributed=True, under
+    several processes (a torch.distributed process group; every process must call it): each runs a token-balanced
+    share of the batches, with
     dummy forwards so that all run the same number of forwards (FSDP / ZeRO-3), and the scores are gathered:
     every process returns what one process would; stats["per_process"] has each share."""
     from transformers import DynamicCache
@@ -496,7 +497,7 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
         # share_batches) and the scores are gathered. A batch takes 1 forward, 2 with a multi-token choice; ranks
         # with fewer forwards run one-token dummy forwards until all have run the same number, so that the
         # collectives of a sharded model (FSDP, ZeRO-3) line up.
-        world, rank = world_and_rank()
+        world, rank = world_and_rank() if distributed else (1, 0)
         multi_of = [any(len(c) > 1 for i in b for c in choice_ids[i]) for b in batches]
         costs = []
         for k, b in enumerate(batches):
@@ -615,8 +616,11 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file: str | None = None,
-                         cfg: EvalConfig | None = None, output_dir: str | None = None) -> dict:
-    """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl into output_dir if given."""
+                         cfg: EvalConfig | None = None, output_dir: str | None = None,
+                         distributed: bool = False) -> dict:
+    """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl into output_dir if given.
+    distributed=True: every process of the process group calls it and scores a share (see score_choice_ids); the
+    main process writes the predictions."""
     from sftmix.dynamics import world_and_rank
 
     cfg = cfg or EvalConfig()
@@ -632,7 +636,8 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
         ensure_chat_template(tokenizer, cfg.chat_template)
     built = [build_prompt(it, shots, tokenizer, cfg.mc_chat_template) for it in items]
     res = score_choices(model, tokenizer, [p for p, _ in built], [c for _, c in built], chat=cfg.mc_chat_template,
-                        batch_size=cfg.batch_size, max_length=cfg.max_length, share_prefix=cfg.mc_share_prefix)
+                        batch_size=cfg.batch_size, max_length=cfg.max_length, share_prefix=cfg.mc_share_prefix,
+                        distributed=distributed)
     preds = []
     for it, (_, conts), lps, truncated in zip(items, built, res["logprobs"], res["truncated"]):
         norm = [lp / max(len(c), 1) for lp, c in zip(lps, conts)]
@@ -657,7 +662,7 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
         "prediction_counts": dict(Counter(p["pred" if cfg.mc_score == "sum" else "pred_norm"] for p in preds)),
         "scoring": res["stats"], "seconds": time.perf_counter() - t0,
     }
-    if output_dir is not None and world_and_rank()[1] == 0:  # every process has all predictions; one writes them
+    if output_dir is not None and (not distributed or world_and_rank()[1] == 0):  # every process has them; one writes
         write_jsonl(Path(output_dir) / f"{task}_predictions.jsonl", preds)
     lo, hi = metrics["ci95"]
     log.info("%s: accuracy %.3f [%.3f, %.3f] on %d questions (%d-shot, %d truncated) in %.0fs", task,

@@ -10,7 +10,8 @@ Modes (comma-separated, run one after the other in the same processes):
              distributed_config, as in tests/dist_train.py): every process takes part in every sharded forward;
   reference  run_reference (DDP training under the Trainer, scoring at 3 checkpoints) into RUN_DIR, per-device batch
              4 / N so that the global batch is that of one process;
-  eval       heldout_nll and eval_multiple_choice (MedQA-style, 3 shots, multi-token options " A".." D").
+  eval       heldout_nll and eval_multiple_choice (MedQA-style, 3 shots, multi-token options " A".." D") with
+             distributed=True, and heldout_nll on the main process alone (the default distributed=False).
 Used by tests/test_distributed.py (launched with torchrun: `accelerate launch --cpu` starts one process here).
 """
 
@@ -39,7 +40,7 @@ def scoring(model, tok):
     # process with fewer batches runs dummy forwards
     records[7]["completion"][0]["content"] = " ".join(["red stone"] * 60)
     ds, _ = tokenize_records(records, tok)
-    res = run_scoring(model, ds, batch_size=3, hidden_at="last_response", show_progress=False)
+    res = run_scoring(model, ds, batch_size=3, hidden_at="last_response", show_progress=False, distributed=True)
     return {"rows": res.rows, "hidden": res.hidden.tolist(), "stats": res.stats}
 
 
@@ -51,12 +52,17 @@ def reference(tok, run_dir):
     return {"done": True}
 
 
-def evaluation(model, tok, mc_file, out_dir):
-    m, rows = heldout_nll(model, tok, tiny_records(21, seed=7, with_confidence=False), batch_size=4,
-                          return_rows=True)
+def evaluation(model, tok, mc_file, out_dir, main_only=True):
+    records = tiny_records(21, seed=7, with_confidence=False)
+    m, rows = heldout_nll(model, tok, records, batch_size=4, return_rows=True, distributed=True)
     mc = eval_multiple_choice(model, tok, "medqa", mc_file, cfg=EvalConfig(num_shots=3, batch_size=3),
-                              output_dir=out_dir)
-    return {"heldout": m, "heldout_rows": rows, "mc": mc}
+                              output_dir=out_dir, distributed=True)
+    alone = None
+    if main_only and int(os.environ.get("RANK", 0)) == 0:  # the default: one process alone scores all (no collective)
+        alone = heldout_nll(model, tok, records, batch_size=4)
+    if WORLD > 1:
+        torch.distributed.barrier()
+    return {"heldout": m, "heldout_rows": rows, "mc": mc, "heldout_main_only": alone}
 
 
 def main():
@@ -67,6 +73,9 @@ def main():
     p.add_argument("--model_dir", help="the tiny model saved by dist_train.save_models (for fsdp2)")
     p.add_argument("--mc_file", help="MedQA-style JSONL (for eval)")
     a = p.parse_args()
+    import faulthandler
+
+    faulthandler.dump_traceback_later(420, exit=True)  # a hang (mismatched collectives) shows where, then ends
     torch.set_num_threads(1)  # several processes on a small machine
     if WORLD > 1:
         from accelerate import PartialState
@@ -85,7 +94,9 @@ def main():
             sharded = _load_sharded(os.path.join(a.model_dir, "untied"))
             results[mode] = {**scoring(sharded, tok),
                              "sharded": any(isinstance(q, DTensor) for q in sharded.parameters()),
-                             "eval": evaluation(sharded, tok, a.mc_file, os.path.join(a.run_dir, "eval_fsdp2"))}
+                             # (not main-only: a sharded model needs every process in every forward)
+                             "eval": evaluation(sharded, tok, a.mc_file, os.path.join(a.run_dir, "eval_fsdp2"),
+                                                main_only=False)}
         elif mode == "reference":
             results[mode] = reference(tok, os.path.join(a.run_dir, "ref"))
         elif mode == "eval":

@@ -154,6 +154,7 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
     # evaluation: identical metrics and rows; each process ran about half of the multiple-choice tokens
     assert two["eval"]["heldout"] == one["eval"]["heldout"]
     assert two["eval"]["heldout_rows"] == one["eval"]["heldout_rows"]
+    assert two["eval"]["heldout_main_only"] == one["eval"]["heldout"]  # distributed=False: no collective, no hang
     strip = ("scoring", "seconds")
     assert ({k: v for k, v in two["eval"]["mc"].items() if k not in strip}
             == {k: v for k, v in one["eval"]["mc"].items() if k not in strip})
