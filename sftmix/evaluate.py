@@ -25,9 +25,10 @@ length normalisation has nothing to correct and would only favour the longer wor
 Tokens: prompt ids = tokenizer(prompt) (with the tokenizer's special tokens, e.g. BOS; none for chat-rendered
 prompts), option ids = tokenizer(option, add_special_tokens=False), concatenated.
 Shots: the same k shots for every question (fixed exemplars, as in Med-PaLM), taken from the shot pool in sha256(id)
-order, label-balanced (one per distinct answer first, see `pick_shots`). The pool is `<task>_shots_file` (e.g. the dev split) minus any question that also
-appears (same id or same text) in the evaluated file; without a shots file the evaluated file is split by the same
-hash: its first k items become the shots and are removed from the evaluated set. Disjointness is asserted.
+order, label-balanced (one per distinct answer first, see `pick_shots`). The pool is `<task>_shots_file` (e.g. the
+dev split) minus any question that also appears (same id or same text) in the evaluated file; without a shots file
+the evaluated file is split by the same hash: its first k items become the shots and are removed from the evaluated
+set. Disjointness is asserted.
 Length: prompt + longest option is capped at `max_length` tokens by dropping prompt tokens from the LEFT (the start
 of the first shot goes first); such questions are counted in `n_truncated`.
 Speed: each prompt is run once and all options are scored from its key/value cache (single-token options need no
@@ -51,7 +52,6 @@ judge_cache.jsonl, and results.json with all metrics.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -78,44 +78,86 @@ MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a cache co
 class EvalConfig:
     """What to evaluate and how. Every input file is optional; at least one must be given."""
 
-    heldout_file: str | None = field(default=None, metadata={"help": "SFT-format file (any format sftmix.data loads) whose response NLL and perplexity are measured."})
-    pubmedqa_file: str | None = field(default=None, metadata={"help": "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. ../shared/data/pubmedqa_pqal_dev500.json; or a Hub dataset ID[:CONFIG[:SPLIT]], e.g. qiaojin/PubMedQA (config pqa_labeled, split train by default)."})
-    pubmedqa_shots_file: str | None = field(default=None, metadata={"help": "PubMedQA file to take the shots from; default: split the evaluated file by id hash."})
-    medqa_file: str | None = field(default=None, metadata={"help": "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split test by default), e.g. GBaker/MedQA-USMLE-4-options."})
-    medqa_shots_file: str | None = field(default=None, metadata={"help": "MedQA 4-option file to take the shots from (e.g. the dev split); default: split the evaluated file by id hash."})
-    medqa5_file: str | None = field(default=None, metadata={"help": "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config med_qa_en_source)."})
-    medqa5_shots_file: str | None = field(default=None, metadata={"help": "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash."})
-    medmcqa_file: str | None = field(default=None, metadata={"help": "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split validation by default), e.g. openlifescienceai/medmcqa."})
-    medmcqa_shots_file: str | None = field(default=None, metadata={"help": "MedMCQA file to take the shots from (e.g. train); default: split the evaluated file by id hash."})
-    medmcqa_cop_base: Literal["auto", "0", "1"] = field(default="auto", metadata={"help": "Is MedMCQA's cop 0-based (Hugging Face copy) or 1-based (official release)? auto: decide from the values in the file."})
-    num_shots: int = field(default=3, metadata={"help": "Solved examples before each multiple-choice question (the paper: 3)."})
-    mc_chat_template: bool = field(default=False, metadata={"help": "Render multiple-choice shots as chat turns with the model's template instead of plain few-shot text."})
-    mc_score: Literal["sum", "norm"] = field(default="sum", metadata={"help": "Which option score decides the reported accuracy: summed log-prob (sum) or per-character log-prob (norm). Both are recorded."})
-    mc_share_prefix: bool = field(default=True, metadata={"help": "Compute the prompts' common prefix (the shared shots) once and reuse its key/value cache."})
-    mc_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions of each multiple-choice file (quick checks)."})
-    max_length: int = field(default=2048, metadata={"help": "Token cap: multiple-choice prompts are cut from the left to fit it; held-out examples are cut at the end (as in training)."})
-    batch_size: int = field(default=8, metadata={"help": "Examples (questions) per forward pass for likelihood scoring."})
-    chat_template: str = field(default="auto", metadata={"help": "Chat template for held-out scoring and generation: auto, model, plain, or a Jinja file (see sftmix.data.ensure_chat_template)."})
-    mtbench_file: str | None = field(default=None, metadata={"help": "MT-Bench questions JSONL ({question_id, category, turns: [q1, q2], reference?}); needs a judge."})
-    alpacaeval_file: str | None = field(default=None, metadata={"help": "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs a judge."})
+    heldout_file: str | None = field(default=None, metadata={"help": (
+        "SFT-format file (any format sftmix.data loads) whose response NLL and perplexity are measured.")})
+    pubmedqa_file: str | None = field(default=None, metadata={"help": (
+        "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. "
+        "../shared/data/pubmedqa_pqal_dev500.json; or a Hub dataset ID[:CONFIG[:SPLIT]], e.g. qiaojin/PubMedQA "
+        "(config pqa_labeled, split train by default).")})
+    pubmedqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "PubMedQA file to take the shots from; default: split the evaluated file by id hash.")})
+    medqa_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "test by default), e.g. GBaker/MedQA-USMLE-4-options.")})
+    medqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 4-option file to take the shots from (e.g. the dev split); default: split the evaluated file by id "
+        "hash.")})
+    medqa5_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config "
+        "med_qa_en_source).")})
+    medqa5_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash.")})
+    medmcqa_file: str | None = field(default=None, metadata={"help": (
+        "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "validation by default), e.g. openlifescienceai/medmcqa.")})
+    medmcqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedMCQA file to take the shots from (e.g. train); default: split the evaluated file by id hash.")})
+    medmcqa_cop_base: Literal["auto", "0", "1"] = field(default="auto", metadata={"help": (
+        "Is MedMCQA's cop 0-based (Hugging Face copy) or 1-based (official release)? auto: decide from the values in "
+        "the file.")})
+    num_shots: int = field(default=3, metadata={"help": (
+        "Solved examples before each multiple-choice question (the paper: 3).")})
+    mc_chat_template: bool = field(default=False, metadata={"help": (
+        "Render multiple-choice shots as chat turns with the model's template instead of plain few-shot text.")})
+    mc_score: Literal["sum", "norm"] = field(default="sum", metadata={"help": (
+        "Which option score decides the reported accuracy: summed log-prob (sum) or per-character log-prob (norm). "
+        "Both are recorded.")})
+    mc_share_prefix: bool = field(default=True, metadata={"help": (
+        "Compute the prompts' common prefix (the shared shots) once and reuse its key/value cache.")})
+    mc_limit: int | None = field(default=None, metadata={"help": (
+        "Evaluate only the first N questions of each multiple-choice file (quick checks).")})
+    max_length: int = field(default=2048, metadata={"help": (
+        "Token cap: multiple-choice prompts are cut from the left to fit it; held-out examples are cut at the end "
+        "(as in training).")})
+    batch_size: int = field(default=8, metadata={"help": (
+        "Examples (questions) per forward pass for likelihood scoring.")})
+    chat_template: str = field(default="auto", metadata={"help": (
+        "Chat template for held-out scoring and generation: auto, model, plain, or a Jinja file (see "
+        "sftmix.data.ensure_chat_template).")})
+    mtbench_file: str | None = field(default=None, metadata={"help": (
+        "MT-Bench questions JSONL ({question_id, category, turns: [q1, q2], reference?}); needs a judge.")})
+    alpacaeval_file: str | None = field(default=None, metadata={"help": (
+        "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs "
+        "a judge.")})
     max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (only with do_sample)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (only with do_sample)."})
     seed: int = field(default=0, metadata={"help": "Seed for sampled generation."})
-    judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible base URL of the judge (vLLM, llama.cpp server, OpenAI, ...)."})
-    judge_model: str | None = field(default=None, metadata={"help": "Model name sent to the judge endpoint (required for MT-Bench / AlpacaEval)."})
-    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the judge's API key (none needed for a local server)."})
-    judge_api_key: str | None = field(default=None, metadata={"help": "The judge's API key itself (prefer judge_api_key_env: config files get shared)."})
-    judge_timeout: float = field(default=120.0, metadata={"help": "Seconds per judge request before it counts as timed out."})
-    judge_max_retries: int = field(default=4, metadata={"help": "Retries per judgment (exponential backoff) on timeouts, HTTP 429/5xx and malformed replies."})
-    judge_backoff: float = field(default=1.0, metadata={"help": "First backoff delay in seconds; doubles with each retry."})
+    judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": (
+        "OpenAI-compatible base URL of the judge (vLLM, llama.cpp server, OpenAI, ...).")})
+    judge_model: str | None = field(default=None, metadata={"help": (
+        "Model name sent to the judge endpoint (required for MT-Bench / AlpacaEval).")})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": (
+        "Environment variable holding the judge's API key (none needed for a local server).")})
+    judge_api_key: str | None = field(default=None, metadata={"help": (
+        "The judge's API key itself (prefer judge_api_key_env: config files get shared).")})
+    judge_timeout: float = field(default=120.0, metadata={"help": (
+        "Seconds per judge request before it counts as timed out.")})
+    judge_max_retries: int = field(default=4, metadata={"help": (
+        "Retries per judgment (exponential backoff) on timeouts, HTTP 429/5xx and malformed replies.")})
+    judge_backoff: float = field(default=1.0, metadata={"help": (
+        "First backoff delay in seconds; doubles with each retry.")})
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
     judge_max_tokens: int = field(default=1024, metadata={"help": "max_tokens of each judge reply."})
-    judge_cache_file: str | None = field(default=None, metadata={"help": "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl."})
-    judge_prompt_dir: str | None = field(default=None, metadata={"help": "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt)."})
-    overwrite: bool = field(default=False, metadata={"help": "Recompute tasks whose <task>.json already exists with the same settings."})
+    judge_cache_file: str | None = field(default=None, metadata={"help": (
+        "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl.")})
+    judge_prompt_dir: str | None = field(default=None, metadata={"help": (
+        "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "Recompute tasks whose <task>.json already exists with the same settings.")})
 
 
 # ------------------------------------------------------------------------------------------------------ held-out
@@ -442,8 +484,8 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     share of the batches, with
     dummy forwards so that all run the same number of forwards (FSDP / ZeRO-3), and the scores are gathered:
     every process returns what one process would; stats["per_process"] has each share."""
-    from transformers import DynamicCache
     from tqdm.auto import tqdm
+    from transformers import DynamicCache
 
     from sftmix.dynamics import share_batches, world_and_rank
 
@@ -896,7 +938,9 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
 
 @dataclass
 class _ModelArgs:
-    model: str = field(default="smollm2", metadata={"help": "Model to evaluate: a spec understood by sftmix.models.load_model_and_tokenizer (smollm2, tiny-random, a local HF directory, ...)."})
+    model: str = field(default="smollm2", metadata={"help": (
+        "Model to evaluate: a spec understood by sftmix.models.load_model_and_tokenizer (smollm2, tiny-random, a "
+        "local HF directory, ...).")})
     output_dir: str = field(default="eval", metadata={"help": "Where the metrics and predictions go."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype (auto, float32, bfloat16, ...)."})
     device: str = field(default="auto", metadata={"help": "auto (GPU when present), cpu, cuda, ..."})

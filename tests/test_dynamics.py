@@ -6,7 +6,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 
 from sftmix import dynamics
 from sftmix.data import ensure_chat_template, tokenize_records
