@@ -369,7 +369,6 @@ def stage_data(cfg) -> None:
     from sftmix.data import (
         is_sharegpt_package,
         load_records_with_stats,
-        log_load_stats,
         save_records_jsonl,
         split_heldout,
     )
@@ -385,7 +384,6 @@ def stage_data(cfg) -> None:
                                                  on_bad="skip" if is_sharegpt_package(run.data) else
                                                  run.data_on_bad, dataset_config=run.dataset_config,
                                                  dataset_split=run.dataset_train_split, revisions=pinned)
-        log_load_stats(stats)
         filtered = {}
         if run.max_turn is not None:
             kept = [r for r in records if int(r.get("turn") or 1) <= run.max_turn]
