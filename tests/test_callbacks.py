@@ -70,3 +70,115 @@ def test_confidence_callback_arguments_are_checked(tok_ds):
         ConfidenceCallback(tok_ds[1], "x")
     with pytest.raises(SFTMixError, match="increasing"):
         ConfidenceCallback(tok_ds[1], "x", steps=[3, 2])
+
+
+# -- one-run SFTMix ----------------------------------------------------------------------------------------------------
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Interrupt
+
+    return Stop()
+
+
+ONE_RUN = dict(per_device_train_batch_size=4, num_train_epochs=3, self_reference_epochs=1, learning_rate=3e-3,
+               report_to=[], logging_steps=1, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+               max_length=None)
+
+
+def one_run_trainer(tok, ds, out, extra_callbacks=(), **kw):
+    from sftmix import SFTMixConfig, SFTMixTrainer
+    from sftmix.callbacks import SelfReferenceCallback
+
+    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, **kw})
+    cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8)
+    return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[cb, *extra_callbacks]), cb
+
+
+def step_logs(trainer):
+    return {h["step"]: h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h}
+
+
+def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch):
+    from sftmix.core import OneRunSampler
+
+    tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
+    tr, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    seen = []
+    real = OneRunSampler.confident_of
+
+    def spy(self, example_idx):
+        flags = real(self, example_idx)
+        seen.append((self.epoch, example_idx.tolist(), None if flags is None else flags.tolist()))
+        return flags
+
+    monkeypatch.setattr(OneRunSampler, "confident_of", spy)
+    tr.train()
+    assert cb.steps == [2, 4] and cb.scored == [1, 2]
+    logs = step_logs(tr)
+    assert sorted(logs) == list(range(1, 13))
+    assert all("mixup_loss" not in logs[s] for s in range(1, 5))  # NTP epoch: no Mixup term
+    assert all("mixup_loss" in logs[s] for s in range(5, 13))
+    rows = read_jsonl(tmp_path / "confidence.jsonl")
+    assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8 and "ppl_2" in rows[0]
+    assert (tmp_path / "dynamics" / "self_split.json").exists()
+    by_guid = {r["guid"]: r["confident"] for r in rows}
+    guids = list(ds["guid"])
+    ntp = [s for s in seen if s[0] == 0]
+    assert len(ntp) == 4 and all(f is None for *_, f in ntp)
+    assert sorted(i for _, idx, _ in ntp for i in idx) == list(range(16))  # an ordinary epoch: each row once
+    mix = [s for s in seen if s[0] >= 1]
+    assert len(mix) == 8
+    for _, idx, flags in mix:  # [c, c, u, u]: the i-th confident row paired with the i-th unconfident one
+        assert flags == [True, True, False, False]
+        assert [by_guid[guids[i]] for i in idx] == flags
+
+
+def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds):
+    from sftmix.utils import resume_checkpoint
+
+    tok, ds = tok_ds
+    ref, _ = one_run_trainer(tok, ds, tmp_path / "a", save_strategy="no")
+    ref.train()
+    want = {s: h["loss"] for s, h in step_logs(ref).items()}
+
+    out = tmp_path / "b"
+    kw = dict(save_strategy="steps", save_steps=1)
+    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(3)], **kw)  # killed in the NTP epoch (before step 4's scores)
+    with pytest.raises(Interrupt):
+        tr.train()
+    assert not (out / "confidence.jsonl").exists()
+    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(7)], **kw)  # ... and in the Mixup part
+    with pytest.raises(Interrupt):
+        tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
+    assert (out / "dynamics" / "self_split.json").exists()
+    tr, cb = one_run_trainer(tok, ds, out, **kw)
+    tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
+    assert cb.scored == []  # both checkpoints were scored before; the split is reloaded
+    got = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h and "train_runtime" not in h}
+    assert sorted(got) == list(range(1, 13))  # steps 1..6 from the checkpoint's history, 7..12 trained now
+    for s, v in got.items():
+        assert v == pytest.approx(want[s], abs=1e-5), s
+    assert read_jsonl(out / "confidence.jsonl") == read_jsonl(tmp_path / "a" / "confidence.jsonl")
+    for p, q in zip(ref.model.parameters(), tr.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+def test_one_run_settings_are_checked(tmp_path, tok_ds):
+    from sftmix import SFTMixConfig
+
+    tok, ds = tok_ds
+    with pytest.raises(SFTMixError, match="self_reference_epochs"):
+        SFTMixConfig(output_dir=str(tmp_path), self_reference_epochs=1, mixup_weight=0.0, bf16=False)
+    tr, _ = one_run_trainer(tok, ds, tmp_path, num_train_epochs=1, save_strategy="no")
+    with pytest.raises(SFTMixError, match="whole num_train_epochs"):
+        tr.train()
