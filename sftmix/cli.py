@@ -43,6 +43,7 @@ COMMANDS = {
 }
 RECIPES = ("sftmix", "ntp")
 CONFIDENCE_MODES = ("checkpoints", "online")
+REFERENCES = ("separate", "self")  # RunConfig.reference
 SELECTION_SPLITS = ("subset", "all")
 
 
@@ -122,6 +123,17 @@ class RunConfig:
                                  "them and the median splits them into equal halves); `all` runs step 1 on all the "
                                  "training data and the selected examples keep those flags (halves can be unequal; "
                                  "a variant the paper does not run).", "choices": list(SELECTION_SPLITS)})
+    reference: str = field(default="separate", metadata={"help": "Where recipe `sftmix` gets its confidence: "
+                           "`separate` (the paper: step 1 trains a reference run first) or `self` (one run: the "
+                           "target trains with plain NTP for self_ntp_epochs while its own training data is scored "
+                           "self_num_checkpoints times, the median split is taken at that epoch boundary and the same "
+                           "run continues with Mixup; no step 1, no second model).", "choices": list(REFERENCES)})
+    self_ntp_epochs: int = field(default=1, metadata={"help": "With reference=self: the NTP epochs at the start of "
+                                 "the sftmix run whose scores give the split (num_train_epochs must be whole and "
+                                 "larger)."})
+    self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self: scoring passes over the "
+                                      "training data, evenly spread over the NTP epochs (the last at their end); each "
+                                      "costs about 1/8 of a training epoch."})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
@@ -171,6 +183,11 @@ class RunConfig:
             raise SFTMixError(f"num_checkpoints must be >= 1; got {self.num_checkpoints}.")
         if self.reference_epochs <= 0:
             raise SFTMixError(f"reference_epochs must be > 0; got {self.reference_epochs}.")
+        if self.reference not in REFERENCES:
+            raise SFTMixError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}.")
+        if self.self_ntp_epochs < 1 or self.self_num_checkpoints < 1:
+            raise SFTMixError(f"self_ntp_epochs and self_num_checkpoints must be >= 1; got {self.self_ntp_epochs}, "
+                              f"{self.self_num_checkpoints}.")
         if self.heldout <= 0 or (self.heldout >= 1 and self.heldout != int(self.heldout)):
             raise SFTMixError(f"heldout={self.heldout}: give a whole count (>= 1) or a fraction in (0, 1).")
         if self.data_on_bad not in ("error", "skip"):

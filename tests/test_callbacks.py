@@ -182,3 +182,31 @@ def test_one_run_settings_are_checked(tmp_path, tok_ds):
     tr, _ = one_run_trainer(tok, ds, tmp_path, num_train_epochs=1, save_strategy="no")
     with pytest.raises(SFTMixError, match="whole num_train_epochs"):
         tr.train()
+
+
+def test_one_run_pipeline_writes_confidence_plots_and_a_report(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "sftmix", "run", "--config", str(root / "configs" / "smoke.yaml"),
+                           "--output_dir", str(out), "--reference", "self"], capture_output=True, text=True,
+                          timeout=600, cwd=root, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "reference").exists()  # no step 1: no second model
+    train = read_jsonl(out / "data" / "train.jsonl")
+    conf = read_jsonl(out / "confidence.jsonl")
+    assert [r["guid"] for r in conf] == [r["guid"] for r in train] and sum(r["confident"] for r in conf) == 20
+    assert json.loads((out / "dynamics" / "self_split.json").read_text())["steps"] == [5, 10]  # 10 steps/epoch
+    result = json.loads((out / "sftmix" / "train_result.json").read_text())
+    assert result["confidence_source"] == "self" and result["global_step"] == 20
+    logged = [h for h in result["log_history"] if "loss" in h and "train_runtime" not in h]
+    assert [("mixup_loss" in h) for h in logged] == [h["step"] > 10 for h in logged] and len(logged) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["confidence"]["confidence_source"] == "self"
+    assert "confidence_source self" in (out / "report.md").read_text()
+    assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
