@@ -17,6 +17,11 @@ seed 0 over the whole file: the same for every seed and every N) is written to W
 examples in a fixed shuffled order form the training file. Each run gets `--heldout 1` (the pipeline must hold out
 something): it trains on N of those N+1, which one is left out depends on the seed, and that one is not used for
 anything. Every metric is computed on the fixed held-out file (`--heldout_file`).
+One-run SFTMix (`--reference self --recipes sftmix`, confidence from the target's own first --self_ntp_epochs NTP
+epochs, --self_num_checkpoints scoring passes) runs per seed from the same start in RUN_DIR-self (its config
+differs; the start model's evaluation is reused from the seed's directory). Cost per recipe, end to end, model
+loading included: NTP = its target run; two-run SFTMix = step 1 + its target run; one-run SFTMix = its run; each
+also as a ratio to NTP (wall and CPU).
 Metrics per seed: held-out response NLL (token-weighted; sftmix.evaluate) of the start model, NTP and SFTMix; 3-shot
 PubMedQA accuracy on the first Q questions of ../shared/data/pubmedqa_pqal_dev500.json (shots: 3 questions of that
 file chosen by id hash and removed from the evaluated set); paired differences SFTMix - NTP per seed, per held-out

@@ -132,8 +132,8 @@ class RunConfig:
                                  "the sftmix run whose scores give the split (num_train_epochs must be whole and "
                                  "larger)."})
     self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self: scoring passes over the "
-                                      "training data, evenly spread over the NTP epochs (the last at their end); each "
-                                      "costs about 1/8 of a training epoch."})
+                                      "training data, evenly spread over the NTP epochs (the last at their end); on a "
+                                      "CPU each costs ~0.2 of a training epoch (docs/analyses.md)."})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
