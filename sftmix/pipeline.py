@@ -602,7 +602,7 @@ def _reference_ntp_checkpoint(cfg) -> Path | None:
     also the target's (and no selection, LoRA, max_steps or online recording changes the run), the NTP baseline
     would repeat it step for step: its final checkpoint is reused instead of training the same model twice."""
     run, tr = cfg.run, cfg.train
-    same = ((run.reference_model or run.model) == run.model and not run.use_peft
+    same = ((run.reference_model or run.model) == run.model and not run.use_peft and run.reference == "separate"
             and run.confidence_mode == "checkpoints" and run.reference_epochs == tr.num_train_epochs
             and (run.reference_learning_rate or tr.learning_rate) == tr.learning_rate
             and tr.max_steps <= 0 and tr.selection == "none" and _state().num_processes == 1)

@@ -210,3 +210,18 @@ def test_one_run_pipeline_writes_confidence_plots_and_a_report(tmp_path):
     assert report["confidence"]["confidence_source"] == "self"
     assert "confidence_source self" in (out / "report.md").read_text()
     assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
+
+
+def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
+    """reference=self writes dynamics/schedule.json too, but there is no reference run to stand in for NTP."""
+    from pathlib import Path
+
+    from sftmix import pipeline
+    from sftmix.cli import parse_config
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    argv = ["--config", smoke, "--output_dir", str(tmp_path), "--reference_epochs", "2"]
+    (tmp_path / "dynamics").mkdir()
+    (tmp_path / "dynamics" / "schedule.json").write_text('{"steps": [5, 10], "num_checkpoints": 2}')
+    # (before the check, this schedule without step 1's max_steps was read as the reference's: a KeyError)
+    assert pipeline._reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
