@@ -362,10 +362,27 @@ def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
                  "sftmix_self": self_dir / "eval" / "sftmix"}
         for other in ("ntp", "sftmix"):
             out[f"sftmix_self_minus_{other}"] = _paired(m, files, "sftmix_self", other)
+        out["self_vs_step1_confidence"] = _confidence_agreement(run_dir, self_dir)
     split = _json(run_dir / "dynamics" / "split.json") or {}
     out["confidence_split"] = {k: split.get(k) for k in ("n_examples", "n_confident", "n_unconfident")}
     out["stage_seconds"] = {k: v["seconds"] for k, v in (_json(run_dir / "timings.json") or {}).items()}
     return out
+
+
+def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
+    """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
+    and the share of examples the two median splits put on the same side (sftmix.dynamics.compare_online)."""
+    from sftmix.dynamics import compare_online
+
+    a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
+    if not (a.exists() and b.exists()):
+        return None
+    step1 = {r["guid"]: r["confidence"] for r in read_jsonl(a)}
+    own = {r["guid"]: r["confidence"] for r in read_jsonl(b)}
+    guids = sorted(set(step1) & set(own))
+    if len(guids) < 3:
+        return None
+    return compare_online([own[g] for g in guids], [step1[g] for g in guids], guids)
 
 
 def _paired(m: dict, files: dict, a: str, b: str) -> dict:
@@ -495,6 +512,11 @@ def render_markdown(res: dict) -> str:
                          f"{a['seeds_sftmix_self_better_than_ntp']}/{a['sftmix_self_minus_ntp']['n']} | "
                          f"{_cell(a['sftmix_self_minus_sftmix'], sign=True)} | "
                          f"{a['seeds_sftmix_self_better_than_sftmix']}/{a['sftmix_self_minus_sftmix']['n']} |")
+        rho = [r["self_vs_step1_confidence"]["spearman"] for r in res["seeds"] if r.get("self_vs_step1_confidence")]
+        agree = [r["self_vs_step1_confidence"]["split_agreement"] for r in res["seeds"]
+                 if r.get("self_vs_step1_confidence")]
+        lines += ["", f"One-run confidence vs step 1's, per seed: Spearman {', '.join(f'{x:.3f}' for x in rho)}; "
+                  f"share of examples on the same side of the split {', '.join(f'{x:.2f}' for x in agree)}."]
     rc = agg.get("recipe_costs")
     if rc:
         lines += ["", "## Cost per recipe, end to end (step 1 included; mean ± std [min, max] over seeds)", "",

@@ -86,6 +86,9 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     assert d["heldout_examples_compared"] == 8
     assert math.isclose(seed["sftmix_self_minus_sftmix"]["heldout_nll"], ms["heldout_nll"] - m["sftmix"]["heldout_nll"])
     assert (Path(seed["self_run_dir"]) / "dynamics" / "self_split.json").exists()
+    agree = seed["self_vs_step1_confidence"]
+    assert -1 <= agree["spearman"] <= 1 and agree["n"] == 16 and 0 <= agree["split_agreement"] <= 1
+    assert "One-run confidence vs step 1's" in md
     rc = seed["recipe_costs"]
     assert all(rc[r]["cpu_seconds"] > 0 for r in ("ntp", "sftmix", "sftmix_self"))
     sc = seed["stage_costs"]
