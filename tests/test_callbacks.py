@@ -1,6 +1,7 @@
 """sftmix.callbacks: ConfidenceCallback on a plain transformers.Trainer; one-run SFTMix (switch, balance, resume)."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,19 +185,52 @@ def test_one_run_settings_are_checked(tmp_path, tok_ds):
         tr.train()
 
 
-def test_one_run_pipeline_writes_confidence_plots_and_a_report(tmp_path):
-    import json
+SMOKE_ARGS = ["run", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+              "--reference", "self", "--recipes", "sftmix"]
+
+KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import sftmix.trainer as T
+
+class Kill(TrainerCallback):  # SIGKILL at the end of step KILL_AT of the sftmix run
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = T.SFTMixTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+T.SFTMixTrainer.__init__ = patched
+from sftmix.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_pipeline(out, kill_at=None):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "sftmix", "run", "--config", str(root / "configs" / "smoke.yaml"),
-                           "--output_dir", str(out), "--reference", "self"], capture_output=True, text=True,
-                          timeout=600, cwd=root, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [sys.executable, "-m", "sftmix"] if kill_at is None else [sys.executable, "-c", KILLER]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_AT": str(kill_at)}
+    return subprocess.run(cmd + SMOKE_ARGS + ["--output_dir", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1], env=env)
+
+
+@pytest.fixture(scope="module")
+def one_run_pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_run") / "run"
+    proc = run_pipeline(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_one_run_pipeline_writes_confidence_plots_and_a_report(one_run_pipeline):
+    import json
+
+    out = one_run_pipeline
     assert not (out / "reference").exists()  # no step 1: no second model
     train = read_jsonl(out / "data" / "train.jsonl")
     conf = read_jsonl(out / "confidence.jsonl")
@@ -210,6 +244,31 @@ def test_one_run_pipeline_writes_confidence_plots_and_a_report(tmp_path):
     assert report["confidence"]["confidence_source"] == "self"
     assert "confidence_source self" in (out / "report.md").read_text()
     assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
+
+
+def test_one_run_pipeline_killed_in_each_phase_resumes_to_the_same_result(one_run_pipeline, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    killed = run_pipeline(out, kill_at=7)  # NTP part: after checkpoint-5 and the first scoring pass (step 5)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "dynamics" / "ckpt_1.jsonl").exists() and not (out / "confidence.jsonl").exists()
+    killed = run_pipeline(out, kill_at=13)  # Mixup part: the split was persisted when epoch 2 began
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "dynamics" / "self_split.json").exists()
+    proc = run_pipeline(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'sftmix' / 'checkpoint-10'}" in proc.stderr
+
+    def final(run):
+        result = json.loads((run / "sftmix" / "train_result.json").read_text())
+        nll = json.loads((run / "eval" / "sftmix.json").read_text())["results"]["heldout"]["nll"]
+        return [h["loss"] for h in result["log_history"] if "loss" in h], nll, read_jsonl(run / "confidence.jsonl")
+
+    (l_ref, nll_ref, c_ref), (l_res, nll_res, c_res) = final(one_run_pipeline), final(out)
+    assert l_res == pytest.approx(l_ref, rel=1e-5, abs=1e-6) and len(l_ref) == 4  # logged at steps 5, 10, 15, 20
+    assert nll_res == pytest.approx(nll_ref, rel=1e-5, abs=1e-6)
+    assert c_res == c_ref
 
 
 def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
