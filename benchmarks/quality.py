@@ -278,7 +278,8 @@ def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
         wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         timings_after = _json(run_dir / "timings.json") or {}
         ran = [k for k in timings_after if timings_after[k] != timings_before.get(k) and k != "data"]
-        if ran and not name.startswith("report"):  # it really ran now (was not done already): keep its cost across resumes
+        # it really ran now (was not done already): keep its cost across resumes
+        if ran and not name.startswith("report"):
             costs[name] = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "stages": ran,
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write_json(costs_path, costs)

@@ -139,9 +139,9 @@ class MixupArguments:
     self_reference_epochs: int = field(
         default=0,
         metadata={"help": "One-run SFTMix (reference=self): the first N epochs train with plain NTP (ordinary random "
-                          "order, no Mixup) while a sftmix.callbacks.SelfReferenceCallback scores the training data; at "
-                          "the end of epoch N the median split is taken and the same run (one optimizer, one LR "
-                          "schedule) continues with Mixup on balanced pairs. 0: the split comes from the data "
+                          "order, no Mixup) while a sftmix.callbacks.SelfReferenceCallback scores the training "
+                          "data; at the end of epoch N the median split is taken and the same run (one optimizer, "
+                          "one LR schedule) continues with Mixup on balanced pairs. 0: the split comes from the data "
                           "(step 1 of the two-run recipe)."},
     )
 
@@ -343,8 +343,8 @@ class OneRunSampler(Sampler[int]):
 
     def __init__(self, n: int, batch_size: int, seed: int, ntp_epochs: int, split_fn, num_replicas: int = 1):
         if batch_size % 2:
-            raise SFTMixError(f"per_device_train_batch_size must be even for SFTMix (half confident, half unconfident); "
-                              f"got {batch_size}.")
+            raise SFTMixError(f"per_device_train_batch_size must be even for SFTMix (half confident, half "
+                              f"unconfident); got {batch_size}.")
         self.n, self.batch_size, self.seed, self.ntp_epochs = n, batch_size, seed, int(ntp_epochs)
         self.split_fn, self.num_replicas = split_fn, num_replicas
         per_step = batch_size // 2 * max(int(num_replicas), 1)
@@ -634,7 +634,8 @@ class SFTMixMixin:
         found = [cb for cb in self.callback_handler.callbacks if callable(getattr(cb, "self_split", None))]
         if len(found) != 1:
             raise SFTMixError(f"self_reference_epochs={self.args.self_reference_epochs} needs exactly one "
-                              f"sftmix.callbacks.SelfReferenceCallback in the trainer's callbacks (found {len(found)}).")
+                              f"sftmix.callbacks.SelfReferenceCallback in the trainer's callbacks "
+                              f"(found {len(found)}).")
         if "guid" not in self.train_dataset.column_names:
             raise SFTMixError("one-run SFTMix joins the split by guid: the training data needs a `guid` column "
                               "(sftmix.data.tokenize_records adds one).")

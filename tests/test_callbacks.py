@@ -20,7 +20,8 @@ def make_records(n=16, seed=0):
     return [
         {"guid": f"g{i:03d}",
          "prompt": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}],
-         "completion": [{"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))}]}
+         "completion": [{"role": "assistant",
+                         "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))}]}
         for i in range(n)
     ]
 

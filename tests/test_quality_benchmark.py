@@ -92,8 +92,8 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     rc = seed["recipe_costs"]
     assert all(rc[r]["cpu_seconds"] > 0 for r in ("ntp", "sftmix", "sftmix_self"))
     sc = seed["stage_costs"]
-    assert math.isclose(rc["sftmix"]["wall_seconds"], sc["dynamics"]["wall_seconds"] + sc["train:sftmix"]["wall_seconds"],
-                        abs_tol=0.11)
+    assert math.isclose(rc["sftmix"]["wall_seconds"],
+                        sc["dynamics"]["wall_seconds"] + sc["train:sftmix"]["wall_seconds"], abs_tol=0.11)
     assert math.isclose(rc["sftmix_self_over_ntp"]["cpu_seconds"], rc["sftmix_self"]["cpu_seconds"]
                         / rc["ntp"]["cpu_seconds"])
     assert "## One-run SFTMix" in md and "## Cost per recipe" in md
