@@ -25,6 +25,8 @@ a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the 
   that runs the backbone itself): one backbone pass per step, no full-vocabulary logits for the mixed states;
 - compute_loss returns NTP + mu * Mixup (normalised like the Trainer normalises the NTP loss under gradient
   accumulation), logs `ntp_loss` and `mixup_loss`, and stops on a non-finite loss, gradient or weight before the update.
+- one-run SFTMix (`self_reference_epochs=N` and a sftmix.callbacks.SelfReferenceCallback): `OneRunSampler` gives
+  random order (plain NTP, no Mixup term) for N epochs, then balanced pairs on the split the callback takes then.
 This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
 `sftmix.trainer.SFTMixTrainer` is trl.SFTTrainer on the same component.
 """
