@@ -285,3 +285,12 @@ def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
     (tmp_path / "dynamics" / "schedule.json").write_text('{"steps": [5, 10], "num_checkpoints": 2}')
     # (before the check, this schedule without step 1's max_steps was read as the reference's: a KeyError)
     assert pipeline._reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
+
+
+def test_step1_alone_is_refused_with_reference_self(tmp_path, capsys):
+    from sftmix.cli import main
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["dynamics", "--config", smoke, "--output_dir", str(tmp_path / "run"), "--reference", "self"])
+    assert e.value.code == 2 and "reference=self has no step 1" in capsys.readouterr().err
