@@ -17,6 +17,11 @@ seed 0 over the whole file: the same for every seed and every N) is written to W
 examples in a fixed shuffled order form the training file. Each run gets `--heldout 1` (the pipeline must hold out
 something): it trains on N of those N+1, which one is left out depends on the seed, and that one is not used for
 anything. Every metric is computed on the fixed held-out file (`--heldout_file`).
+One-run SFTMix (`--reference self --recipes sftmix`, confidence from the target's own first --self_ntp_epochs NTP
+epochs, --self_num_checkpoints scoring passes) runs per seed from the same start in RUN_DIR-self (its config
+differs; the start model's evaluation is reused from the seed's directory). Cost per recipe, end to end, model
+loading included: NTP = its target run; two-run SFTMix = step 1 + its target run; one-run SFTMix = its run; each
+also as a ratio to NTP (wall and CPU).
 Metrics per seed: held-out response NLL (token-weighted; sftmix.evaluate) of the start model, NTP and SFTMix; 3-shot
 PubMedQA accuracy on the first Q questions of ../shared/data/pubmedqa_pqal_dev500.json (shots: 3 questions of that
 file chosen by id hash and removed from the evaluated set); paired differences SFTMix - NTP per seed, per held-out
@@ -64,6 +69,7 @@ from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read
 HELDOUT_SEED = 0  # the held-out split never depends on the training seed
 SHUFFLE_SEED = 0  # nor does the choice of the N training examples
 MODELS = ("start", "ntp", "sftmix")
+RECIPES3 = ("ntp", "sftmix", "sftmix_self")  # NTP, two-run SFTMix (step 1 + target), one-run SFTMix (reference=self)
 TOP_K = 10
 
 # The instruction kinds of §3.2, by the instruction's first word (crude on purpose: it is easy to check by eye).
@@ -96,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=3.0, help="epochs of NTP and SFTMix (default 3, the paper's)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the reference, NTP and SFTMix")
     p.add_argument("--num_checkpoints", type=int, default=5, help="C: reference checkpoints scored (paper: 5)")
+    p.add_argument("--self_ntp_epochs", type=int, default=1,
+                   help="one-run SFTMix (reference=self): NTP epochs whose scores give the split (default 1)")
+    p.add_argument("--self_num_checkpoints", type=int, default=2,
+                   help="one-run SFTMix: scoring passes inside those NTP epochs (default 2)")
     p.add_argument("--pubmedqa_questions", type=int, default=100,
                    help="first Q questions of the PubMedQA file (0: skip PubMedQA)")
     p.add_argument("--model", default=None, help="model spec (default: the config's, smollm2)")
@@ -111,7 +121,7 @@ def parse_args(argv=None):
     args.extra = extra
     if args.quick:  # every setting small, unless given explicitly
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        quick = {"n_train": 16, "n_heldout": 8, "seeds": [0], "epochs": 1.0, "lr": 1e-3, "num_checkpoints": 2,
+        quick = {"n_train": 16, "n_heldout": 8, "seeds": [0], "epochs": 2.0, "lr": 1e-3, "num_checkpoints": 2,
                  "pubmedqa_questions": 4, "model": "tiny-random:0"}
         for k, v in quick.items():
             if f"--{k}" not in given:
@@ -224,6 +234,17 @@ STAGE_COMMANDS = (("dynamics", "dynamics", None), ("train:ntp", "train", "ntp"),
                   ("eval", "eval", None), ("report", "report", None))
 
 
+# One-run SFTMix (reference=self) in a run directory of its own beside the seed's (its config differs): its target
+# run is the whole recipe (no step 1); the start model's evaluation files are reused from the seed's directory.
+SELF_STAGE_COMMANDS = (("train:sftmix_self", "train", "sftmix"), ("eval:self", "eval", None),
+                       ("report:self", "report", None))
+
+
+def self_overrides(args, common: list[str]) -> list[str]:
+    return [*common, "--reference", "self", "--recipes", "sftmix", "--self_ntp_epochs", str(args.self_ntp_epochs),
+            "--self_num_checkpoints", str(args.self_num_checkpoints)]
+
+
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -242,8 +263,14 @@ def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
     costs_path = run_dir / "quality_costs.json"
     costs = _json(costs_path) or {}
     cfg = parse_config([*common, "--seed", str(seed), "--output_dir", str(run_dir)])
+    self_dir = self_run_dir(run_dir)
+    self_cfg = parse_config([*self_overrides(args, common), "--seed", str(seed), "--output_dir", str(self_dir)])
     print(f"[quality] seed {seed}: {run_dir}", flush=True)
-    for name, command, recipe in STAGE_COMMANDS:
+    plan = [(cfg, *c) for c in STAGE_COMMANDS] + [(self_cfg, *c) for c in SELF_STAGE_COMMANDS]
+    for cfg, name, command, recipe in plan:
+        run_dir = cfg.run_dir
+        if name == "train:sftmix_self":
+            reuse_start_eval(run_dir, [plan[0][0].run_dir])  # the same start model, evaluated once
         timings_before = _json(run_dir / "timings.json") or {}
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         pipeline.run(cfg, command, recipe=recipe)
@@ -251,13 +278,35 @@ def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
         wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         timings_after = _json(run_dir / "timings.json") or {}
         ran = [k for k in timings_after if timings_after[k] != timings_before.get(k) and k != "data"]
-        if ran and name != "report":  # it really ran now (was not done already): keep its cost across resumes
+        # it really ran now (was not done already): keep its cost across resumes
+        if ran and not name.startswith("report"):
             costs[name] = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "stages": ran,
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write_json(costs_path, costs)
         skipped = " (done already)" if not ran else ""  # `sftmix report` always rewrites the (cheap) report
         print(f"[quality] seed {seed} {name}: {wall:.0f}s wall, {cpu:.0f}s CPU{skipped}", flush=True)
-    return {"seed": seed, "run_dir": str(run_dir), "stage_costs": costs}
+    return {"seed": seed, "run_dir": str(plan[0][0].run_dir), "self_run_dir": str(self_dir), "stage_costs": costs}
+
+
+def self_run_dir(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}-self"
+
+
+def recipe_costs(stage_costs: dict) -> dict:
+    """Wall and CPU seconds of each recipe end to end (model loading included): NTP = its target run; two-run
+    SFTMix = step 1 + its target run; one-run SFTMix = its target run alone. None where a part is missing."""
+    parts = {"ntp": ("train:ntp",), "sftmix": ("dynamics", "train:sftmix"), "sftmix_self": ("train:sftmix_self",)}
+    out = {}
+    for recipe, names in parts.items():
+        if all(n in stage_costs for n in names):
+            out[recipe] = {k: round(sum(stage_costs[n][k] for n in names), 1) for k in ("wall_seconds", "cpu_seconds")}
+        else:
+            out[recipe] = None
+    for recipe in ("sftmix", "sftmix_self"):
+        a, b = out[recipe], out["ntp"]
+        out[f"{recipe}_over_ntp"] = None if not a or not b else {
+            k: a[k] / b[k] for k in ("wall_seconds", "cpu_seconds") if b[k]}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- per seed
@@ -267,13 +316,17 @@ def _json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def seed_metrics(run_dir: Path) -> dict:
-    """Held-out NLL / PPL and PubMedQA accuracy of each model, and the paired comparisons SFTMix vs NTP."""
+def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
+    """Held-out NLL / PPL and PubMedQA accuracy of each model, and the paired comparisons SFTMix vs NTP (and, with
+    `self_dir`, one-run SFTMix's, `sftmix_self`, vs NTP and vs two-run SFTMix)."""
     out = {"models": {}}
-    for name in MODELS:
-        ev = (_json(run_dir / "eval" / f"{name}.json") or {}).get("results") or {}
+    where = [(name, run_dir, name) for name in MODELS]
+    if self_dir is not None:
+        where.append(("sftmix_self", self_dir, "sftmix"))
+    for name, folder, recipe in where:
+        ev = (_json(folder / "eval" / f"{recipe}.json") or {}).get("results") or {}
         h, pq = ev.get("heldout") or {}, ev.get("pubmedqa") or {}
-        tr = _json(run_dir / name / "train_result.json") if name != "start" else None
+        tr = _json(folder / recipe / "train_result.json") if name != "start" else None
         out["models"][name] = {
             "heldout_nll": h.get("nll"), "heldout_ppl": h.get("ppl"),
             "heldout_nll_example_mean": h.get("nll_example_mean"),
@@ -305,10 +358,51 @@ def seed_metrics(run_dir: Path) -> dict:
         diff["pubmedqa_only_sftmix_right"] = sum(pr["sftmix"][i] and not pr["ntp"][i] for i in ids)
         diff["pubmedqa_only_ntp_right"] = sum(pr["ntp"][i] and not pr["sftmix"][i] for i in ids)
     out["sftmix_minus_ntp"] = diff
+    if self_dir is not None:
+        files = {"ntp": run_dir / "eval" / "ntp", "sftmix": run_dir / "eval" / "sftmix",
+                 "sftmix_self": self_dir / "eval" / "sftmix"}
+        for other in ("ntp", "sftmix"):
+            out[f"sftmix_self_minus_{other}"] = _paired(m, files, "sftmix_self", other)
+        out["self_vs_step1_confidence"] = _confidence_agreement(run_dir, self_dir)
     split = _json(run_dir / "dynamics" / "split.json") or {}
     out["confidence_split"] = {k: split.get(k) for k in ("n_examples", "n_confident", "n_unconfident")}
     out["stage_seconds"] = {k: v["seconds"] for k, v in (_json(run_dir / "timings.json") or {}).items()}
     return out
+
+
+def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
+    """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
+    and the share of examples the two median splits put on the same side (sftmix.dynamics.compare_online)."""
+    from sftmix.dynamics import compare_online
+
+    a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
+    if not (a.exists() and b.exists()):
+        return None
+    step1 = {r["guid"]: r["confidence"] for r in read_jsonl(a)}
+    own = {r["guid"]: r["confidence"] for r in read_jsonl(b)}
+    guids = sorted(set(step1) & set(own))
+    if len(guids) < 3:
+        return None
+    return compare_online([own[g] for g in guids], [step1[g] for g in guids], guids)
+
+
+def _paired(m: dict, files: dict, a: str, b: str) -> dict:
+    """a - b per metric, and per held-out example / PubMedQA question (the comparisons above, for any two models)."""
+    diff = {key: None if m[a][key] is None or m[b][key] is None else m[a][key] - m[b][key]
+            for key in ("heldout_nll", "heldout_ppl", "pubmedqa_accuracy")}
+    ex = {n: {r["guid"]: r["nll_mean"] for r in read_jsonl(p)}
+          for n in (a, b) if (p := files[n] / "heldout_examples.jsonl").exists()}
+    if len(ex) == 2:
+        common = sorted(set(ex[a]) & set(ex[b]))
+        diff["heldout_examples_lower"] = sum(ex[a][g] < ex[b][g] for g in common)
+        diff["heldout_examples_compared"] = len(common)
+    pr = {n: {r["id"]: r["correct"] for r in read_jsonl(p)}
+          for n in (a, b) if (p := files[n] / "pubmedqa_predictions.jsonl").exists()}
+    if len(pr) == 2:
+        ids = set(pr[a]) & set(pr[b])
+        diff["pubmedqa_only_first_right"] = sum(pr[a][i] and not pr[b][i] for i in ids)
+        diff["pubmedqa_only_second_right"] = sum(pr[b][i] and not pr[a][i] for i in ids)
+    return diff
 
 
 def spread(values) -> dict:
@@ -407,6 +501,34 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {label} | {_f(a['start']['mean'])} | {_cell(a['ntp'])} | {_cell(a['sftmix'])} | "
                      f"{_cell(a['sftmix_minus_ntp'], sign=True)} | "
                      f"{a['seeds_sftmix_better']}/{a['sftmix_minus_ntp']['n']} |")
+    if "sftmix_self" in agg["heldout_nll"]:
+        lines += ["", "## One-run SFTMix (reference=self: confidence from the target's own first "
+                  f"{s.get('self_ntp_epochs')} NTP epoch(s), {s.get('self_num_checkpoints')} scoring passes)", "",
+                  "| metric | one-run SFTMix | one-run − NTP | seeds better than NTP | one-run − two-run "
+                  "| seeds better than two-run |", "|---|---|---|---|---|---|"]
+        for key, label in (("heldout_nll", "held-out NLL"), ("heldout_ppl", "held-out PPL"),
+                           ("pubmedqa_accuracy", "PubMedQA 3-shot accuracy")):
+            a = agg[key]
+            lines.append(f"| {label} | {_cell(a['sftmix_self'])} | {_cell(a['sftmix_self_minus_ntp'], sign=True)} | "
+                         f"{a['seeds_sftmix_self_better_than_ntp']}/{a['sftmix_self_minus_ntp']['n']} | "
+                         f"{_cell(a['sftmix_self_minus_sftmix'], sign=True)} | "
+                         f"{a['seeds_sftmix_self_better_than_sftmix']}/{a['sftmix_self_minus_sftmix']['n']} |")
+        rho = [r["self_vs_step1_confidence"]["spearman"] for r in res["seeds"] if r.get("self_vs_step1_confidence")]
+        agree = [r["self_vs_step1_confidence"]["split_agreement"] for r in res["seeds"]
+                 if r.get("self_vs_step1_confidence")]
+        lines += ["", f"One-run confidence vs step 1's, per seed: Spearman {', '.join(f'{x:.3f}' for x in rho)}; "
+                  f"share of examples on the same side of the split {', '.join(f'{x:.2f}' for x in agree)}."]
+    rc = agg.get("recipe_costs")
+    if rc:
+        lines += ["", "## Cost per recipe, end to end (step 1 included; mean ± std [min, max] over seeds)", "",
+                  "| recipe | wall s | CPU s | wall / NTP | CPU / NTP |", "|---|---|---|---|---|"]
+        for recipe, label in (("ntp", "NTP"), ("sftmix", "two-run SFTMix (step 1 + target)"),
+                              ("sftmix_self", "one-run SFTMix")):
+            ratio = rc.get(f"{recipe}_over_ntp") or {}
+            lines.append(f"| {label} | {_cell(rc[recipe]['wall_seconds'], 0)} | "
+                         f"{_cell(rc[recipe]['cpu_seconds'], 0)} | "
+                         f"{_cell(ratio.get('wall_seconds'), 3) if ratio else '1'} | "
+                         f"{_cell(ratio.get('cpu_seconds'), 3) if ratio else '1'} |")
     lines += ["", "## Per seed", "",
               "| seed | NLL NTP | NLL SFTMix | Δ NLL | held-out examples SFTMix lower | PubMedQA NTP "
               "| PubMedQA SFTMix | Δ acc | questions only SFTMix / only NTP right "
@@ -475,6 +597,17 @@ def aggregate(seeds: list[dict]) -> dict:
                     "sftmix_minus_ntp": spread(diffs),
                     "seeds_sftmix_better": sum(1 for x in diffs
                                                if x is not None and (x < 0 if lower_better else x > 0))}
+        if all("sftmix_self" in r["models"] for r in seeds):
+            agg[key]["sftmix_self"] = spread([r["models"]["sftmix_self"][key] for r in seeds])
+            for other in ("ntp", "sftmix"):
+                d = [r[f"sftmix_self_minus_{other}"][key] for r in seeds]
+                agg[key][f"sftmix_self_minus_{other}"] = spread(d)
+                agg[key][f"seeds_sftmix_self_better_than_{other}"] = sum(
+                    1 for x in d if x is not None and (x < 0 if lower_better else x > 0))
+    costs = [recipe_costs(r["stage_costs"]) for r in seeds]
+    agg["recipe_costs"] = {
+        recipe: {k: spread([(c[recipe] or {}).get(k) for c in costs]) for k in ("wall_seconds", "cpu_seconds")}
+        for recipe in (*RECIPES3, "sftmix_over_ntp", "sftmix_self_over_ntp")}
     return agg
 
 
@@ -494,6 +627,7 @@ def collect(args, data: dict, common: list[str], runs: list[dict], t0: float, cp
         "settings": {"quick": args.quick, "model": args.model or "smollm2 (config)", "n_train": args.n_train,
                      "n_heldout": args.n_heldout, "seeds": args.seeds, "epochs": args.epochs, "lr": args.lr,
                      "num_checkpoints": args.num_checkpoints, "pubmedqa_questions": args.pubmedqa_questions,
+                     "self_ntp_epochs": args.self_ntp_epochs, "self_num_checkpoints": args.self_num_checkpoints,
                      "config": str(args.config), "extra_overrides": args.extra},
         "data": {k: v for k, v in data.items() if k != "instructions"},
         "command_template": " ".join(["sftmix run", *common, "--seed S --output_dir DIR"]),
@@ -524,7 +658,8 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         info = run_seed(args, common, seed, done)
         done.append(Path(info["run_dir"]))
-        info.update(seed_metrics(Path(info["run_dir"])))
+        info.update(seed_metrics(Path(info["run_dir"]), Path(info["self_run_dir"])))
+        info["recipe_costs"] = recipe_costs(info["stage_costs"])
         runs.append(info)
         # after every seed, so that a long run can be looked at (and is not lost) before it ends
         res = collect(args, data, common, runs, t0, cpu0)

@@ -25,11 +25,13 @@ from sftmix.utils import SFTMixError
 
 RECIPES = ("sftmix", "ntp")
 CONFIDENCE_MODES = ("checkpoints", "online")
+REFERENCES = ("separate", "self")  # RunConfig.reference
 SELECTION_SPLITS = ("subset", "all")
 
 # SFTMixConfig fields that only the Mixup recipe reads: the reference and the NTP baseline run without them.
 MIXUP_ONLY = ("mixup_alpha", "mixup_weight", "mixup_role", "ntp_subset", "pairing", "split_source", "split_column",
-              "split_confident_values", "mixup_weight_schedule", "mixup_chunk_tokens", "record_online_dynamics")
+              "split_confident_values", "mixup_weight_schedule", "mixup_chunk_tokens", "record_online_dynamics",
+              "self_reference_epochs")
 SELECTION_FIELDS = ("selection", "selection_k", "selection_score_column", "selection_threshold")
 
 
@@ -109,6 +111,17 @@ class RunConfig:
                                  "them and the median splits them into equal halves); `all` runs step 1 on all the "
                                  "training data and the selected examples keep those flags (halves can be unequal; "
                                  "a variant the paper does not run).", "choices": list(SELECTION_SPLITS)})
+    reference: str = field(default="separate", metadata={"help": "Where recipe `sftmix` gets its confidence: "
+                           "`separate` (the paper: step 1 trains a reference run first) or `self` (one run: the "
+                           "target trains with plain NTP for self_ntp_epochs while its own training data is scored "
+                           "self_num_checkpoints times, the median split is taken at that epoch boundary and the same "
+                           "run continues with Mixup; no step 1, no second model).", "choices": list(REFERENCES)})
+    self_ntp_epochs: int = field(default=1, metadata={"help": "With reference=self: the NTP epochs at the start of "
+                                 "the sftmix run whose scores give the split (num_train_epochs must be whole and "
+                                 "larger)."})
+    self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self: scoring passes over the "
+                                      "training data, evenly spread over the NTP epochs (the last at their end); on a "
+                                      "CPU each costs ~0.2 of a training epoch (docs/analyses.md)."})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
@@ -158,6 +171,11 @@ class RunConfig:
             raise SFTMixError(f"num_checkpoints must be >= 1; got {self.num_checkpoints}.")
         if self.reference_epochs <= 0:
             raise SFTMixError(f"reference_epochs must be > 0; got {self.reference_epochs}.")
+        if self.reference not in REFERENCES:
+            raise SFTMixError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}.")
+        if self.self_ntp_epochs < 1 or self.self_num_checkpoints < 1:
+            raise SFTMixError(f"self_ntp_epochs and self_num_checkpoints must be >= 1; got {self.self_ntp_epochs}, "
+                              f"{self.self_num_checkpoints}.")
         if self.heldout <= 0 or (self.heldout >= 1 and self.heldout != int(self.heldout)):
             raise SFTMixError(f"heldout={self.heldout}: give a whole count (>= 1) or a fraction in (0, 1).")
         if self.data_on_bad not in ("error", "skip"):

@@ -25,6 +25,8 @@ a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the 
   that runs the backbone itself): one backbone pass per step, no full-vocabulary logits for the mixed states;
 - compute_loss returns NTP + mu * Mixup (normalised like the Trainer normalises the NTP loss under gradient
   accumulation), logs `ntp_loss` and `mixup_loss`, and stops on a non-finite loss, gradient or weight before the update.
+- one-run SFTMix (`self_reference_epochs=N` and a sftmix.callbacks.SelfReferenceCallback): `OneRunSampler` gives
+  random order (plain NTP, no Mixup term) for N epochs, then balanced pairs on the split the callback takes then.
 This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
 `sftmix.trainer.SFTMixTrainer` is trl.SFTTrainer on the same component.
 """
@@ -137,6 +139,14 @@ class MixupArguments:
                           "`trainer.online_records` (needs an int `example_idx` column). Used by the `online` "
                           "confidence mode: no extra scoring passes."},
     )
+    self_reference_epochs: int = field(
+        default=0,
+        metadata={"help": "One-run SFTMix (reference=self): the first N epochs train with plain NTP (ordinary random "
+                          "order, no Mixup) while a sftmix.callbacks.SelfReferenceCallback scores the training "
+                          "data; at the end of epoch N the median split is taken and the same run (one optimizer, "
+                          "one LR schedule) continues with Mixup on balanced pairs. 0: the split comes from the data "
+                          "(step 1 of the two-run recipe)."},
+    )
 
 
     def validate_mixup_args(self) -> None:
@@ -156,6 +166,12 @@ class MixupArguments:
             raise SFTMixError(f"selection={self.selection} needs selection_k: how many examples to keep.")
         if self.selection == "score" and self.selection_threshold is None:
             raise SFTMixError("selection=score needs selection_threshold: the minimum score to keep.")
+        if self.self_reference_epochs < 0:
+            raise SFTMixError(f"self_reference_epochs must be >= 0; got {self.self_reference_epochs}.")
+        if self.self_reference_epochs and (self.split_source != "dynamics" or self.pairing != "random"
+                                           or not self.mixup_enabled or self.ntp_subset != "all"):
+            raise SFTMixError("self_reference_epochs (one-run SFTMix) needs split_source=dynamics, pairing=random, "
+                              "ntp_subset=all and Mixup on (mixup_weight > 0): the split is taken from this run.")
 
     @property
     def mixup_enabled(self) -> bool:
@@ -320,6 +336,62 @@ class BalancedPairSampler(Sampler[int]):
         return 2 * self.num_pairs
 
 
+class OneRunSampler(Sampler[int]):
+    """One-run SFTMix's sampler: epochs 0..ntp_epochs-1 in random order (plain NTP), later epochs balanced pairs
+    (BalancedPairSampler) on the split that `split_fn()` returns when the first Mixup epoch starts.
+
+    Both phases yield 2 * num_pairs rows per epoch, num_pairs as the BalancedPairSampler of a median split has it
+    (ceil(N/2) rounded up to whole batches of all processes), so the Trainer's len(dataloader), max_steps and LR
+    schedule, computed up front, hold for every epoch; the NTP epochs see every example once plus the
+    `duplicates_per_epoch` repeats (from a second permutation) that fill the last batch, as the Mixup epochs do.
+    Orders are seeded by (seed, epoch), so a resumed run (which skips the batches it has seen) gets the same ones."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, ntp_epochs: int, split_fn, num_replicas: int = 1):
+        if batch_size % 2:
+            raise SFTMixError(f"per_device_train_batch_size must be even for SFTMix (half confident, half "
+                              f"unconfident); got {batch_size}.")
+        self.n, self.batch_size, self.seed, self.ntp_epochs = n, batch_size, seed, int(ntp_epochs)
+        self.split_fn, self.num_replicas = split_fn, num_replicas
+        per_step = batch_size // 2 * max(int(num_replicas), 1)
+        self.num_pairs = math.ceil(math.ceil(n / 2) / per_step) * per_step
+        self.duplicates_per_epoch = 2 * self.num_pairs - n
+        self.epoch = 0
+        self.confident: np.ndarray | None = None  # set at the switch
+        self.balanced: BalancedPairSampler | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def mixup_phase(self) -> bool:
+        return self.epoch >= self.ntp_epochs
+
+    def confident_of(self, example_idx):
+        """The batch's `confident` flags in a Mixup epoch, None in an NTP epoch (the Mixup term is off there)."""
+        if not self.mixup_phase or self.confident is None or example_idx is None:
+            return None
+        return torch.from_numpy(self.confident)[example_idx.cpu()]
+
+    def __iter__(self):
+        if not self.mixup_phase:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            reps = math.ceil(2 * self.num_pairs / self.n)
+            yield from np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: 2 * self.num_pairs].tolist()
+            return
+        if self.balanced is None:
+            self.confident = np.asarray(self.split_fn(), dtype=bool)
+            self.balanced = BalancedPairSampler(self.confident, self.batch_size, seed=self.seed,
+                                                num_replicas=self.num_replicas)
+            if self.balanced.num_pairs != self.num_pairs:
+                raise SFTMixError(f"one-run SFTMix: the split has {int(self.confident.sum())} confident of {self.n} "
+                                  f"examples, not the median split the epoch length was planned for.")
+        self.balanced.set_epoch(self.epoch)
+        yield from self.balanced
+
+    def __len__(self) -> int:
+        return 2 * self.num_pairs
+
+
 class SFTMixCollator:
     """Wraps the trainer's collator (TRL's, DataCollatorForSeq2Seq, axolotl's): moves `confident` (and `example_idx`)
     into tensors, and, when NTP is restricted to one half, masks the other half's NTP labels while keeping the full
@@ -376,7 +448,11 @@ def prepare_train_dataset(train_dataset, args):
             raise SFTMixError(f"ntp_subset={args.ntp_subset}: the training data has no {args.ntp_subset} example; "
                               "check the split.")
         train_dataset = train_dataset.select(np.flatnonzero(half))
-    if args.mixup_enabled:
+    if args.mixup_enabled and getattr(args, "self_reference_epochs", 0):
+        SFTMixMixin._check_supported(args)  # one-run SFTMix: the split is taken mid-run (OneRunSampler)
+        if "confident" in train_dataset.column_names:
+            train_dataset = train_dataset.remove_columns("confident")
+    elif args.mixup_enabled:
         SFTMixMixin._check_supported(args)
         flags = confident_flags(train_dataset, args)
         if "confident" in train_dataset.column_names:
@@ -540,6 +616,12 @@ class SFTMixMixin:
         if not self.args.mixup_enabled:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(self.args, "self_reference_epochs", 0):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self.pair_sampler = OneRunSampler(len(dataset), self.args.per_device_train_batch_size, seed,
+                                              self.args.self_reference_epochs, self._one_run_split,
+                                              num_replicas=self.args.world_size)
+            return self.pair_sampler
         confident = np.asarray(dataset["confident"], dtype=bool)
         pairs = None
         if self.args.pairing == "nearest":
@@ -552,6 +634,22 @@ class SFTMixMixin:
                                       num_replicas=self.args.world_size)
         self.pair_sampler = sampler
         return sampler
+
+    def _one_run_split(self) -> np.ndarray:
+        """The confident flags of the training rows at the switch to Mixup (one-run SFTMix), from the
+        SelfReferenceCallback among the trainer's callbacks (sftmix.callbacks: this module stays free of step 1)."""
+        found = [cb for cb in self.callback_handler.callbacks if callable(getattr(cb, "self_split", None))]
+        if len(found) != 1:
+            raise SFTMixError(f"self_reference_epochs={self.args.self_reference_epochs} needs exactly one "
+                              f"sftmix.callbacks.SelfReferenceCallback in the trainer's callbacks "
+                              f"(found {len(found)}).")
+        if "guid" not in self.train_dataset.column_names:
+            raise SFTMixError("one-run SFTMix joins the split by guid: the training data needs a `guid` column "
+                              "(sftmix.data.tokenize_records adds one).")
+        self.accelerator.wait_for_everyone()  # the scores of the last NTP step are written by the main process
+        flags = found[0].self_split(list(self.train_dataset["guid"]), write=self.is_world_process_zero())
+        self.accelerator.wait_for_everyone()
+        return flags
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def _capture_hidden(self, module, args, output):
@@ -593,6 +691,8 @@ class SFTMixMixin:
         confident = inputs.pop("confident", None)
         mixup_labels = inputs.pop("mixup_labels", None)
         example_idx = inputs.pop("example_idx", None)
+        if confident is None and isinstance(getattr(self, "pair_sampler", None), OneRunSampler):
+            confident = self.pair_sampler.confident_of(example_idx)  # None during the NTP epochs
         training = self.model.training
         use_mixup = training and self.args.mixup_enabled and confident is not None
         self._captured = {"want_hidden": use_mixup}

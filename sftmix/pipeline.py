@@ -285,6 +285,8 @@ def _train_inputs(cfg, recipe: str) -> dict:
     out = {**_split_input(fp, cfg), f"start model {cfg.run.model}": fp.model_digest(cfg.run.model,
                                                                                      cfg.run.model_cache_dir),
            **_template_inputs(fp, cfg.run.chat_template)}
+    if recipe == "sftmix" and cfg.run.reference == "self":
+        return out  # one run: confidence.jsonl is this stage's output, not its input
     if recipe == "sftmix" and cfg.train.split_source == "dynamics":
         _restore_confidence(cfg, d / "dynamics" / "split.json")
         _check_step1_current(cfg, fp)
@@ -496,7 +498,10 @@ def stage_train(cfg, recipe: str) -> None:
     from sftmix.trainer import SFTMixTrainer
 
     out = cfg.run_dir / recipe
-    _fresh(cfg, f"train:{recipe}", out / "train_result.json", _train_inputs(cfg, recipe), [out])
+    one_run = recipe == "sftmix" and cfg.run.reference == "self"
+    d = cfg.run_dir
+    _fresh(cfg, f"train:{recipe}", out / "train_result.json", _train_inputs(cfg, recipe),
+           [out] + ([d / "dynamics", d / "confidence.jsonl", d / "plots"] if one_run else []))
     with _stage(cfg, f"train:{recipe}", out / "train_result.json") as todo:
         if not todo:
             return
@@ -509,7 +514,15 @@ def stage_train(cfg, recipe: str) -> None:
         # Selected before the split is joined (step 1 may have scored the selected examples only), so the trainer
         # gets the subset and selects nothing more.
         ds, selection = select_target_examples(cfg, ds)
-        if recipe == "sftmix":
+        callbacks = []
+        if one_run:  # the split comes from this run's own NTP epochs (sftmix.callbacks.SelfReferenceCallback)
+            from sftmix.callbacks import SelfReferenceCallback
+
+            args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs)
+            callbacks.append(SelfReferenceCallback(ds, cfg.run_dir, num_checkpoints=cfg.run.self_num_checkpoints,
+                                                   batch_size=cfg.run.score_batch_size,
+                                                   show_progress=not cfg.train.disable_tqdm))
+        elif recipe == "sftmix":
             ds = _with_split(cfg, ds)
             args = training_config(cfg, out, selection="none")
             if not args.mixup_enabled and args.ntp_subset == "all":
@@ -517,9 +530,14 @@ def stage_train(cfg, recipe: str) -> None:
         else:
             args = training_config(cfg, out, drop=MIXUP_ONLY, mixup_weight=0.0, selection="none")
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                peft_config=lora_config(cfg.run))
+                                peft_config=lora_config(cfg.run), callbacks=callbacks)
         resume = resume_checkpoint(out, f"train:{recipe}")
         result = trainer.train(resume_from_checkpoint=resume)
+        if one_run and state.is_main_process:
+            from sftmix.plots import write_dynamics_plots
+
+            write_dynamics_plots(cfg.run_dir, read_jsonl(cfg.run_dir / "confidence.jsonl"), records=records,
+                                 dataset=ds, tokenizer=tok)
         final, tmp = out / "model", out / "model.tmp"
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -538,6 +556,7 @@ def stage_train(cfg, recipe: str) -> None:
                 "selection": selection or trainer.selection_description,
                 "duplicates_per_epoch": getattr(sampler, "duplicates_per_epoch", None),
                 "mixup_enabled": args.mixup_enabled, "mixup_weight": args.mixup_weight,
+                "confidence_source": ("self" if one_run else "separate") if recipe == "sftmix" else None,
                 "use_peft": cfg.run.use_peft,
                 "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
                 "log_history": trainer.state.log_history,
@@ -580,7 +599,7 @@ def _reference_ntp_checkpoint(cfg) -> Path | None:
     also the target's (and no selection, LoRA, max_steps or online recording changes the run), the NTP baseline
     would repeat it step for step: its final checkpoint is reused instead of training the same model twice."""
     run, tr = cfg.run, cfg.train
-    same = ((run.reference_model or run.model) == run.model and not run.use_peft
+    same = ((run.reference_model or run.model) == run.model and not run.use_peft and run.reference == "separate"
             and run.confidence_mode == "checkpoints" and run.reference_epochs == tr.num_train_epochs
             and (run.reference_learning_rate or tr.learning_rate) == tr.learning_rate
             and tr.max_steps <= 0 and tr.selection == "none" and _state().num_processes == 1)
@@ -685,8 +704,8 @@ def check_split_halves(cfg) -> None:
 
     train = cfg.train
     if (train.selection == "none" and train.split_source != "column") or (
-            cfg.run_dir / "sftmix" / "train_result.json").exists():
-        return
+            cfg.run_dir / "sftmix" / "train_result.json").exists() or cfg.run.reference == "self":
+        return  # reference=self: the run splits its own (selected) examples at the median
     path = cfg.run_dir / "confidence.jsonl"
     if train.split_source == "dynamics" and not path.exists():
         return  # no split yet (`sftmix train` before step 1): stage_train names the missing file
@@ -785,12 +804,16 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
     write_config(cfg)
     _save_sources(cfg)
     state = _state()
-    needs_split = "sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"
+    needs_split = ("sftmix" in cfg.run.recipes and cfg.train.split_source == "dynamics"
+                   and cfg.run.reference == "separate")  # reference=self: the sftmix run takes its own split
     if command == "report":
         report.print_comparison(stage_report(cfg))
         return 0
     with state.main_process_first():
         stage_data(cfg)
+    if command == "dynamics" and cfg.run.reference == "self":
+        raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
+                          "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
     if command in ("dynamics",) or (command == "run" and needs_split):
         stage_dynamics(cfg)
     if command in ("train", "run"):

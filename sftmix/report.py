@@ -78,6 +78,8 @@ def collect(cfg) -> dict:
         summary["confidence"] = {
             "n_examples": len(rows), "n_confident": len(confident), "n_unconfident": len(unconfident),
             "mode": (_json(d / "dynamics" / "split.json") or {}).get("confidence_mode"),
+            # one-run SFTMix (reference=self) marks its split with dynamics/self_split.json
+            "confidence_source": "self" if (d / "dynamics" / "self_split.json").exists() else "separate",
             "min": ranked[-1]["confidence"], "max": ranked[0]["confidence"],
             "threshold": (min(r["confidence"] for r in confident) + max(r["confidence"] for r in unconfident)) / 2
             if confident and unconfident else None,
@@ -263,8 +265,10 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     c = summary.get("confidence")
     if c:
         text = (f"{c['n_examples']} training examples: **{c['n_confident']} confident**, **{c['n_unconfident']} "
-                f"unconfident** (median split of confidence = -mean PPL over {c['num_checkpoints']} reference "
-                f"checkpoints; mode {c['mode']}). Confidence ranges from {c['min']:.3f} to {c['max']:.3f}"
+                f"unconfident** (median split of confidence = -mean PPL over {c['num_checkpoints']} "
+                + ("checkpoints of the target's own NTP epochs, one run (confidence_source self)"
+                   if c.get("confidence_source") == "self" else "reference checkpoints") +
+                f"; mode {c['mode']}). Confidence ranges from {c['min']:.3f} to {c['max']:.3f}"
                 + (f", split at {c['threshold']:.3f}." if c["threshold"] is not None else "."))
         if c.get("online_summary"):
             o = c["online_summary"]

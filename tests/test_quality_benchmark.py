@@ -78,6 +78,26 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     assert all(it["instruction"] and it["kind"] for it in obs["most_confident"])
     assert -1 <= obs["spearman_confidence_vs_response_tokens"] <= 1
 
+    # one-run SFTMix (reference=self), from the same start, in its own run directory; costs per recipe
+    ms = seed["models"]["sftmix_self"]
+    assert finite(ms["heldout_nll"]) and ms["heldout_examples"] == 8 and ms["train_examples"] == 16
+    d = seed["sftmix_self_minus_ntp"]
+    assert math.isclose(d["heldout_nll"], ms["heldout_nll"] - m["ntp"]["heldout_nll"])
+    assert d["heldout_examples_compared"] == 8
+    assert math.isclose(seed["sftmix_self_minus_sftmix"]["heldout_nll"], ms["heldout_nll"] - m["sftmix"]["heldout_nll"])
+    assert (Path(seed["self_run_dir"]) / "dynamics" / "self_split.json").exists()
+    agree = seed["self_vs_step1_confidence"]
+    assert -1 <= agree["spearman"] <= 1 and agree["n"] == 16 and 0 <= agree["split_agreement"] <= 1
+    assert "One-run confidence vs step 1's" in md
+    rc = seed["recipe_costs"]
+    assert all(rc[r]["cpu_seconds"] > 0 for r in ("ntp", "sftmix", "sftmix_self"))
+    sc = seed["stage_costs"]
+    assert math.isclose(rc["sftmix"]["wall_seconds"],
+                        sc["dynamics"]["wall_seconds"] + sc["train:sftmix"]["wall_seconds"], abs_tol=0.11)
+    assert math.isclose(rc["sftmix_self_over_ntp"]["cpu_seconds"], rc["sftmix_self"]["cpu_seconds"]
+                        / rc["ntp"]["cpu_seconds"])
+    assert "## One-run SFTMix" in md and "## Cost per recipe" in md
+
     stages = res["cost"]["stage_commands_mean"]
     assert set(stages) >= {"dynamics", "train:ntp", "train:sftmix", "eval"}
     assert all(finite(v["cpu_seconds"]) and v["cpu_seconds"] > 0 and v["n_seeds"] == 1 for v in stages.values())
@@ -89,7 +109,8 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
 
     # rerun: every stage is skipped, the numbers are the same, the recorded costs are those of the first run
     second = run_quick(tmp_path)
-    assert second.stdout.count("(done already)") == 4, second.stdout  # all but the report, which is rewritten
+    # all but the two reports, which are rewritten (4 stage commands of the seed's run, 2 of its one-run SFTMix run)
+    assert second.stdout.count("(done already)") == 6, second.stdout
     again = json.loads((tmp_path / "results" / "quality_quick.json").read_text())
     assert again["aggregate"] == res["aggregate"] and again["seeds"][0]["stage_costs"] == seed["stage_costs"]
 

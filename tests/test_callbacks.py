@@ -1,0 +1,296 @@
+"""sftmix.callbacks: ConfidenceCallback on a plain transformers.Trainer; one-run SFTMix (switch, balance, resume)."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from sftmix.callbacks import ConfidenceCallback
+from sftmix.data import tokenize_records
+from sftmix.dynamics import score_examples
+from sftmix.models import build_byte_tokenizer, build_tiny_model
+from sftmix.utils import SFTMixError, read_jsonl
+
+
+def make_records(n=16, seed=0):
+    rng = random.Random(seed)
+    words = ["fix", "the", "grammar", "write", "a", "poem", "about", "rain", "list", "three", "colors", "why"]
+    return [
+        {"guid": f"g{i:03d}",
+         "prompt": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}],
+         "completion": [{"role": "assistant",
+                         "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))}]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tok_ds():
+    tok = build_byte_tokenizer()
+    ds, _ = tokenize_records(make_records(16), tok)
+    return tok, ds
+
+
+def test_confidence_callback_on_a_plain_trainer_equals_score_examples_on_the_checkpoint(tmp_path, tok_ds):
+    tok, ds = tok_ds
+    cb = ConfidenceCallback(ds, tmp_path / "map", steps=[2, 4], batch_size=5)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=3e-3, save_strategy="steps", save_steps=2, report_to="none",
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    train = ds.remove_columns([c for c in ds.column_names if c not in ("input_ids", "labels")])
+    trainer = Trainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=train, callbacks=[cb],
+                      data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+    trainer.train()
+    assert cb.scored == [1, 2]
+    from transformers import AutoModelForCausalLM
+
+    for k, step in ((1, 2), (2, 4)):
+        rows = read_jsonl(tmp_path / "map" / "dynamics" / f"ckpt_{k}.jsonl")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"checkpoint-{step}", dtype=torch.float32)
+        want = score_examples(model, ds, batch_size=3, show_progress=False)  # another batching: same numbers
+        assert [r["guid"] for r in rows] == [r["guid"] for r in want] == list(ds["guid"])
+        assert [r["n_tokens"] for r in rows] == [r["n_tokens"] for r in want]
+        for got, exp in zip(rows, want):
+            assert got["nll_mean"] == pytest.approx(exp["nll_mean"], abs=1e-5)
+            assert got["ppl"] == pytest.approx(exp["ppl"], rel=1e-5)
+    r1 = read_jsonl(tmp_path / "map" / "dynamics" / "ckpt_1.jsonl")
+    r2 = read_jsonl(tmp_path / "map" / "dynamics" / "ckpt_2.jsonl")
+    assert any(a["nll_mean"] != pytest.approx(b["nll_mean"], abs=1e-4) for a, b in zip(r1, r2))  # it trained
+
+    # a rerun on the same directory with another schedule is refused, not mixed in
+    cb2 = ConfidenceCallback(ds, tmp_path / "map", steps=[1, 4])
+    trainer = Trainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=train, callbacks=[cb2],
+                      data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+    with pytest.raises(SFTMixError, match="another schedule"):
+        trainer.train()
+
+
+def test_confidence_callback_arguments_are_checked(tok_ds):
+    with pytest.raises(SFTMixError, match="either steps"):
+        ConfidenceCallback(tok_ds[1], "x")
+    with pytest.raises(SFTMixError, match="increasing"):
+        ConfidenceCallback(tok_ds[1], "x", steps=[3, 2])
+
+
+# -- one-run SFTMix ----------------------------------------------------------------------------------------------------
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Interrupt
+
+    return Stop()
+
+
+ONE_RUN = dict(per_device_train_batch_size=4, num_train_epochs=3, self_reference_epochs=1, learning_rate=3e-3,
+               report_to=[], logging_steps=1, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+               max_length=None)
+
+
+def one_run_trainer(tok, ds, out, extra_callbacks=(), **kw):
+    from sftmix import SFTMixConfig, SFTMixTrainer
+    from sftmix.callbacks import SelfReferenceCallback
+
+    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, **kw})
+    cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8)
+    return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[cb, *extra_callbacks]), cb
+
+
+def step_logs(trainer):
+    return {h["step"]: h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h}
+
+
+def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch):
+    from sftmix.core import OneRunSampler
+
+    tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
+    tr, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    seen = []
+    real = OneRunSampler.confident_of
+
+    def spy(self, example_idx):
+        flags = real(self, example_idx)
+        seen.append((self.epoch, example_idx.tolist(), None if flags is None else flags.tolist()))
+        return flags
+
+    monkeypatch.setattr(OneRunSampler, "confident_of", spy)
+    tr.train()
+    assert cb.steps == [2, 4] and cb.scored == [1, 2]
+    logs = step_logs(tr)
+    assert sorted(logs) == list(range(1, 13))
+    assert all("mixup_loss" not in logs[s] for s in range(1, 5))  # NTP epoch: no Mixup term
+    assert all("mixup_loss" in logs[s] for s in range(5, 13))
+    rows = read_jsonl(tmp_path / "confidence.jsonl")
+    assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8 and "ppl_2" in rows[0]
+    assert (tmp_path / "dynamics" / "self_split.json").exists()
+    by_guid = {r["guid"]: r["confident"] for r in rows}
+    guids = list(ds["guid"])
+    ntp = [s for s in seen if s[0] == 0]
+    assert len(ntp) == 4 and all(f is None for *_, f in ntp)
+    assert sorted(i for _, idx, _ in ntp for i in idx) == list(range(16))  # an ordinary epoch: each row once
+    mix = [s for s in seen if s[0] >= 1]
+    assert len(mix) == 8
+    for _, idx, flags in mix:  # [c, c, u, u]: the i-th confident row paired with the i-th unconfident one
+        assert flags == [True, True, False, False]
+        assert [by_guid[guids[i]] for i in idx] == flags
+
+
+def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds):
+    from sftmix.utils import resume_checkpoint
+
+    tok, ds = tok_ds
+    ref, _ = one_run_trainer(tok, ds, tmp_path / "a", save_strategy="no")
+    ref.train()
+    want = {s: h["loss"] for s, h in step_logs(ref).items()}
+
+    out = tmp_path / "b"
+    kw = dict(save_strategy="steps", save_steps=1)
+    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(3)], **kw)  # killed in the NTP epoch (before step 4's scores)
+    with pytest.raises(Interrupt):
+        tr.train()
+    assert not (out / "confidence.jsonl").exists()
+    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(7)], **kw)  # ... and in the Mixup part
+    with pytest.raises(Interrupt):
+        tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
+    assert (out / "dynamics" / "self_split.json").exists()
+    tr, cb = one_run_trainer(tok, ds, out, **kw)
+    tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
+    assert cb.scored == []  # both checkpoints were scored before; the split is reloaded
+    got = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h and "train_runtime" not in h}
+    assert sorted(got) == list(range(1, 13))  # steps 1..6 from the checkpoint's history, 7..12 trained now
+    for s, v in got.items():
+        assert v == pytest.approx(want[s], abs=1e-5), s
+    assert read_jsonl(out / "confidence.jsonl") == read_jsonl(tmp_path / "a" / "confidence.jsonl")
+    for p, q in zip(ref.model.parameters(), tr.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+def test_one_run_settings_are_checked(tmp_path, tok_ds):
+    from sftmix import SFTMixConfig
+
+    tok, ds = tok_ds
+    with pytest.raises(SFTMixError, match="self_reference_epochs"):
+        SFTMixConfig(output_dir=str(tmp_path), self_reference_epochs=1, mixup_weight=0.0, bf16=False)
+    tr, _ = one_run_trainer(tok, ds, tmp_path, num_train_epochs=1, save_strategy="no")
+    with pytest.raises(SFTMixError, match="whole num_train_epochs"):
+        tr.train()
+
+
+SMOKE_ARGS = ["run", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+              "--reference", "self", "--recipes", "sftmix"]
+
+KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import sftmix.trainer as T
+
+class Kill(TrainerCallback):  # SIGKILL at the end of step KILL_AT of the sftmix run
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = T.SFTMixTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+T.SFTMixTrainer.__init__ = patched
+from sftmix.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_pipeline(out, kill_at=None):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sftmix"] if kill_at is None else [sys.executable, "-c", KILLER]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_AT": str(kill_at)}
+    return subprocess.run(cmd + SMOKE_ARGS + ["--output_dir", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1], env=env)
+
+
+@pytest.fixture(scope="module")
+def one_run_pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_run") / "run"
+    proc = run_pipeline(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_one_run_pipeline_writes_confidence_plots_and_a_report(one_run_pipeline):
+    import json
+
+    out = one_run_pipeline
+    assert not (out / "reference").exists()  # no step 1: no second model
+    train = read_jsonl(out / "data" / "train.jsonl")
+    conf = read_jsonl(out / "confidence.jsonl")
+    assert [r["guid"] for r in conf] == [r["guid"] for r in train] and sum(r["confident"] for r in conf) == 20
+    assert json.loads((out / "dynamics" / "self_split.json").read_text())["steps"] == [5, 10]  # 10 steps/epoch
+    result = json.loads((out / "sftmix" / "train_result.json").read_text())
+    assert result["confidence_source"] == "self" and result["global_step"] == 20
+    logged = [h for h in result["log_history"] if "loss" in h and "train_runtime" not in h]
+    assert [("mixup_loss" in h) for h in logged] == [h["step"] > 10 for h in logged] and len(logged) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["confidence"]["confidence_source"] == "self"
+    assert "confidence_source self" in (out / "report.md").read_text()
+    assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
+
+
+def test_one_run_pipeline_killed_in_each_phase_resumes_to_the_same_result(one_run_pipeline, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    killed = run_pipeline(out, kill_at=7)  # NTP part: after checkpoint-5 and the first scoring pass (step 5)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "dynamics" / "ckpt_1.jsonl").exists() and not (out / "confidence.jsonl").exists()
+    killed = run_pipeline(out, kill_at=13)  # Mixup part: the split was persisted when epoch 2 began
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "dynamics" / "self_split.json").exists()
+    proc = run_pipeline(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'sftmix' / 'checkpoint-10'}" in proc.stderr
+
+    def final(run):
+        result = json.loads((run / "sftmix" / "train_result.json").read_text())
+        nll = json.loads((run / "eval" / "sftmix.json").read_text())["results"]["heldout"]["nll"]
+        return [h["loss"] for h in result["log_history"] if "loss" in h], nll, read_jsonl(run / "confidence.jsonl")
+
+    (l_ref, nll_ref, c_ref), (l_res, nll_res, c_res) = final(one_run_pipeline), final(out)
+    assert l_res == pytest.approx(l_ref, rel=1e-5, abs=1e-6) and len(l_ref) == 4  # logged at steps 5, 10, 15, 20
+    assert nll_res == pytest.approx(nll_ref, rel=1e-5, abs=1e-6)
+    assert c_res == c_ref
+
+
+def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
+    """reference=self writes dynamics/schedule.json too, but there is no reference run to stand in for NTP."""
+    from pathlib import Path
+
+    from sftmix import pipeline
+    from sftmix.cli import parse_config
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    argv = ["--config", smoke, "--output_dir", str(tmp_path), "--reference_epochs", "2"]
+    (tmp_path / "dynamics").mkdir()
+    (tmp_path / "dynamics" / "schedule.json").write_text('{"steps": [5, 10], "num_checkpoints": 2}')
+    # (before the check, this schedule without step 1's max_steps was read as the reference's: a KeyError)
+    assert pipeline._reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
+
+
+def test_step1_alone_is_refused_with_reference_self(tmp_path, capsys):
+    from sftmix.cli import main
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["dynamics", "--config", smoke, "--output_dir", str(tmp_path / "run"), "--reference", "self"])
+    assert e.value.code == 2 and "reference=self has no step 1" in capsys.readouterr().err
