@@ -28,3 +28,19 @@ def tiny_records(n=32, seed=0, with_confidence=True):
 
 def tiny_dataset(n=32, seed=0, with_confidence=True):
     return Dataset.from_list(tiny_records(n, seed, with_confidence))
+
+
+class Interrupt(Exception):
+    """Raised by `interrupt_at(step)`: a run cut off mid-training, to test resuming."""
+
+
+def interrupt_at(step):
+    """A TrainerCallback that stops training by raising Interrupt at the end of optimizer step `step`."""
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Interrupt
+
+    return Stop()

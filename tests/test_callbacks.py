@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupt, interrupt_at
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from sftmix.callbacks import ConfidenceCallback
@@ -76,21 +77,6 @@ def test_confidence_callback_arguments_are_checked(tok_ds):
 
 # -- one-run SFTMix ----------------------------------------------------------------------------------------------------
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_at(step):
-    from transformers import TrainerCallback
-
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == step:
-                raise Interrupt
-
-    return Stop()
-
-
 ONE_RUN = dict(per_device_train_batch_size=4, num_train_epochs=3, self_reference_epochs=1, learning_rate=3e-3,
                report_to=[], logging_steps=1, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
                max_length=None)
@@ -155,11 +141,11 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds)
 
     out = tmp_path / "b"
     kw = dict(save_strategy="steps", save_steps=1)
-    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(3)], **kw)  # killed in the NTP epoch (before step 4's scores)
+    tr, _ = one_run_trainer(tok, ds, out, [interrupt_at(3)], **kw)  # killed in the NTP epoch (before step 4's scores)
     with pytest.raises(Interrupt):
         tr.train()
     assert not (out / "confidence.jsonl").exists()
-    tr, _ = one_run_trainer(tok, ds, out, [_interrupt_at(7)], **kw)  # ... and in the Mixup part
+    tr, _ = one_run_trainer(tok, ds, out, [interrupt_at(7)], **kw)  # ... and in the Mixup part
     with pytest.raises(Interrupt):
         tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
     assert (out / "dynamics" / "self_split.json").exists()

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import Interrupt, interrupt_at
 
 from sftmix import dynamics
 from sftmix.data import ensure_chat_template, tokenize_records
@@ -311,21 +312,6 @@ def test_online_confidence_from_synthetic_records():
 # -- the whole reference step ------------------------------------------------------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_at(step):
-    from transformers import TrainerCallback
-
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == step:
-                raise Interrupt
-
-    return Stop()
-
-
 REF_KW = dict(num_checkpoints=4, per_device_train_batch_size=2, learning_rate=3e-3, show_progress=False, seed=1)
 
 
@@ -343,7 +329,7 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     monkeypatch.setattr(dynamics, "run_scoring", counting)
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
-        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[_interrupt_at(5)],
+        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[interrupt_at(5)],
                       scoring_checkpoints="always", **REF_KW)
     assert calls == ["scoring checkpoint 1/4", "scoring checkpoint 2/4"]
     assert not (run / "confidence.jsonl").exists()
@@ -393,7 +379,7 @@ def test_default_saves_as_the_trainer_says_and_a_resume_rescores_correctly(tmp_p
     kw = dict(REF_KW, plots=False, save_strategy=save, save_steps=5)
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
-        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[_interrupt_at(7)], **kw)
+        run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[interrupt_at(7)], **kw)
     assert calls == [f"scoring checkpoint {k}/4" for k in (1, 2, 3)]
     saved = sorted(p.name for p in (run / "reference").glob("checkpoint-*"))
     assert saved == (["checkpoint-5"] if save == "steps" else [])  # none at the scoring steps 2, 4, 6
