@@ -522,17 +522,23 @@ def _assign_guids(records: list[dict]) -> int:
     return n_dup
 
 
+def _format_of(row, where: str, kind: str = "", more: str = "") -> str:
+    """The format of a source's first row (every later row is parsed in it), or a one-line error naming `where`."""
+    fmt = _detect(row) if isinstance(row, dict) else None
+    if fmt is None:
+        keys = sorted(row) if isinstance(row, dict) else f"a {kind}{type(row).__name__}"
+        raise SFTMixError(f"{where}: unknown format (keys seen: {keys}); supported formats: "
+                          f"{'; '.join(FORMATS.values())}{more}")
+    return fmt
+
+
 def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, lenient: bool,
           stats: dict) -> list[dict]:
     records, notes, skipped, fmt, n_rows = [], Counter(), Counter(), None, 0
     for row, where in rows:
         n_rows += 1
         if fmt is None:
-            fmt = _detect(row) if isinstance(row, dict) else None
-            if fmt is None:
-                keys = sorted(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
-                raise SFTMixError(f"{source}: {where}: unknown format (keys seen: {keys}); supported formats: "
-                                  f"{'; '.join(FORMATS.values())}; or a datasets save_to_disk folder")
+            fmt = _format_of(row, f"{source}: {where}", "JSON ", "; or a datasets save_to_disk folder")
         try:
             records.extend(_parse_row(row, fmt, lenient, notes))
         except _Bad as e:
@@ -692,11 +698,7 @@ def row_records(rows, source: str = "the data") -> list[dict]:
     records, fmt, notes = [], None, Counter()
     for i, row in enumerate(rows):
         if fmt is None:
-            fmt = _detect(row) if isinstance(row, dict) else None
-            if fmt is None:
-                keys = sorted(row) if isinstance(row, dict) else f"a {type(row).__name__}"
-                raise SFTMixError(f"{source}: row {i}: unknown format (keys seen: {keys}); supported formats: "
-                                  f"{'; '.join(FORMATS.values())}")
+            fmt = _format_of(row, f"{source}: row {i}")
         try:
             recs = _parse_row(row, fmt, False, notes)
         except _Bad as e:
