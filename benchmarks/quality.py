@@ -18,7 +18,8 @@ examples in a fixed shuffled order form the training file. Each run gets `--held
 something): it trains on N of those N+1, which one is left out depends on the seed, and that one is not used for
 anything. Every metric is computed on the fixed held-out file (`--heldout_file`).
 One-run SFTMix (`--reference self --recipes sftmix`, confidence from the target's own first --self_ntp_epochs NTP
-epochs, --self_num_checkpoints scoring passes) runs per seed from the same start in RUN_DIR-self (its config
+epochs: --self_confidence online (the default: the training forward's own NLL, step-relative, no extra pass) or
+checkpoints (--self_num_checkpoints scoring passes)) runs per seed from the same start in RUN_DIR-self (its config
 differs; the start model's evaluation is reused from the seed's directory). Cost per recipe, end to end, model
 loading included: NTP = its target run; two-run SFTMix = step 1 + its target run; one-run SFTMix = its run; each
 also as a ratio to NTP (wall and CPU).
@@ -104,8 +105,11 @@ def parse_args(argv=None):
     p.add_argument("--num_checkpoints", type=int, default=5, help="C: reference checkpoints scored (paper: 5)")
     p.add_argument("--self_ntp_epochs", type=int, default=1,
                    help="one-run SFTMix (reference=self): NTP epochs whose scores give the split (default 1)")
+    p.add_argument("--self_confidence", choices=["online", "checkpoints"], default="online",
+                   help="one-run SFTMix: confidence from the NTP epochs' own training forward (online, default) or "
+                        "from --self_num_checkpoints scoring passes (checkpoints)")
     p.add_argument("--self_num_checkpoints", type=int, default=2,
-                   help="one-run SFTMix: scoring passes inside those NTP epochs (default 2)")
+                   help="one-run SFTMix with --self_confidence checkpoints: scoring passes inside those NTP epochs")
     p.add_argument("--pubmedqa_questions", type=int, default=100,
                    help="first Q questions of the PubMedQA file (0: skip PubMedQA)")
     p.add_argument("--model", default=None, help="model spec (default: the config's, smollm2)")
@@ -242,7 +246,7 @@ SELF_STAGE_COMMANDS = (("train:sftmix_self", "train", "sftmix"), ("eval:self", "
 
 def self_overrides(args, common: list[str]) -> list[str]:
     return [*common, "--reference", "self", "--recipes", "sftmix", "--self_ntp_epochs", str(args.self_ntp_epochs),
-            "--self_num_checkpoints", str(args.self_num_checkpoints)]
+            "--self_confidence", args.self_confidence, "--self_num_checkpoints", str(args.self_num_checkpoints)]
 
 
 def _cpu_seconds() -> float:
@@ -372,18 +376,27 @@ def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
 
 def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
     """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
-    and the share of examples the two median splits put on the same side (sftmix.dynamics.compare_online)."""
-    from sftmix.dynamics import compare_online
+    and the share of examples the two median splits put on the same side (sftmix.dynamics.compare_online). With
+    online one-run confidence, `raw_online` is the same comparison for the recorded NLL without the step-relative
+    correction (what the correction buys)."""
+    from sftmix.dynamics import compare_online, online_confidence
 
     a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
     if not (a.exists() and b.exists()):
         return None
     step1 = {r["guid"]: r["confidence"] for r in read_jsonl(a)}
-    own = {r["guid"]: r["confidence"] for r in read_jsonl(b)}
+    own_rows = read_jsonl(b)
+    own = {r["guid"]: r["confidence"] for r in own_rows}
     guids = sorted(set(step1) & set(own))
     if len(guids) < 3:
         return None
-    return compare_online([own[g] for g in guids], [step1[g] for g in guids], guids)
+    out = compare_online([own[g] for g in guids], [step1[g] for g in guids], guids)
+    records = self_dir / "dynamics" / "online_records.jsonl"
+    if records.exists():  # example_idx is the row of the one-run's training data, in confidence.jsonl's order
+        raw = online_confidence(read_jsonl(records), [r["guid"] for r in own_rows])["confidence"]
+        raw = dict(zip((r["guid"] for r in own_rows), raw))
+        out["raw_online"] = compare_online([raw[g] for g in guids], [step1[g] for g in guids], guids)
+    return out
 
 
 def _paired(m: dict, files: dict, a: str, b: str) -> dict:
@@ -503,7 +516,10 @@ def render_markdown(res: dict) -> str:
                      f"{a['seeds_sftmix_better']}/{a['sftmix_minus_ntp']['n']} |")
     if "sftmix_self" in agg["heldout_nll"]:
         lines += ["", "## One-run SFTMix (reference=self: confidence from the target's own first "
-                  f"{s.get('self_ntp_epochs')} NTP epoch(s), {s.get('self_num_checkpoints')} scoring passes)", "",
+                  f"{s.get('self_ntp_epochs')} NTP epoch(s), "
+                  + ("online: the training forward's step-relative NLL, no scoring pass)"
+                     if s.get("self_confidence", "checkpoints") == "online"
+                     else f"{s.get('self_num_checkpoints')} scoring passes)"), "",
                   "| metric | one-run SFTMix | one-run − NTP | seeds better than NTP | one-run − two-run "
                   "| seeds better than two-run |", "|---|---|---|---|---|---|"]
         for key, label in (("heldout_nll", "held-out NLL"), ("heldout_ppl", "held-out PPL"),
@@ -518,6 +534,13 @@ def render_markdown(res: dict) -> str:
                  if r.get("self_vs_step1_confidence")]
         lines += ["", f"One-run confidence vs step 1's, per seed: Spearman {', '.join(f'{x:.3f}' for x in rho)}; "
                   f"share of examples on the same side of the split {', '.join(f'{x:.2f}' for x in agree)}."]
+        raw = [r["self_vs_step1_confidence"]["raw_online"] for r in res["seeds"]
+               if (r.get("self_vs_step1_confidence") or {}).get("raw_online")]
+        if raw:
+            rho_raw = ", ".join(f"{x['spearman']:.3f}" for x in raw)
+            agree_raw = ", ".join(f"{x['split_agreement']:.2f}" for x in raw)
+            lines += [f"The same without the step-relative correction (raw online PPL): Spearman {rho_raw}; same "
+                      f"side {agree_raw}."]
     rc = agg.get("recipe_costs")
     if rc:
         lines += ["", "## Cost per recipe, end to end (step 1 included; mean ± std [min, max] over seeds)", "",
@@ -627,7 +650,8 @@ def collect(args, data: dict, common: list[str], runs: list[dict], t0: float, cp
         "settings": {"quick": args.quick, "model": args.model or "smollm2 (config)", "n_train": args.n_train,
                      "n_heldout": args.n_heldout, "seeds": args.seeds, "epochs": args.epochs, "lr": args.lr,
                      "num_checkpoints": args.num_checkpoints, "pubmedqa_questions": args.pubmedqa_questions,
-                     "self_ntp_epochs": args.self_ntp_epochs, "self_num_checkpoints": args.self_num_checkpoints,
+                     "self_ntp_epochs": args.self_ntp_epochs, "self_confidence": args.self_confidence,
+                     "self_num_checkpoints": args.self_num_checkpoints,
                      "config": str(args.config), "extra_overrides": args.extra},
         "data": {k: v for k, v in data.items() if k != "instructions"},
         "command_template": " ".join(["sftmix run", *common, "--seed S --output_dir DIR"]),

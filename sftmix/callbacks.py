@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from sftmix.dynamics import build_confidence, run_scoring, scoring_steps
+from sftmix.dynamics import build_confidence, online_confidence_rows, run_scoring, scoring_steps
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -104,23 +104,40 @@ class ConfidenceCallback(TrainerCallback):
 
 
 class SelfReferenceCallback(ConfidenceCallback):
-    """One-run SFTMix's confidence: C scoring passes spread over the first `args.self_reference_epochs` epochs of
-    the target's own NTP training (checkpoint k at step ceil(k*T_E/C), T_E the last step of those epochs), then, at
-    the switch to Mixup, `self_split` writes out_dir/confidence.jsonl (sftmix.dynamics.build_confidence: paper eq. 1
-    and the median split of sftmix.split) and the marker dynamics/self_split.json. A resumed run reloads that split.
+    """One-run SFTMix's confidence, from the first `args.self_reference_epochs` epochs of the target's own NTP
+    training; at the switch to Mixup, `self_split` writes out_dir/confidence.jsonl (paper eq. 1 and the median split
+    of sftmix.split) and then the marker dynamics/self_split.json. A resumed run reloads that split.
 
-    SFTMixMixin finds this callback among the trainer's callbacks when self_reference_epochs > 0."""
+    confidence="online" (free; needs record_online_dynamics=True in the training arguments): each example's response
+    NLL from the training forward of those epochs (the trainer's `online_records`), relative to the mean of its
+    optimizer step (sftmix.dynamics.online_confidence(relative=True)); the records are written to
+    dynamics/online_records.jsonl before each Trainer checkpoint and restored on resume.
+    confidence="checkpoints": C scoring passes spread over those epochs (checkpoint k at step ceil(k*T_E/C), T_E the
+    last step of those epochs), as ConfidenceCallback scores, then sftmix.dynamics.build_confidence.
+
+    SFTMixMixin finds this callback among the trainer's callbacks when self_reference_epochs > 0 and binds itself
+    as `callback.trainer`."""
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 2, batch_size: int = 16,
-                 show_progress: bool = False):
+                 show_progress: bool = False, confidence: str = "online"):
+        if confidence not in ("online", "checkpoints"):
+            raise SFTMixError(f"SelfReferenceCallback confidence must be 'online' or 'checkpoints'; got "
+                              f"{confidence!r}.")
         super().__init__(score_dataset, out_dir, num_checkpoints=num_checkpoints, batch_size=batch_size,
                          show_progress=show_progress)
+        self.confidence = confidence
+        self.trainer = None  # set by SFTMixMixin: its online_records are the online mode's input
+        self.ntp_steps = 0
 
     @property
     def marker(self) -> Path:
         return self.dir / "self_split.json"
 
-    def schedule_steps(self, args, state) -> list[int]:
+    @property
+    def records_path(self) -> Path:
+        return self.dir / "online_records.jsonl"
+
+    def _ntp_steps(self, args, state) -> int:
         epochs = int(getattr(args, "self_reference_epochs", 0) or 0)
         total = float(args.num_train_epochs)
         if epochs < 1:
@@ -130,18 +147,70 @@ class SelfReferenceCallback(ConfidenceCallback):
                               f"({epochs}) and no max_steps; got num_train_epochs={args.num_train_epochs}, "
                               f"max_steps={args.max_steps}.")
         # integral epochs: the Trainer's max_steps is epochs * (optimizer steps per epoch) exactly
-        return scoring_steps(state.max_steps * epochs // int(total), self.num_checkpoints)
+        return state.max_steps * epochs // int(total)
+
+    def schedule_steps(self, args, state) -> list[int]:
+        return scoring_steps(self._ntp_steps(args, state), self.num_checkpoints)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.confidence == "checkpoints":
+            return super().on_train_begin(args, state, control, **kwargs)
+        self.ntp_steps = self._ntp_steps(args, state)
+        if not getattr(args, "record_online_dynamics", False):
+            raise SFTMixError("SelfReferenceCallback(confidence='online') reads the NTP epochs' own per-example NLL: "
+                              "set record_online_dynamics=True in the training arguments (or use "
+                              "confidence='checkpoints').")
+        if self.trainer is None:
+            raise SFTMixError("SelfReferenceCallback(confidence='online') needs the trainer's online records: use it "
+                              "with an SFTMix trainer (SFTMixTrainer), which binds itself as `callback.trainer`.")
+        self.trainer.online_records.clear()
+        done = min(state.global_step, self.ntp_steps)
+        if done and not self.marker.exists():  # resumed inside the NTP epochs: their records so far are needed
+            # a record's global_step is the step count *before* its optimizer step: steps 1..done recorded 0..done-1
+            kept = [r for r in read_jsonl(self.records_path)] if self.records_path.exists() else []
+            kept = [r for r in kept if r["global_step"] < done]
+            missing = sorted(set(range(done)) - {r["global_step"] for r in kept})
+            if missing:
+                raise SFTMixError(f"{self.records_path}: the online records of optimizer step(s) {missing[:5]} are "
+                                  f"missing, and training resumes after them (step {state.global_step}); delete "
+                                  f"{args.output_dir} and {self.dir} and train from the start.")
+            self.trainer.online_records.extend(kept)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.confidence == "checkpoints":
+            return super().on_step_end(args, state, control, model=model, **kwargs)
+        self._save_records_before_checkpoint(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.confidence == "online":  # save_strategy="epoch" decides to save here
+            self._save_records_before_checkpoint(state, control)
+
+    def _save_records_before_checkpoint(self, state, control):
+        # The Trainer's flow callback (first in the list) has decided whether a checkpoint is saved now: write the
+        # records before it is, so that every checkpoint has the records of the steps it holds.
+        if (control.should_save and state.global_step <= self.ntp_steps and not self.marker.exists()
+                and state.is_world_process_zero):
+            write_jsonl(self.records_path, self.trainer.online_records)
 
     def self_split(self, guids, write: bool = True) -> np.ndarray:
-        """The confident flags of `guids` (the training rows, in order) from the NTP epochs' scores."""
+        """The confident flags of `guids` (the training rows, in order) from the NTP epochs."""
         conf = self.out_dir / "confidence.jsonl"
         if self.marker.exists() and conf.exists():
             rows = read_jsonl(conf)
         else:
-            rows = build_confidence(self.out_dir, len(self.steps) or self.num_checkpoints, write=write)
+            if self.confidence == "online":
+                records = self.trainer.online_records
+                rows = online_confidence_rows(records, guids, relative=True)
+                if write:
+                    write_jsonl(self.records_path, records)
+                    write_jsonl(conf, rows)
+                marker = {"confidence_source": "self", "self_confidence": "online", "steps": self.ntp_steps,
+                          "n_records": len(records)}
+            else:
+                rows = build_confidence(self.out_dir, len(self.steps) or self.num_checkpoints, write=write)
+                marker = {"confidence_source": "self", "self_confidence": "checkpoints", "steps": self.steps}
             if write:  # after confidence.jsonl: the marker says the split of this run is final
-                atomic_write_json(self.marker, {"confidence_source": "self", "steps": self.steps,
-                                                "n_examples": len(rows),
+                atomic_write_json(self.marker, {**marker, "n_examples": len(rows),
                                                 "n_confident": sum(bool(r["confident"]) for r in rows)})
         by_guid = {r["guid"]: bool(r["confident"]) for r in rows}
         missing = [g for g in guids if g not in by_guid]

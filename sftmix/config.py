@@ -113,15 +113,22 @@ class RunConfig:
                                  "a variant the paper does not run).", "choices": list(SELECTION_SPLITS)})
     reference: str = field(default="separate", metadata={"help": "Where recipe `sftmix` gets its confidence: "
                            "`separate` (the paper: step 1 trains a reference run first) or `self` (one run: the "
-                           "target trains with plain NTP for self_ntp_epochs while its own training data is scored "
-                           "self_num_checkpoints times, the median split is taken at that epoch boundary and the same "
-                           "run continues with Mixup; no step 1, no second model).", "choices": list(REFERENCES)})
+                           "target trains with plain NTP for self_ntp_epochs while each example's confidence is "
+                           "collected (self_confidence), the median split is taken at that epoch boundary and the "
+                           "same run continues with Mixup; no step 1, no second model).", "choices": list(REFERENCES)})
     self_ntp_epochs: int = field(default=1, metadata={"help": "With reference=self: the NTP epochs at the start of "
                                  "the sftmix run whose scores give the split (num_train_epochs must be whole and "
                                  "larger)."})
-    self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self: scoring passes over the "
-                                      "training data, evenly spread over the NTP epochs (the last at their end); on a "
-                                      "CPU each costs ~0.2 of a training epoch (docs/analyses.md)."})
+    self_confidence: str = field(default="online", metadata={"help": "With reference=self: where confidence comes "
+                                 "from. `online` (default; free): each example's response NLL from the NTP epochs' own "
+                                 "training forward, taken relative to the mean NLL of the examples of the same "
+                                 "optimizer step (so that examples seen early, by a less trained model, do not look "
+                                 "worse). `checkpoints`: self_num_checkpoints scoring passes over the training data, "
+                                 "as step 1 scores (each costs ~0.2 of a training epoch on a CPU; docs/analyses.md).",
+                                 "choices": list(CONFIDENCE_MODES)})
+    self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self and self_confidence="
+                                      "checkpoints: scoring passes over the training data, evenly spread over the NTP "
+                                      "epochs (the last at their end)."})
     data_on_bad: str = field(default="error", metadata={"help": "What a bad record of a data file does: `error` (stop "
                              "with a one-line message naming the file and record) or `skip` (leave it out, counted by "
                              "reason in the log and the report). `sharegpt:N` always skips (the package's file has "
@@ -173,6 +180,8 @@ class RunConfig:
             raise SFTMixError(f"reference_epochs must be > 0; got {self.reference_epochs}.")
         if self.reference not in REFERENCES:
             raise SFTMixError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}.")
+        if self.self_confidence not in CONFIDENCE_MODES:
+            raise SFTMixError(f"self_confidence={self.self_confidence!r} is not one of {', '.join(CONFIDENCE_MODES)}.")
         if self.self_ntp_epochs < 1 or self.self_num_checkpoints < 1:
             raise SFTMixError(f"self_ntp_epochs and self_num_checkpoints must be >= 1; got {self.self_ntp_epochs}, "
                               f"{self.self_num_checkpoints}.")

@@ -487,6 +487,9 @@ class SFTMixMixin:
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._sftmix_logs_metrics = True
         self.online_records: list[dict] = []
+        for cb in self.callback_handler.callbacks:  # one-run SFTMix's online confidence reads self.online_records
+            if callable(getattr(cb, "self_split", None)):
+                cb.trainer = self
         self._captured = {}
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._causal_lm = causal_lm
@@ -712,7 +715,8 @@ class SFTMixMixin:
         ntp_loss = result[0] if return_outputs else result
         outputs = self._captured.get("outputs")
         if (training and self.args.record_online_dynamics and example_idx is not None
-                and getattr(outputs, "log_probs", None) is not None):
+                and getattr(outputs, "log_probs", None) is not None
+                and not getattr(getattr(self, "pair_sampler", None), "mixup_phase", False)):  # one-run: NTP epochs
             self._record_online(outputs, example_idx)
         if not use_mixup:
             self._captured = {}

@@ -664,12 +664,15 @@ def join_confidence(records_or_dataset, confidence_rows, missing: str = "error")
 # Online mode: NLL from the reference's own training forward passes
 
 
-def online_confidence(online_records, guids, epochs: str = "all") -> dict:
+def online_confidence(online_records, guids, epochs: str = "all", relative: bool = False) -> dict:
     """Trainer `online_records` ({example_idx, global_step, epoch, nll_mean, n_tokens}) -> per-example confidence.
 
     confidence_i = -mean over example i's occurrences of exp(nll_mean) (epochs="all"), or over its occurrences in
-    the last epoch it was seen in (epochs="last"). Returns {"confidence": [N] (nan where never seen),
-    "occurrences": [N] int, "unseen": count}."""
+    the last epoch it was seen in (epochs="last"). relative=True replaces nll_mean by nll_mean minus the mean
+    nll_mean of all records of the same optimizer step (global_step): every example of a step was scored by the same
+    weights, so this removes the drift of the model over the epoch (examples visited early would otherwise look
+    unconfident for being early). Returns {"confidence": [N] (nan where never seen), "occurrences": [N] int,
+    "unseen": count}."""
     if epochs not in ("all", "last"):
         raise SFTMixError(f"epochs must be 'all' or 'last', got {epochs!r}.")
     n = len(guids)
@@ -686,14 +689,25 @@ def online_confidence(online_records, guids, epochs: str = "all") -> dict:
             i = int(r["example_idx"])
             last[i] = max(last.get(i, -1), _epoch_index(r))
         recs = [r for r in recs if _epoch_index(r) == last[int(r["example_idx"])]]
+    offset = _step_mean_nll(recs) if relative else {}
     ppl_sum, count = np.zeros(n), np.zeros(n, dtype=np.int64)
     for r in recs:
         i = int(r["example_idx"])
-        ppl_sum[i] += math.exp(float(r["nll_mean"]))
+        ppl_sum[i] += math.exp(float(r["nll_mean"]) - offset.get(r["global_step"], 0.0))
         count[i] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.where(count > 0, -ppl_sum / np.maximum(count, 1), np.nan)
     return {"confidence": conf, "occurrences": count, "unseen": int((count == 0).sum())}
+
+
+def _step_mean_nll(records) -> dict:
+    """{global_step: mean nll_mean of that step's records}."""
+    total: dict = {}
+    for r in records:
+        t = total.setdefault(r["global_step"], [0.0, 0])
+        t[0] += float(r["nll_mean"])
+        t[1] += 1
+    return {k: s / c for k, (s, c) in total.items()}
 
 
 def _epoch_index(record) -> int:
@@ -701,28 +715,35 @@ def _epoch_index(record) -> int:
     return math.floor(float(record["epoch"]) + 1e-9)
 
 
-def online_confidence_rows(online_records, guids, n_tokens=None) -> list[dict]:
+def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool = False) -> list[dict]:
     """confidence.jsonl rows from online records alone (online-only mode): guid, n_tokens, confidence (-mean ppl
-    over all occurrences), variability (std of those ppl), ppl_1..ppl_E (mean ppl in epoch e), confident."""
-    oc = online_confidence(online_records, guids)
+    over all occurrences; relative=True: of the step-relative ppl, see `online_confidence`), variability (std of
+    those ppl), ppl_1..ppl_E (mean ppl in epoch e, as recorded), confident."""
+    oc = online_confidence(online_records, guids, relative=relative)
     if oc["unseen"]:
         i = int(np.flatnonzero(oc["occurrences"] == 0)[0])
         raise SFTMixError(
             f"online confidence: {oc['unseen']} of {len(guids)} examples were never seen in the reference's training "
             f"(e.g. guid {guids[i]!r}); train the reference for at least one full epoch."
         )
-    by_example: dict[int, list[tuple[int, float]]] = {}
+    offset = _step_mean_nll(online_records) if relative else {}
+    by_example: dict[int, list[tuple[int, float, float]]] = {}
     for r in online_records:
-        by_example.setdefault(int(r["example_idx"]), []).append((_epoch_index(r), math.exp(float(r["nll_mean"]))))
-    n_epochs = 1 + max(e for occ in by_example.values() for e, _ in occ)
+        nll = float(r["nll_mean"])
+        by_example.setdefault(int(r["example_idx"]), []).append(
+            (_epoch_index(r), math.exp(nll), math.exp(nll - offset.get(r["global_step"], 0.0))))
+    if n_tokens is None:  # the response tokens each record counted
+        seen_tokens = {int(r["example_idx"]): int(r["n_tokens"]) for r in online_records}
+        n_tokens = [seen_tokens[i] for i in range(len(guids))]
+    n_epochs = 1 + max(e for occ in by_example.values() for e, *_ in occ)
     confident = split_confident(oc["confidence"], guids)
     rows = []
     for i, g in enumerate(guids):
         occ = by_example[i]
-        row = {"guid": g, "n_tokens": None if n_tokens is None else int(n_tokens[i]),
-               "confidence": float(oc["confidence"][i]), "variability": float(np.std([p for _, p in occ]))}
+        row = {"guid": g, "n_tokens": int(n_tokens[i]), "confidence": float(oc["confidence"][i]),
+               "variability": float(np.std([rel if relative else p for _, p, rel in occ]))}
         for e in range(n_epochs):
-            ppl_e = [p for ep, p in occ if ep == e]
+            ppl_e = [p for ep, p, _ in occ if ep == e]
             row[f"ppl_{e + 1}"] = float(np.mean(ppl_e)) if ppl_e else None
         row["confident"] = bool(confident[i])
         rows.append(row)

@@ -518,10 +518,13 @@ def stage_train(cfg, recipe: str) -> None:
         if one_run:  # the split comes from this run's own NTP epochs (sftmix.callbacks.SelfReferenceCallback)
             from sftmix.callbacks import SelfReferenceCallback
 
-            args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs)
+            online = cfg.run.self_confidence == "online"
+            args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs,
+                                   record_online_dynamics=online)
             callbacks.append(SelfReferenceCallback(ds, cfg.run_dir, num_checkpoints=cfg.run.self_num_checkpoints,
                                                    batch_size=cfg.run.score_batch_size,
-                                                   show_progress=not cfg.train.disable_tqdm))
+                                                   show_progress=not cfg.train.disable_tqdm,
+                                                   confidence=cfg.run.self_confidence))
         elif recipe == "sftmix":
             ds = _with_split(cfg, ds)
             args = training_config(cfg, out, selection="none")
@@ -557,6 +560,7 @@ def stage_train(cfg, recipe: str) -> None:
                 "duplicates_per_epoch": getattr(sampler, "duplicates_per_epoch", None),
                 "mixup_enabled": args.mixup_enabled, "mixup_weight": args.mixup_weight,
                 "confidence_source": ("self" if one_run else "separate") if recipe == "sftmix" else None,
+                "self_confidence": cfg.run.self_confidence if one_run else None,
                 "use_peft": cfg.run.use_peft,
                 "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
                 "log_history": trainer.state.log_history,

@@ -75,11 +75,12 @@ def collect(cfg) -> dict:
             return {"guid": r["guid"], "confidence": r["confidence"], "n_tokens": r.get("n_tokens"),
                     "instruction": _instruction(train[r["guid"]]) if r["guid"] in train else None}
 
+        self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix (reference=self) marks its split
         summary["confidence"] = {
             "n_examples": len(rows), "n_confident": len(confident), "n_unconfident": len(unconfident),
-            "mode": (_json(d / "dynamics" / "split.json") or {}).get("confidence_mode"),
-            # one-run SFTMix (reference=self) marks its split with dynamics/self_split.json
-            "confidence_source": "self" if (d / "dynamics" / "self_split.json").exists() else "separate",
+            "mode": (self_split.get("self_confidence") if self_split else
+                     (_json(d / "dynamics" / "split.json") or {}).get("confidence_mode")),
+            "confidence_source": "self" if self_split else "separate",
             "min": ranked[-1]["confidence"], "max": ranked[0]["confidence"],
             "threshold": (min(r["confidence"] for r in confident) + max(r["confidence"] for r in unconfident)) / 2
             if confident and unconfident else None,
@@ -264,10 +265,16 @@ def _sections(summary) -> list[tuple[str, str, list]]:
 
     c = summary.get("confidence")
     if c:
+        if c.get("confidence_source") != "self":
+            source = f"-mean PPL over {c['num_checkpoints']} reference checkpoints"
+        elif c["mode"] == "online":
+            source = ("-mean step-relative PPL from the training forward of the target's own NTP epochs, one run "
+                      "(confidence_source self)")
+        else:
+            source = (f"-mean PPL over {c['num_checkpoints']} checkpoints of the target's own NTP epochs, one run "
+                      "(confidence_source self)")
         text = (f"{c['n_examples']} training examples: **{c['n_confident']} confident**, **{c['n_unconfident']} "
-                f"unconfident** (median split of confidence = -mean PPL over {c['num_checkpoints']} "
-                + ("checkpoints of the target's own NTP epochs, one run (confidence_source self)"
-                   if c.get("confidence_source") == "self" else "reference checkpoints") +
+                f"unconfident** (median split of confidence = {source}" +
                 f"; mode {c['mode']}). Confidence ranges from {c['min']:.3f} to {c['max']:.3f}"
                 + (f", split at {c['threshold']:.3f}." if c["threshold"] is not None else "."))
         if c.get("online_summary"):

@@ -82,12 +82,13 @@ ONE_RUN = dict(per_device_train_batch_size=4, num_train_epochs=3, self_reference
                max_length=None)
 
 
-def one_run_trainer(tok, ds, out, extra_callbacks=(), **kw):
+def one_run_trainer(tok, ds, out, extra_callbacks=(), confidence="checkpoints", **kw):
     from sftmix import SFTMixConfig, SFTMixTrainer
     from sftmix.callbacks import SelfReferenceCallback
 
-    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, **kw})
-    cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8)
+    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": confidence == "online",
+                                                           **kw})
+    cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8, confidence=confidence)
     return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[cb, *extra_callbacks]), cb
 
@@ -96,11 +97,12 @@ def step_logs(trainer):
     return {h["step"]: h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h}
 
 
-def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch):
+@pytest.mark.parametrize("confidence", ["checkpoints", "online"])
+def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch, confidence):
     from sftmix.core import OneRunSampler
 
     tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
-    tr, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    tr, cb = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")
     seen = []
     real = OneRunSampler.confident_of
 
@@ -111,13 +113,21 @@ def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, to
 
     monkeypatch.setattr(OneRunSampler, "confident_of", spy)
     tr.train()
-    assert cb.steps == [2, 4] and cb.scored == [1, 2]
+    if confidence == "checkpoints":
+        assert cb.steps == [2, 4] and cb.scored == [1, 2]
+    else:  # no scoring pass: the NTP epoch's own forward, each row once, recorded at steps 0..3 (before the update)
+        assert cb.scored == [] and not list((tmp_path / "dynamics").glob("ckpt_*"))
+        recs = read_jsonl(tmp_path / "dynamics" / "online_records.jsonl")
+        assert sorted(r["example_idx"] for r in recs) == list(range(16))
+        assert sorted({r["global_step"] for r in recs}) == [0, 1, 2, 3]
+        assert recs == tr.online_records  # nothing recorded after the switch
     logs = step_logs(tr)
     assert sorted(logs) == list(range(1, 13))
     assert all("mixup_loss" not in logs[s] for s in range(1, 5))  # NTP epoch: no Mixup term
     assert all("mixup_loss" in logs[s] for s in range(5, 13))
     rows = read_jsonl(tmp_path / "confidence.jsonl")
-    assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8 and "ppl_2" in rows[0]
+    assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8
+    assert ("ppl_2" in rows[0]) == (confidence == "checkpoints")  # online: one NTP epoch, ppl_1 only
     assert (tmp_path / "dynamics" / "self_split.json").exists()
     by_guid = {r["guid"]: r["confident"] for r in rows}
     guids = list(ds["guid"])
@@ -131,27 +141,30 @@ def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, to
         assert [by_guid[guids[i]] for i in idx] == flags
 
 
-def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds):
+@pytest.mark.parametrize("confidence", ["checkpoints", "online"])
+def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds, confidence):
     from sftmix.utils import resume_checkpoint
 
     tok, ds = tok_ds
-    ref, _ = one_run_trainer(tok, ds, tmp_path / "a", save_strategy="no")
+    ref, _ = one_run_trainer(tok, ds, tmp_path / "a", confidence=confidence, save_strategy="no")
     ref.train()
     want = {s: h["loss"] for s, h in step_logs(ref).items()}
 
     out = tmp_path / "b"
-    kw = dict(save_strategy="steps", save_steps=1)
+    kw = dict(save_strategy="steps", save_steps=1, confidence=confidence)
     tr, _ = one_run_trainer(tok, ds, out, [interrupt_at(3)], **kw)  # killed in the NTP epoch (before step 4's scores)
     with pytest.raises(Interrupt):
         tr.train()
     assert not (out / "confidence.jsonl").exists()
+    if confidence == "online":  # written before checkpoint-3 was saved: the records of steps 1..3
+        assert {r["global_step"] for r in read_jsonl(out / "dynamics" / "online_records.jsonl")} == {0, 1, 2}
     tr, _ = one_run_trainer(tok, ds, out, [interrupt_at(7)], **kw)  # ... and in the Mixup part
     with pytest.raises(Interrupt):
         tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
     assert (out / "dynamics" / "self_split.json").exists()
     tr, cb = one_run_trainer(tok, ds, out, **kw)
     tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
-    assert cb.scored == []  # both checkpoints were scored before; the split is reloaded
+    assert cb.scored == []  # both checkpoints were scored before (online: none ever); the split is reloaded
     got = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h and "train_runtime" not in h}
     assert sorted(got) == list(range(1, 13))  # steps 1..6 from the checkpoint's history, 7..12 trained now
     for s, v in got.items():
@@ -222,13 +235,16 @@ def test_one_run_pipeline_writes_confidence_plots_and_a_report(one_run_pipeline)
     train = read_jsonl(out / "data" / "train.jsonl")
     conf = read_jsonl(out / "confidence.jsonl")
     assert [r["guid"] for r in conf] == [r["guid"] for r in train] and sum(r["confident"] for r in conf) == 20
-    assert json.loads((out / "dynamics" / "self_split.json").read_text())["steps"] == [5, 10]  # 10 steps/epoch
+    marker = json.loads((out / "dynamics" / "self_split.json").read_text())
+    assert marker["self_confidence"] == "online" and marker["steps"] == 10  # the default; 10 steps/epoch
+    assert not list((out / "dynamics").glob("ckpt_*")) and marker["n_records"] == 40  # no scoring pass; 4 per step
     result = json.loads((out / "sftmix" / "train_result.json").read_text())
     assert result["confidence_source"] == "self" and result["global_step"] == 20
     logged = [h for h in result["log_history"] if "loss" in h and "train_runtime" not in h]
     assert [("mixup_loss" in h) for h in logged] == [h["step"] > 10 for h in logged] and len(logged) == 4
     report = json.loads((out / "report.json").read_text())
-    assert report["confidence"]["confidence_source"] == "self"
+    assert report["confidence"]["confidence_source"] == "self" and report["confidence"]["mode"] == "online"
+    assert result["self_confidence"] == "online"
     assert "confidence_source self" in (out / "report.md").read_text()
     assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
 
@@ -237,9 +253,10 @@ def test_one_run_pipeline_killed_in_each_phase_resumes_to_the_same_result(one_ru
     import json
 
     out = tmp_path / "run"
-    killed = run_pipeline(out, kill_at=7)  # NTP part: after checkpoint-5 and the first scoring pass (step 5)
+    killed = run_pipeline(out, kill_at=7)  # NTP part: after checkpoint-5 and the online records of steps 1..5
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (out / "dynamics" / "ckpt_1.jsonl").exists() and not (out / "confidence.jsonl").exists()
+    recorded = {r["global_step"] for r in read_jsonl(out / "dynamics" / "online_records.jsonl")}
+    assert recorded == set(range(5)) and not (out / "confidence.jsonl").exists()
     killed = run_pipeline(out, kill_at=13)  # Mixup part: the split was persisted when epoch 2 began
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "dynamics" / "self_split.json").exists()

@@ -16,6 +16,7 @@ from sftmix.dynamics import (
     confidence,
     join_confidence,
     online_confidence,
+    online_confidence_rows,
     run_reference,
     run_scoring,
     score_examples,
@@ -308,6 +309,22 @@ def test_online_confidence_from_synthetic_records():
     with pytest.raises(SFTMixError, match="outside the 2 examples"):
         online_confidence(recs, guids[:2])
 
+
+
+def test_relative_online_confidence_removes_the_drift_of_the_model_over_the_epoch():
+    """One-run SFTMix's confidence: an example is compared with the examples its own optimizer step saw. A model
+    that divides every PPL by 8 from one step to the next makes the late steps' examples look confident in absolute
+    terms; the step-relative PPL ranks by what the examples are (here: the second of each step is 4x harder)."""
+    guids = [f"g{i}" for i in range(6)]
+    recs = [{"example_idx": 2 * s + j, "global_step": s, "epoch": s / 3,
+             "nll_mean": np.log(8.0 / 8**s * (4 if j else 1)), "n_tokens": 5 + j} for s in range(3) for j in range(2)]
+    raw = online_confidence(recs, guids)["confidence"]
+    assert np.argsort(-raw).tolist() == [4, 5, 2, 3, 0, 1]  # the last step's examples look best
+    rel = online_confidence(recs, guids, relative=True)["confidence"]
+    np.testing.assert_allclose(rel, [-0.5, -2.0] * 3)  # exp(+-log 2) around each step's mean log-PPL
+    rows = online_confidence_rows(recs, guids, relative=True)
+    assert [r["confident"] for r in rows] == [True, False] * 3
+    assert [r["n_tokens"] for r in rows] == [5, 6] * 3 and rows[1]["ppl_1"] == pytest.approx(32.0)
 
 # -- the whole reference step ------------------------------------------------------------------------------------------
 
