@@ -199,14 +199,16 @@ def run_overrides(args, data: dict) -> list[str]:
 
 def run_dir_for(args, common: list[str], seed: int) -> Path:
     """One folder per settings (a short hash of them) and seed, so a changed setting never reuses a stale run.
-    Settings the pipeline lets change on a run directory (sftmix.config.MUTABLE_KEYS, e.g. num_threads) are not part of
-    the hash: an interrupted run can resume with `-- --num_threads 1` on a machine that got busy."""
-    from sftmix.config import MUTABLE_KEYS
+    Settings that never change a result (sftmix.config.settings_of("runtime"), e.g. num_threads) are not part of the
+    hash: an interrupted run can resume with `-- --num_threads 1` on a machine that got busy."""
+    from sftmix.config import settings_of
+
+    runtime = set(settings_of("runtime"))
 
     kept, i = [], 0
     while i < len(common):
         key = common[i][2:].split("=")[0] if common[i].startswith("--") else None
-        if key in MUTABLE_KEYS:
+        if key in runtime:
             i += 1 if "=" in common[i] else 2
             continue
         kept.append(common[i])

@@ -6,7 +6,7 @@
 
 One flat YAML mapping plus `--key value` overrides, parsed by trl.TrlParser into three dataclasses: `RunConfig`
 (below: models, data, step 1, recipes), `SFTMixConfig` (training: every trl.SFTConfig field plus the Mixup ones;
-`output_dir` is the run directory) and the evaluation fields of `sftmix.evaluate.EvalConfig` (those whose name the
+`output_dir` is the run directory) and the evaluation fields of `EvalConfig` (below; those whose name the
 training config also has get an `eval_` prefix). Which config: `--config FILE`; else DIR/config.yaml of an existing
 run directory (so stage commands and reruns need only --output_dir); else the embedded demo. Cross-field checks of the
 whole run, before any stage, are in sftmix.validation.
@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from sftmix.utils import SFTMixError
 
@@ -28,11 +30,104 @@ CONFIDENCE_MODES = ("checkpoints", "online")
 REFERENCES = ("separate", "self")  # RunConfig.reference
 SELECTION_SPLITS = ("subset", "all")
 
-# SFTMixConfig fields that only the Mixup recipe reads: the reference and the NTP baseline run without them.
-MIXUP_ONLY = ("mixup_alpha", "mixup_weight", "mixup_role", "ntp_subset", "pairing", "split_source", "split_column",
+MC_TASKS = ("pubmedqa", "medqa", "medqa5", "medmcqa")
+
+# Which stage reads each setting, declared once: every field of RunConfig and of the Mixup fields
+# (sftmix.core.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields of
+# transformers' TrainingArguments / TRL's SFTConfig that are not read by every training run; any other training field
+# is "train", every EvalConfig field "eval" (EVAL_TASK_FIELDS: which evaluation task reads which). `settings_of` and
+# `unaffected_settings` answer the questions the pipeline, the sweep and the benchmarks ask. (A table, not
+# `metadata={"stage": ...}` on the fields: transformers' HfArgumentParser, and so a user's TrlParser((SFTMixConfig,)),
+# hands every metadata key to argparse, which refuses unknown ones.)
+SETTING_STAGES = {
+    # never changes a finished stage's result (how it runs, or which recipes run): may change on a run directory
+    "runtime": ("recipes", "num_threads", "keep_checkpoints", "score_batch_size", "device", "model_cache_dir",
+                "scoring_checkpoints", "disable_tqdm", "logging_steps", "report_to", "log_level",
+                "dataloader_num_workers", "save_total_limit", "per_device_eval_batch_size", "run_name",
+                "logging_first_step"),
+    # the data stage (the training / held-out split), so everything after it
+    "data": ("data", "dataset_config", "dataset_train_split", "data_limit", "max_turn", "max_prompt_chars", "heldout",
+             "data_on_bad"),
+    # step 1's reference run and the target runs (with every training field not named elsewhere)
+    "train": ("model", "model_revision", "attn_implementation", "chat_template", "dtype", "torch_dtype",
+              "max_dropped_fraction"),
+    # step 1 only (the reference run, its scoring and the split)
+    "dynamics": ("reference_model", "reference_model_revision", "num_checkpoints", "reference_epochs",
+                 "reference_learning_rate", "confidence_mode", "selection_split", "reference"),
+    # the target runs only: neither the data stage nor step 1 reads them
+    "target": ("self_ntp_epochs", "self_confidence", "self_num_checkpoints", "use_peft", "lora_r", "lora_alpha",
+               "lora_dropout", "lora_target_modules", "output_dir", "num_train_epochs", "max_steps", "save_strategy",
+               "save_steps"),
+    # the Mixup recipe's run only: the reference and the NTP baseline run without them
+    "mixup": ("mixup_alpha", "mixup_weight", "mixup_role", "ntp_subset", "pairing", "split_source", "split_column",
               "split_confident_values", "mixup_weight_schedule", "mixup_chunk_tokens", "record_online_dynamics",
-              "self_reference_epochs")
-SELECTION_FIELDS = ("selection", "selection_k", "selection_score_column", "selection_threshold")
+              "self_reference_epochs"),
+    # data selection (paper §5.5): the target runs, and step 1 too with selection_split=subset
+    "selection": ("selection", "selection_k", "selection_score_column", "selection_threshold"),
+    # the report only
+    "report": ("judge_min_valid_fraction",),
+}
+_STAGE_OF = {name: stage for stage, names in SETTING_STAGES.items() for name in names}
+
+# The EvalConfig fields each evaluation task's stored result depends on (sftmix.evaluate reuses a result only if
+# they are unchanged); a multiple-choice task also reads its own `<task>_file` and `<task>_shots_file`, a judged one
+# its `<task>_file`. Fields named nowhere here (batch sizes, judge timeouts, ...) change how, not what.
+EVAL_TASK_FIELDS = {
+    "heldout": ("heldout_file", "max_length", "chat_template"),
+    "mc": ("num_shots", "mc_chat_template", "mc_score", "mc_limit", "max_length", "medmcqa_cop_base"),
+    "gen": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
+            "judge_base_url", "judge_prompt_dir"),
+}
+
+
+def eval_task_fields(task: str) -> list[str]:
+    """The EvalConfig fields whose values a task's result depends on (`heldout`, an MC task, `mtbench`,
+    `alpacaeval`)."""
+    if task == "heldout":
+        return list(EVAL_TASK_FIELDS["heldout"])
+    if task in MC_TASKS:
+        return [*EVAL_TASK_FIELDS["mc"], f"{task}_file", f"{task}_shots_file"]
+    if task in ("mtbench", "alpacaeval"):
+        return [*EVAL_TASK_FIELDS["gen"], f"{task}_file"]
+    raise SFTMixError(f"unknown evaluation task {task!r}.")
+
+
+def stage_of(name: str) -> str:
+    """The stage that reads the setting `name` (a key of the flat config, as config.yaml has it)."""
+    if name in _STAGE_OF:
+        return _STAGE_OF[name]
+    if name in {f.name for f in dataclasses.fields(_eval_args_class())}:
+        return "eval"
+    return "train"
+
+
+def settings_of(*stages: str) -> list[str]:
+    """The settings the given stages read, in SETTING_STAGES order (`eval`: every evaluation setting, by its name in
+    the flat config: eval_max_length etc. where the run has a field of that name)."""
+    unknown = [s for s in stages if s not in SETTING_STAGES and s != "eval"]
+    if unknown:
+        raise SFTMixError(f"unknown stage(s) {unknown}; stages: {', '.join([*SETTING_STAGES, 'eval'])}.")
+    out = [name for stage in stages if stage != "eval" for name in SETTING_STAGES[stage]]
+    if "eval" in stages:
+        out += [f.name for f in dataclasses.fields(_eval_args_class())]
+    return out
+
+
+def unaffected_settings(stage: str, cfg=None) -> set[str]:
+    """The settings that may change without invalidating `stage`'s result.
+
+    `run`: a run directory as a whole (the training stages; the evaluation fingerprints each task's result and the
+    report is rebuilt): runtime, eval and report settings. `dynamics` (step 1, and the data split before it): also
+    the target-only, Mixup and selection settings, except the selection when `cfg` selects examples that step 1 runs
+    on (selection_split=subset)."""
+    if stage == "run":
+        return set(settings_of("runtime", "eval", "report"))
+    if stage == "dynamics":
+        out = set(settings_of("runtime", "eval", "report", "target", "mixup", "selection"))
+        if cfg is not None and cfg.train.selection != "none" and cfg.run.selection_split == "subset":
+            out -= set(settings_of("selection"))  # step 1 runs on the selected examples (and reads `random`'s seed)
+        return out
+    raise SFTMixError(f"unaffected_settings: stage must be `run` or `dynamics`, got {stage!r}.")
 
 
 @dataclass
@@ -203,13 +298,99 @@ class RunConfig:
         return int(self.heldout) if self.heldout >= 1 else float(self.heldout)
 
 
+@dataclass
+class EvalConfig:
+    """What to evaluate and how. Every input file is optional; at least one must be given."""
+
+    heldout_file: str | None = field(default=None, metadata={"help": (
+        "SFT-format file (any format sftmix.data loads) whose response NLL and perplexity are measured.")})
+    pubmedqa_file: str | None = field(default=None, metadata={"help": (
+        "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. "
+        "../shared/data/pubmedqa_pqal_dev500.json; or a Hub dataset ID[:CONFIG[:SPLIT]], e.g. qiaojin/PubMedQA "
+        "(config pqa_labeled, split train by default).")})
+    pubmedqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "PubMedQA file to take the shots from; default: split the evaluated file by id hash.")})
+    medqa_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "test by default), e.g. GBaker/MedQA-USMLE-4-options.")})
+    medqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 4-option file to take the shots from (e.g. the dev split); default: split the evaluated file by id "
+        "hash.")})
+    medqa5_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config "
+        "med_qa_en_source).")})
+    medqa5_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash.")})
+    medmcqa_file: str | None = field(default=None, metadata={"help": (
+        "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
+        "validation by default), e.g. openlifescienceai/medmcqa.")})
+    medmcqa_shots_file: str | None = field(default=None, metadata={"help": (
+        "MedMCQA file to take the shots from (e.g. train); default: split the evaluated file by id hash.")})
+    medmcqa_cop_base: Literal["auto", "0", "1"] = field(default="auto", metadata={"help": (
+        "Is MedMCQA's cop 0-based (Hugging Face copy) or 1-based (official release)? auto: decide from the values in "
+        "the file.")})
+    num_shots: int = field(default=3, metadata={"help": (
+        "Solved examples before each multiple-choice question (the paper: 3).")})
+    mc_chat_template: bool = field(default=False, metadata={"help": (
+        "Render multiple-choice shots as chat turns with the model's template instead of plain few-shot text.")})
+    mc_score: Literal["sum", "norm"] = field(default="sum", metadata={"help": (
+        "Which option score decides the reported accuracy: summed log-prob (sum) or per-character log-prob (norm). "
+        "Both are recorded.")})
+    mc_share_prefix: bool = field(default=True, metadata={"help": (
+        "Compute the prompts' common prefix (the shared shots) once and reuse its key/value cache.")})
+    mc_limit: int | None = field(default=None, metadata={"help": (
+        "Evaluate only the first N questions of each multiple-choice file (quick checks).")})
+    max_length: int = field(default=2048, metadata={"help": (
+        "Token cap: multiple-choice prompts are cut from the left to fit it; held-out examples are cut at the end "
+        "(as in training).")})
+    batch_size: int = field(default=8, metadata={"help": (
+        "Examples (questions) per forward pass for likelihood scoring.")})
+    chat_template: str = field(default="auto", metadata={"help": (
+        "Chat template for held-out scoring and generation: auto, model, plain, or a Jinja file (see "
+        "sftmix.data.ensure_chat_template).")})
+    mtbench_file: str | None = field(default=None, metadata={"help": (
+        "MT-Bench questions JSONL ({question_id, category, turns: [q1, q2], reference?}); needs a judge.")})
+    alpacaeval_file: str | None = field(default=None, metadata={"help": (
+        "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs "
+        "a judge.")})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
+    gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (only with do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (only with do_sample)."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampled generation."})
+    judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": (
+        "OpenAI-compatible base URL of the judge (vLLM, llama.cpp server, OpenAI, ...).")})
+    judge_model: str | None = field(default=None, metadata={"help": (
+        "Model name sent to the judge endpoint (required for MT-Bench / AlpacaEval).")})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": (
+        "Environment variable holding the judge's API key (none needed for a local server).")})
+    judge_api_key: str | None = field(default=None, metadata={"help": (
+        "The judge's API key itself (prefer judge_api_key_env: config files get shared).")})
+    judge_timeout: float = field(default=120.0, metadata={"help": (
+        "Seconds per judge request before it counts as timed out.")})
+    judge_max_retries: int = field(default=4, metadata={"help": (
+        "Retries per judgment (exponential backoff) on timeouts, HTTP 429/5xx and malformed replies.")})
+    judge_backoff: float = field(default=1.0, metadata={"help": (
+        "First backoff delay in seconds; doubles with each retry.")})
+    judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
+    judge_max_tokens: int = field(default=1024, metadata={"help": "max_tokens of each judge reply."})
+    judge_cache_file: str | None = field(default=None, metadata={"help": (
+        "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl.")})
+    judge_prompt_dir: str | None = field(default=None, metadata={"help": (
+        "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "Recompute tasks whose <task>.json already exists with the same settings.")})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # EvalConfig as CLI fields: a field whose name the run or training config also has gets the prefix `eval_` and
 # defaults to the run's value (max_length, seed, chat_template); `heldout_file` defaults to the run's held-out split.
 
 
+@functools.cache
 def _eval_args_class():
-    from sftmix.evaluate import EvalConfig
     from sftmix.trainer import SFTMixConfig
 
     taken = {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(SFTMixConfig)}
@@ -231,14 +412,13 @@ def _eval_args_class():
                       if f.default is not dataclasses.MISSING
                       else field(default_factory=f.default_factory, metadata=meta)))
     cls = dataclasses.make_dataclass("EvalArgs", specs)
-    cls.__doc__ = "The fields of sftmix.evaluate.EvalConfig, as set for a run."
+    cls.__doc__ = "The fields of EvalConfig, as set for a run."
     cls.renamed = renamed
     return cls
 
 
 def eval_config_for_run(eval_args, run: RunConfig, train, run_dir: Path):
-    """The sftmix.evaluate.EvalConfig of a run: eval_* fields fall back to the run's values."""
-    from sftmix.evaluate import EvalConfig
+    """The EvalConfig of a run: eval_* fields fall back to the run's values."""
 
     values = {}
     for f in dataclasses.fields(eval_args):
@@ -288,11 +468,6 @@ def _field_defaults(cls) -> dict:
 RUN_TRAINING_DEFAULTS = {"save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 2, "report_to": "none",
                          "logging_steps": 5, "disable_tqdm": False}
 
-# Settings that may change between invocations on the same run directory without invalidating finished stages.
-MUTABLE_KEYS = {"recipes", "num_threads", "keep_checkpoints", "score_batch_size", "disable_tqdm", "logging_steps",
-                "report_to",
-                "log_level", "dataloader_num_workers", "save_total_limit", "device", "model_cache_dir",
-                "per_device_eval_batch_size", "run_name", "logging_first_step", "scoring_checkpoints"}
 
 
 def packaged_config(name: str) -> Path:
@@ -338,7 +513,7 @@ class Config:
         """The resolved config as one flat mapping that --config reads back."""
         out = {f.name: getattr(self.run, f.name) for f in dataclasses.fields(self.run)}
         # the SFTMix fields always (they define the recipe), other training fields where they differ from the default
-        out.update({k: getattr(self.train, k) for k in MIXUP_ONLY + SELECTION_FIELDS})
+        out.update({k: getattr(self.train, k) for k in settings_of("mixup", "selection")})
         out.update(self.train_values)
         out.update({f.name: getattr(self.eval_args, f.name) for f in dataclasses.fields(self.eval_args)})
         if out.get("judge_api_key"):

@@ -62,102 +62,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from sftmix.config import MC_TASKS, EvalConfig, eval_task_fields  # noqa: F401  (EvalConfig: re-exported here)
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
-MC_TASKS = ("pubmedqa", "medqa", "medqa5", "medmcqa")
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a cache copy per batch
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate and how. Every input file is optional; at least one must be given."""
-
-    heldout_file: str | None = field(default=None, metadata={"help": (
-        "SFT-format file (any format sftmix.data loads) whose response NLL and perplexity are measured.")})
-    pubmedqa_file: str | None = field(default=None, metadata={"help": (
-        "PubMedQA labelled JSON (dict PMID -> {QUESTION, CONTEXTS, final_decision}), e.g. "
-        "../shared/data/pubmedqa_pqal_dev500.json; or a Hub dataset ID[:CONFIG[:SPLIT]], e.g. qiaojin/PubMedQA "
-        "(config pqa_labeled, split train by default).")})
-    pubmedqa_shots_file: str | None = field(default=None, metadata={"help": (
-        "PubMedQA file to take the shots from; default: split the evaluated file by id hash.")})
-    medqa_file: str | None = field(default=None, metadata={"help": (
-        "MedQA 4-option JSONL ({question, options: {A..D}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
-        "test by default), e.g. GBaker/MedQA-USMLE-4-options.")})
-    medqa_shots_file: str | None = field(default=None, metadata={"help": (
-        "MedQA 4-option file to take the shots from (e.g. the dev split); default: split the evaluated file by id "
-        "hash.")})
-    medqa5_file: str | None = field(default=None, metadata={"help": (
-        "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
-        "test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config "
-        "med_qa_en_source).")})
-    medqa5_shots_file: str | None = field(default=None, metadata={"help": (
-        "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash.")})
-    medmcqa_file: str | None = field(default=None, metadata={"help": (
-        "MedMCQA JSONL ({id, question, opa, opb, opc, opd, cop}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
-        "validation by default), e.g. openlifescienceai/medmcqa.")})
-    medmcqa_shots_file: str | None = field(default=None, metadata={"help": (
-        "MedMCQA file to take the shots from (e.g. train); default: split the evaluated file by id hash.")})
-    medmcqa_cop_base: Literal["auto", "0", "1"] = field(default="auto", metadata={"help": (
-        "Is MedMCQA's cop 0-based (Hugging Face copy) or 1-based (official release)? auto: decide from the values in "
-        "the file.")})
-    num_shots: int = field(default=3, metadata={"help": (
-        "Solved examples before each multiple-choice question (the paper: 3).")})
-    mc_chat_template: bool = field(default=False, metadata={"help": (
-        "Render multiple-choice shots as chat turns with the model's template instead of plain few-shot text.")})
-    mc_score: Literal["sum", "norm"] = field(default="sum", metadata={"help": (
-        "Which option score decides the reported accuracy: summed log-prob (sum) or per-character log-prob (norm). "
-        "Both are recorded.")})
-    mc_share_prefix: bool = field(default=True, metadata={"help": (
-        "Compute the prompts' common prefix (the shared shots) once and reuse its key/value cache.")})
-    mc_limit: int | None = field(default=None, metadata={"help": (
-        "Evaluate only the first N questions of each multiple-choice file (quick checks).")})
-    max_length: int = field(default=2048, metadata={"help": (
-        "Token cap: multiple-choice prompts are cut from the left to fit it; held-out examples are cut at the end "
-        "(as in training).")})
-    batch_size: int = field(default=8, metadata={"help": (
-        "Examples (questions) per forward pass for likelihood scoring.")})
-    chat_template: str = field(default="auto", metadata={"help": (
-        "Chat template for held-out scoring and generation: auto, model, plain, or a Jinja file (see "
-        "sftmix.data.ensure_chat_template).")})
-    mtbench_file: str | None = field(default=None, metadata={"help": (
-        "MT-Bench questions JSONL ({question_id, category, turns: [q1, q2], reference?}); needs a judge.")})
-    alpacaeval_file: str | None = field(default=None, metadata={"help": (
-        "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs "
-        "a judge.")})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
-    gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (only with do_sample)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (only with do_sample)."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampled generation."})
-    judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": (
-        "OpenAI-compatible base URL of the judge (vLLM, llama.cpp server, OpenAI, ...).")})
-    judge_model: str | None = field(default=None, metadata={"help": (
-        "Model name sent to the judge endpoint (required for MT-Bench / AlpacaEval).")})
-    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": (
-        "Environment variable holding the judge's API key (none needed for a local server).")})
-    judge_api_key: str | None = field(default=None, metadata={"help": (
-        "The judge's API key itself (prefer judge_api_key_env: config files get shared).")})
-    judge_timeout: float = field(default=120.0, metadata={"help": (
-        "Seconds per judge request before it counts as timed out.")})
-    judge_max_retries: int = field(default=4, metadata={"help": (
-        "Retries per judgment (exponential backoff) on timeouts, HTTP 429/5xx and malformed replies.")})
-    judge_backoff: float = field(default=1.0, metadata={"help": (
-        "First backoff delay in seconds; doubles with each retry.")})
-    judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
-    judge_max_tokens: int = field(default=1024, metadata={"help": "max_tokens of each judge reply."})
-    judge_cache_file: str | None = field(default=None, metadata={"help": (
-        "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl.")})
-    judge_prompt_dir: str | None = field(default=None, metadata={"help": (
-        "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
-    overwrite: bool = field(default=False, metadata={"help": (
-        "Recompute tasks whose <task>.json already exists with the same settings.")})
 
 
 # ------------------------------------------------------------------------------------------------------ held-out
@@ -443,16 +356,6 @@ def _pad_id(tokenizer, model=None) -> int:
     return 0  # padded positions are masked out, any id works
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        j = 0
-        while j < n and s[j] == first[j]:
-            j += 1
-        n = j
-    return n
-
-
 def _cache_kw(model) -> str:
     """transformers renamed `past_key_values` to `cache` (deprecated in 5.2x); pass whichever this model takes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -486,6 +389,7 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     every process returns what one process would; stats["per_process"] has each share."""
     from tqdm.auto import tqdm
     from transformers import DynamicCache
+    from trl.data_utils import common_prefix_length
 
     from sftmix.dynamics import share_batches, world_and_rank
 
@@ -507,7 +411,8 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     full = [i for i in range(n) if not truncated[i]]
     P = 0
     if share_prefix and len(full) > 1:
-        P = min(_common_prefix([prompts[i] for i in full]), min(len(prompts[i]) for i in full) - 1)
+        P = min(min(common_prefix_length(prompts[full[0]], prompts[i]) for i in full),
+                min(len(prompts[i]) for i in full) - 1)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -646,15 +551,15 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     return score_choice_ids(model, p_ids, c_ids, **kwargs)
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials (better than the normal one near 0, 1 and for small n)."""
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials (better than the normal one near 0, 1 and for small n);
+    (nan, nan) for no trial."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file: str | None = None,
@@ -842,14 +747,6 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
 
 # --------------------------------------------------------------------------------------------------- entry point
 
-_TASK_FIELDS = {  # the settings a task's result depends on: a stored result is reused only if they are unchanged
-    "heldout": ["heldout_file", "max_length", "chat_template"],
-    "mc": ["num_shots", "mc_chat_template", "mc_score", "mc_limit", "max_length", "medmcqa_cop_base"],
-    "gen": ["max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
-            "judge_base_url", "judge_prompt_dir"],
-}
-
-
 def _fingerprint(cfg: EvalConfig, model, names: list[str], files: list[str | None]) -> dict:
     """What a stored task result depends on: its settings, its files' contents and the model's weights (by value:
     a model retrained into the same folder, with the same parameter count, is another model)."""
@@ -886,16 +783,16 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
     cfg, out = eval_config, Path(output_dir)
     jobs = []
     if cfg.heldout_file:
-        jobs.append(("heldout", _TASK_FIELDS["heldout"], [cfg.heldout_file]))
+        jobs.append(("heldout", eval_task_fields("heldout"), [cfg.heldout_file]))
     for t in MC_TASKS:
         if getattr(cfg, f"{t}_file"):
-            jobs.append((t, _TASK_FIELDS["mc"] + [f"{t}_file", f"{t}_shots_file"],
+            jobs.append((t, eval_task_fields(t),
                          [getattr(cfg, f"{t}_file"), getattr(cfg, f"{t}_shots_file")]))
         elif getattr(cfg, f"{t}_shots_file"):
             raise SFTMixError(f"{t}_shots_file is set but {t}_file is not; give the file to evaluate")
     for t in ("mtbench", "alpacaeval"):
         if getattr(cfg, f"{t}_file"):
-            jobs.append((t, _TASK_FIELDS["gen"] + [f"{t}_file"], [getattr(cfg, f"{t}_file")]))
+            jobs.append((t, eval_task_fields(t), [getattr(cfg, f"{t}_file")]))
     if not jobs:
         raise SFTMixError("nothing to evaluate: set at least one of heldout_file, pubmedqa_file, medqa_file, "
                           "medqa5_file, medmcqa_file, mtbench_file, alpacaeval_file")

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.config import MIXUP_ONLY, SELECTION_FIELDS
+from sftmix.config import settings_of, unaffected_settings
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
 log = logging.getLogger("sftmix")
@@ -143,8 +143,6 @@ def write_config(cfg) -> None:
     """Write DIR/config.yaml (the resolved config) first; refuse a run directory made with a different config."""
     import yaml
 
-    from sftmix.config import MUTABLE_KEYS
-
     path = cfg.run_dir / "config.yaml"
     new = _plain(cfg.flat())
     if path.exists():
@@ -152,9 +150,9 @@ def write_config(cfg) -> None:
         if old == new:
             return  # unchanged: keep the file (and its mtime, which tells the report whether it is stale)
         # a field absent from one file (an older version wrote fewer keys) has its default there
-        defaults, later_stage_keys = _config_defaults()
+        defaults, unaffected = _config_defaults(), unaffected_settings("run")
         old, new = {**defaults, **old}, {**defaults, **new}
-        changed = sorted(k for k in set(old) | set(new) if k not in MUTABLE_KEYS and k not in later_stage_keys
+        changed = sorted(k for k in set(old) | set(new) if k not in unaffected
                          and old.get(k) != new.get(k) and k != "output_dir")
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
@@ -186,24 +184,13 @@ def _save_sources(cfg) -> None:
         atomic_write_json(cfg.run_dir / "sources.json", cfg.sources)
 
 
-def _config_defaults() -> tuple[dict, set]:
-    """Every field's default as the parser sets it (run, training with the pipeline's defaults, evaluation), and the
-    keys that only the evaluation / report read: those may change on a finished run (the eval stage's fingerprint
-    reruns what they touch)."""
-    import dataclasses
-
+def _config_defaults() -> dict:
+    """Every field's default as the parser sets it (run, training with the pipeline's defaults, evaluation)."""
     from sftmix.config import RUN_TRAINING_DEFAULTS, RunConfig, _eval_args_class, _field_defaults
     from sftmix.trainer import SFTMixConfig
 
-    eval_cls = _eval_args_class()
-    defaults = {**_field_defaults(SFTMixConfig), **RUN_TRAINING_DEFAULTS, **_field_defaults(RunConfig),
-                **_field_defaults(eval_cls)}
-    later = {f.name for f in dataclasses.fields(eval_cls)} | set(REPORT_ONLY)
-    return _plain(defaults), later
-
-
-# RunConfig fields that only the report reads.
-REPORT_ONLY = ("judge_min_valid_fraction",)
+    return _plain({**_field_defaults(SFTMixConfig), **RUN_TRAINING_DEFAULTS, **_field_defaults(RunConfig),
+                   **_field_defaults(_eval_args_class())})
 
 
 def _plain(obj):
@@ -444,9 +431,9 @@ def stage_dynamics(cfg) -> None:
         online = run.confidence_mode == "online"
         # The reference is plain NTP on all the data: none of the Mixup / selection fields; its own epochs and lr.
         # Checkpoints: as configured for the target runs (scoring_checkpoints=trainer), or only at each scoring step.
-        drop = MIXUP_ONLY + SELECTION_FIELDS + ("output_dir", "num_train_epochs", "max_steps", "learning_rate",
-                                                "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-                                                "save_strategy", "save_steps", "save_total_limit", "max_length")
+        drop = (*settings_of("mixup", "selection"), "output_dir", "num_train_epochs", "max_steps", "learning_rate",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_strategy", "save_steps",
+                "save_total_limit", "max_length")  # the last ones: given to run_reference explicitly below
         extra = {k: v for k, v in cfg.train_values.items() if k not in drop}
         if run.scoring_checkpoints == "trainer":  # the effective values (a default one is not in train_values)
             extra.update(save_strategy=train.save_strategy, save_steps=train.save_steps,
@@ -531,7 +518,7 @@ def stage_train(cfg, recipe: str) -> None:
             if not args.mixup_enabled and args.ntp_subset == "all":
                 log.warning("recipe sftmix with mixup_weight=0 and no analysis option: this is plain NTP")
         else:
-            args = training_config(cfg, out, drop=MIXUP_ONLY, mixup_weight=0.0, selection="none")
+            args = training_config(cfg, out, drop=settings_of("mixup"), mixup_weight=0.0, selection="none")
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                 peft_config=lora_config(cfg.run), callbacks=callbacks)
         resume = resume_checkpoint(out, f"train:{recipe}")

@@ -43,11 +43,6 @@ from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sftmix")
 
-# Settings that neither the data stage nor step 1 read: configs that differ only in these share one step-1 result.
-# Anything not listed here (including settings added later) keeps runs apart, which is always correct.
-TARGET_ONLY = {"recipes", "num_train_epochs", "max_steps", "save_strategy", "save_steps", "save_total_limit",
-               "output_dir", "keep_checkpoints", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-               "lora_target_modules"}
 # comparison-row keys of sftmix.report that are not metrics
 NOT_METRICS = {"model", "label", "n_examples", "n_tokens", "delta_nll_vs_start", "heldout_ppl_example_mean",
                "train_ntp_loss", "train_seconds"}
@@ -112,19 +107,18 @@ def run_argv(config: Path, run_dir: Path, overrides: Path | None = None, extra: 
 
 def _keys(cfg) -> tuple[str, str]:
     """(step-1 key, start-eval key): configs with equal keys share the data split and step 1 (and the evaluation of
-    the untrained start model)."""
-    from sftmix.config import MIXUP_ONLY, MUTABLE_KEYS, SELECTION_FIELDS
+    the untrained start model). Settings step 1 does not read (sftmix.config.unaffected_settings) are left out;
+    any other, including a setting added later, keeps runs apart, which is always correct."""
+    from sftmix.config import settings_of, unaffected_settings
 
     flat = json.loads(json.dumps(cfg.flat(), default=str, sort_keys=True))
-    eval_fields = {f for f in flat if hasattr(cfg.eval_args, f)}
-    skip = TARGET_ONLY | set(MUTABLE_KEYS) | set(MIXUP_ONLY) | set(SELECTION_FIELDS)
-    if cfg.train.selection != "none" and cfg.run.selection_split == "subset":
-        skip -= set(SELECTION_FIELDS)  # step 1 runs on the selected examples (and reads the seed of `random`)
-    step1 = {k: v for k, v in flat.items() if k not in skip and k not in eval_fields}
+    eval_fields = set(settings_of("eval"))
+    skip = unaffected_settings("dynamics", cfg)
+    step1 = {k: v for k, v in flat.items() if k not in skip}
     # step 1 reads learning_rate only as the default of reference_learning_rate
     step1["reference_learning_rate"] = step1.pop("reference_learning_rate", None) or step1.pop("learning_rate", None)
     step1.pop("learning_rate", None)
-    start = {**step1, **{k: flat[k] for k in eval_fields}}
+    start = {**step1, **{k: flat[k] for k in eval_fields if k in flat}}
     return json.dumps(step1, sort_keys=True), json.dumps(start, sort_keys=True)
 
 
@@ -231,11 +225,11 @@ def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None,
 
 def _config_diff(config: dict, base: dict, recipe: str) -> str:
     """What a run's config changes relative to the baseline's (settings the recipe actually reads)."""
-    from sftmix.config import MIXUP_ONLY, MUTABLE_KEYS
+    from sftmix.config import settings_of
 
-    skip = {"output_dir", "run_name", "judge_api_key"} | set(MUTABLE_KEYS)
+    skip = {"output_dir", "run_name", "judge_api_key"} | set(settings_of("runtime"))
     if recipe != "sftmix":
-        skip |= set(MIXUP_ONLY)  # the NTP baseline runs without the Mixup settings
+        skip |= set(settings_of("mixup"))  # the NTP baseline runs without the Mixup settings
     if not config.get("use_peft") and not base.get("use_peft"):
         skip |= {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
     diff = []
