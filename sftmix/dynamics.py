@@ -7,7 +7,7 @@
     rows = run_reference(ref_model, ref_tok, ref_ds, "run/")    # train + score C checkpoints -> run/confidence.jsonl
     target_ds = join_confidence(target_ds, rows)                # adds `confident`, `confidence` by guid
 
-Outputs in the run directory (names fixed, see DESIGN.md):
+Outputs in the run directory (names fixed; README.md lists the whole run directory):
     reference/                  the reference run's Trainer checkpoints (as save_strategy says; with
                                 scoring_checkpoints="always" also at every scoring step)
     dynamics/ckpt_{k}.jsonl     guid, nll_mean, n_tokens, ppl at checkpoint k = 1..C

@@ -14,7 +14,6 @@ The HTML embeds the plots as base64 PNGs, so the one file can be mailed or opene
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import platform
@@ -331,45 +330,24 @@ def render_markdown(summary) -> str:
     return "\n".join(parts)
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
-vertical-align:top}th{background:#f3f3f3}img{max-width:48%;margin:.3em}pre{background:#f7f7f7;padding:.6em;
-overflow:auto;max-height:30em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
-
-
 def render_html(summary, run_dir: Path) -> str:
-    def md_inline(text):
-        text = html.escape(text)
-        while "**" in text:
-            text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
-        return text
+    """report.html: the sections of `_sections` through the jinja2 template sftmix/templates/report.html.j2."""
+    import re
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SFTMix report: {html.escape(summary['run_dir'])}"
-             f"</title><style>{CSS}</style></head><body><h1>SFTMix run report</h1>"
-             f"<p><code>{html.escape(summary['run_dir'])}</code>, {summary['created']}.</p>"]
+    import jinja2
+    import markupsafe
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("sftmix", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["bold"] = lambda text: markupsafe.Markup(
+        re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(markupsafe.escape(text))))
     captions = dict(PLOTS)
-    for title, text, items in _sections(summary):
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if text:
-            parts.append(f"<p>{md_inline(text)}</p>")
-        for kind, payload in items:
-            if kind == "table":
-                header, body = payload
-                head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header) if any(header) else ""
-                rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                               for row in body)
-                parts.append(f"<table>{f'<tr>{head}</tr>' if head else ''}{rows}</table>")
-            elif kind == "subtitle":
-                parts.append(f"<h3>{html.escape(payload)}</h3>")
-            elif kind == "plots":
-                for name in payload:
-                    data = base64.b64encode((run_dir / "plots" / name).read_bytes()).decode("ascii")
-                    parts.append(f"<img alt='{html.escape(captions.get(name, name))}' "
-                                 f"title='{html.escape(captions.get(name, name))}' src='data:image/png;base64,{data}'>")
-            else:
-                parts.append(f"<pre>{html.escape(payload)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    sections = [(title, text, [(kind, [(captions.get(name, name),
+                                        base64.b64encode((run_dir / "plots" / name).read_bytes()).decode("ascii"))
+                                       for name in payload] if kind == "plots" else payload)
+                               for kind, payload in items])
+                for title, text, items in _sections(summary)]
+    return env.get_template("report.html.j2").render(summary=summary, sections=sections)
 
 
 def write_report(cfg) -> dict:
