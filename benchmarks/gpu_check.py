@@ -786,4 +786,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["correct"] else 1)
+    from sftmix.utils import one_line_errors
+
+    with one_line_errors("gpu_check"):
+        sys.exit(0 if main()["correct"] else 1)

@@ -619,4 +619,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from sftmix.utils import one_line_errors
+
+    with one_line_errors("perf"):
+        main()

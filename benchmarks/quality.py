@@ -699,8 +699,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    from sftmix.utils import one_line_errors
+
+    with one_line_errors("quality"):
         main()
-    except SFTMixError as e:
-        print(f"quality: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)

@@ -126,4 +126,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sftmix.utils import one_line_errors
+
+    with one_line_errors("scoring_dist"):
+        main()

@@ -30,7 +30,7 @@ from sftmix.config import (  # noqa: F401  (re-exported: `from sftmix.cli import
     parse_config,
 )
 from sftmix.console import setup_logging as _setup_logging
-from sftmix.utils import SFTMixError
+from sftmix.utils import SFTMixError, one_line_errors
 
 log = logging.getLogger("sftmix")
 
@@ -95,14 +95,8 @@ def run_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors are one line on stderr and exit code 2; bugs keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with one_line_errors("sftmix"):
         code = run_command(argv)
-    except SFTMixError as e:
-        print(f"sftmix: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("sftmix: interrupted; run the same command again to continue where it stopped.", file=sys.stderr)
-        sys.exit(130)
     sys.exit(code)
 
 

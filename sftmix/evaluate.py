@@ -860,10 +860,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from sftmix.utils import one_line_errors
 
-    try:
+    with one_line_errors("sftmix.evaluate"):
         main()
-    except SFTMixError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, like `sftmix`
-        sys.exit(2)

@@ -28,6 +28,26 @@ class SFTMixError(ValueError):
 
 
 @contextlib.contextmanager
+def one_line_errors(prog: str):
+    """The error exit of every entry point (sftmix, python -m sftmix.evaluate, the benchmarks): an SFTMixError (a
+    user's mistake) becomes one line `PROG: error: ...` on stderr and exit code 2, Ctrl-C a line saying how to go on
+    and code 130; anything else (a bug) keeps its traceback.
+
+        with one_line_errors("sftmix"):
+            code = run_command(argv)"""
+    import sys
+
+    try:
+        yield
+    except SFTMixError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to continue where it stopped.", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary file beside `path`; on success fsync and rename it over `path`, on error remove it."""
     path = Path(path)
