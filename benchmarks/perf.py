@@ -23,7 +23,7 @@ memory_allocated (after reset_peak_memory_stats); on CPU, which has no allocator
 of the allocation/free events torch.profiler(profile_memory=True) records in one untimed step: exact for tensor
 memory, blind to allocator caching and fragmentation.
 
-Step 1's scoring throughput is sftmix.dynamics.run_scoring (what score_examples runs) on a random sample of the data,
+Step 1's scoring throughput is sftmix.scoring.run_scoring (what score_examples runs) on a random sample of the data,
 in real (non-padding) tokens/s, against (b)'s training throughput in real tokens/s. `padding_fraction` is the padding
 of run_scoring's length-sorted buckets over all the data (step 1 scores the whole training set; the rule is checked
 against run_scoring's own count on the sample, which is reported too). The last stdout line is one JSON object.
@@ -326,7 +326,7 @@ def batch_token_counts(batch: dict) -> tuple[int, int, int]:
 
 def scoring_stats(scorer, score_ds, batch_size: int, device) -> dict:
     """run_scoring's stats (tokens/s, padding, ...) on `score_ds`, after a warm-up on its first 4 examples."""
-    from sftmix.dynamics import run_scoring
+    from sftmix.scoring import run_scoring
 
     run_scoring(scorer, score_ds.select(range(min(len(score_ds), 4))), batch_size=batch_size,
                 show_progress=False)  # warm-up

@@ -11,7 +11,7 @@
     trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds, callbacks=[cb])
 
 `score_dataset` is tokenized with labels (-100 outside the response) and a guid column (sftmix.data.tokenize_records).
-Scoring is sftmix.dynamics.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on the model
+Scoring is sftmix.scoring.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on the model
 as it is after that step's update; every process takes part (each scores a share), the main process writes, each
 file atomically. A checkpoint whose file exists is not scored again, so a resumed run only scores what is missing.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from sftmix.dynamics import build_confidence, online_confidence_rows, run_scoring, scoring_steps
+from sftmix.dynamics import build_confidence, online_confidence_rows, scoring_steps
+from sftmix.scoring import run_scoring
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -46,6 +46,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
 from .loss import mixup_loss
+from .scoring import LOGIT_SCALE_ATTRS
 from .utils import SFTMixError, last_complete_checkpoint
 
 MIXUP_ROLES = ("regularizer", "loss", "only")
@@ -620,7 +621,7 @@ class SFTMixMixin:
                               "Mixup "
                               "loss does not apply; use another target model or set mixup_weight=0. (A soft-capped "
                               "model can still be the *reference* of step 1.)")
-        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        for name in LOGIT_SCALE_ATTRS:
             if getattr(cfg, name, None) not in (None, 1, 1.0):
                 raise SFTMixError(f"{type(causal_lm).__name__} scales its logits ({name}={getattr(cfg, name)}), which "
                                   "the Mixup loss does not apply; use another model or set mixup_weight=0.")

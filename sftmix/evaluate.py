@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from sftmix.config import MC_TASKS, EvalConfig, eval_task_fields  # noqa: F401  (EvalConfig: re-exported here)
+from sftmix.scoring import pad_token_id
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,9 @@ def heldout_nll(model, tokenizer, records: list[dict], batch_size: int = 8, max_
     """Response NLL of `records` (sftmix.data records): token-weighted mean NLL and its perplexity, plus the mean of
     the per-example mean NLL and PPL. Examples whose prompt fills max_length are dropped and counted (n_dropped).
     distributed=True, under several processes (a torch.distributed process group; every process must call it): each
-    scores its share and every process gets the rows and metrics of one process (sftmix.dynamics.run_scoring)."""
+    scores its share and every process gets the rows and metrics of one process (sftmix.scoring.run_scoring)."""
     from sftmix.data import tokenize_records
-    from sftmix.dynamics import score_examples
+    from sftmix.scoring import score_examples
 
     ds, stats = tokenize_records(records, tokenizer, max_length=max_length, source=source)
     rows = score_examples(model, ds, batch_size=batch_size, desc=f"scoring {source}", distributed=distributed)
@@ -349,13 +350,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer, model=None) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if v is not None:
-            return int(v)
-    return 0  # padded positions are masked out, any id works
-
-
 def _cache_kw(model) -> str:
     """transformers renamed `past_key_values` to `cache` (deprecated in 5.2x); pass whichever this model takes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -391,7 +385,7 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     from transformers import DynamicCache
     from trl.data_utils import common_prefix_length
 
-    from sftmix.dynamics import share_batches, world_and_rank
+    from sftmix.scoring import share_batches, world_and_rank
 
     device = _device(model)
     ckw = _cache_kw(model)
@@ -547,7 +541,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     for cs in choices:
         c_ids.append(f_ids[k: k + len(cs)])
         k += len(cs)
-    kwargs.setdefault("pad_id", _pad_id(tokenizer))
+    kwargs.setdefault("pad_id", pad_token_id(tokenizer=tokenizer))
     return score_choice_ids(model, p_ids, c_ids, **kwargs)
 
 
@@ -568,7 +562,7 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
     """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl into output_dir if given.
     distributed=True: every process of the process group calls it and scores a share (see score_choice_ids); the
     main process writes the predictions."""
-    from sftmix.dynamics import world_and_rank
+    from sftmix.scoring import world_and_rank
 
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
@@ -631,7 +625,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     from transformers import GenerationConfig
 
     device = _device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer=tokenizer)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     g_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(g_eos) if isinstance(g_eos, (list, tuple)) else {g_eos} if g_eos is not None else set()
