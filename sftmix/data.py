@@ -835,6 +835,14 @@ def duplicate_stats(train: list[dict], heldout: list[dict]) -> dict:
             "n_examples_on_both_sides": len(both)}
 
 
+def first_user_message(record: dict) -> str:
+    """A record's instruction for humans (plots, reports): its first user message (else its last prompt message),
+    whitespace collapsed to single spaces."""
+    msgs = record.get("prompt") or []
+    text = next((m["content"] for m in msgs if m.get("role") == "user"), msgs[-1]["content"] if msgs else "")
+    return " ".join(str(text).split())
+
+
 # --------------------------------------------------------------------------------------------------- templates
 
 def _name(tokenizer) -> str:

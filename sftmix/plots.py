@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sftmix.split import split_threshold
 from sftmix.utils import SFTMixError, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,6 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def _split_threshold(confidence, confident) -> float:
-    confidence, confident = np.asarray(confidence, float), np.asarray(confident, bool)
-    if confident.any() and (~confident).any():
-        return float((confidence[confident].min() + confidence[~confident].max()) / 2)
-    return float(np.median(confidence))
-
-
 def plot_confidence_histogram(confidence, confident, path, bins: int = 40) -> Path:
     """Histogram of confidence (= -mean ppl) for each half, with the split line."""
     confidence, confident = np.asarray(confidence, float), np.asarray(confident, bool)
@@ -63,7 +57,7 @@ def plot_confidence_histogram(confidence, confident, path, bins: int = 40) -> Pa
     ax.hist(confidence[confident], bins=edges, color=CONFIDENT_COLOR, alpha=0.8, label=f"confident ({confident.sum()})")
     ax.hist(confidence[~confident], bins=edges, color=UNCONFIDENT_COLOR, alpha=0.8,
             label=f"unconfident ({(~confident).sum()})")
-    ax.axvline(_split_threshold(confidence, confident), color="k", ls="--", lw=1, label="split")
+    ax.axvline(split_threshold(confidence, confident), color="k", ls="--", lw=1, label="split")
     ax.set_xlabel("confidence = -mean PPL over reference checkpoints")
     ax.set_ylabel("examples")
     ax.set_title("Reference-model confidence")
@@ -139,11 +133,9 @@ def confidence_summary_markdown(rows, instructions: dict[str, str], k: int = 10,
 
 def first_user_messages(records=None, dataset=None, tokenizer=None) -> dict[str, str]:
     """guid -> instruction text: the first user message of each record, or else the decoded prompt tokens."""
-    out = {}
-    for r in records or []:
-        msgs = r.get("prompt") or []
-        user = next((m["content"] for m in msgs if m.get("role") == "user"), msgs[0]["content"] if msgs else "")
-        out[r["guid"]] = str(user)
+    from sftmix.data import first_user_message
+
+    out = {r["guid"]: first_user_message(r) for r in records or []}
     if not out and dataset is not None and tokenizer is not None:
         for row in dataset:
             prompt = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab == -100]

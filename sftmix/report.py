@@ -33,12 +33,6 @@ def _json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _instruction(record: dict) -> str:
-    msgs = record.get("prompt") or []
-    text = next((m["content"] for m in msgs if m.get("role") == "user"), msgs[-1]["content"] if msgs else "")
-    return " ".join(str(text).split())
-
-
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -70,9 +64,12 @@ def collect(cfg) -> dict:
         confident = [r for r in rows if r["confident"]]
         unconfident = [r for r in rows if not r["confident"]]
 
+        from sftmix.data import first_user_message
+        from sftmix.split import split_threshold
+
         def brief(r):
             return {"guid": r["guid"], "confidence": r["confidence"], "n_tokens": r.get("n_tokens"),
-                    "instruction": _instruction(train[r["guid"]]) if r["guid"] in train else None}
+                    "instruction": first_user_message(train[r["guid"]]) if r["guid"] in train else None}
 
         self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix (reference=self) marks its split
         summary["confidence"] = {
@@ -81,7 +78,7 @@ def collect(cfg) -> dict:
                      (_json(d / "dynamics" / "split.json") or {}).get("confidence_mode")),
             "confidence_source": "self" if self_split else "separate",
             "min": ranked[-1]["confidence"], "max": ranked[0]["confidence"],
-            "threshold": (min(r["confidence"] for r in confident) + max(r["confidence"] for r in unconfident)) / 2
+            "threshold": split_threshold([r["confidence"] for r in rows], [r["confident"] for r in rows])
             if confident and unconfident else None,
             "num_checkpoints": sum(1 for k in rows[0] if k.startswith("ppl_")),
             "most_confident": [brief(r) for r in ranked[:TOP_K]],

@@ -56,3 +56,13 @@ def split_confident(confidence, guids) -> np.ndarray:
     confident = np.zeros(len(conf), dtype=bool)
     confident[order[: len(conf) // 2]] = True
     return confident
+
+
+def split_threshold(confidence, confident) -> float:
+    """The confidence value between the two halves (midway between the least confident `confident` example and the
+    most confident other one); the median when one half is empty. For plots and reports: the split itself is
+    `split_confident`'s ranking."""
+    confidence, confident = np.asarray(confidence, float), np.asarray(confident, bool)
+    if confident.any() and (~confident).any():
+        return float((confidence[confident].min() + confidence[~confident].max()) / 2)
+    return float(np.median(confidence))
