@@ -47,6 +47,7 @@ from transformers import Trainer, TrainingArguments
 
 from .loss import mixup_loss
 from .scoring import LOGIT_SCALE_ATTRS
+from .split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
 from .utils import SFTMixError, last_complete_checkpoint
 
 MIXUP_ROLES = ("regularizer", "loss", "only")
@@ -183,98 +184,6 @@ class MixupArguments:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Split, selection and pairing: pure functions of the dataset columns
-
-
-def median_split(values, guids=None) -> np.ndarray:
-    """Boolean mask, True for the higher half of `values` (exactly floor(N/2) True; the median of an odd N goes to the
-    lower half; ties broken by guid, else by index). The one rule of the project: sftmix.split.split_confident."""
-    from sftmix.split import split_confident
-
-    return split_confident(values, guids if guids is not None else [f"{i:012d}" for i in range(len(values))])
-
-
-def confident_flags(dataset, args: MixupArguments) -> np.ndarray:
-    """The `confident` flags of a dataset, from the column the config names (see split_source)."""
-    cols = dataset.column_names
-    guids = dataset["guid"] if "guid" in cols else None
-    if args.split_source == "column":
-        if args.split_column not in cols:
-            raise SFTMixError(f"split_column {args.split_column!r} is not a column of the training data (columns: "
-                              f"{', '.join(cols)}).")
-        values = dataset[args.split_column]
-        if args.split_confident_values:
-            wanted = {str(v) for v in args.split_confident_values}
-            return np.array([str(v) in wanted for v in values], dtype=bool)
-        if all(isinstance(v, bool) for v in values):
-            return np.array(values, dtype=bool)
-        try:
-            return median_split([float(v) for v in values], guids)
-        except (TypeError, ValueError):
-            raise SFTMixError(f"split_column {args.split_column!r} holds labels ({sorted({str(v) for v in values})[:5]}"
-                              "...): set split_confident_values to the labels that mean confident.") from None
-    if "confident" in cols:
-        return np.array(dataset["confident"], dtype=bool)
-    if "confidence" in cols:
-        return median_split(dataset["confidence"], guids)
-    raise SFTMixError(
-        "SFTMix needs to know which examples are confident: the training data has neither a boolean `confident` "
-        "column nor a float `confidence` column. Run step 1 (`sftmix dynamics`) and join its confidence.jsonl by guid, "
-        "set split_source=column with split_column=<your column>, or set mixup_weight=0 for plain NTP."
-    )
-
-
-def select_examples(dataset, args: MixupArguments):
-    """Apply `args.selection` (paper §5.5) to a dataset; returns (dataset, description)."""
-    if args.selection == "none":
-        return dataset, "all examples"
-    n = len(dataset)
-    if args.selection == "long":
-        if "n_response_tokens" in dataset.column_names:
-            lengths = np.asarray(dataset["n_response_tokens"])
-        elif "labels" in dataset.column_names:
-            lengths = np.array([sum(t != -100 for t in row) for row in dataset["labels"]])
-        else:
-            lengths = np.array([len(c[-1]["content"]) if isinstance(c, list) else len(c)
-                                for c in dataset["completion"]])
-        keep = np.argsort(-lengths, kind="stable")[: args.selection_k]
-        desc = f"the {len(keep)} of {n} examples with the longest responses"
-    elif args.selection == "random":
-        keep = np.random.default_rng(args.seed).permutation(n)[: args.selection_k]
-        desc = f"{len(keep)} of {n} examples at random (seed {args.seed})"
-    else:
-        col = args.selection_score_column
-        if col not in dataset.column_names:
-            raise SFTMixError(f"selection=score needs a {col!r} column with your scores; the data has "
-                              f"{', '.join(dataset.column_names)}.")
-        scores = np.asarray(dataset[col], dtype=np.float64)
-        keep = np.flatnonzero(scores >= args.selection_threshold)
-        desc = f"{len(keep)} of {n} examples with {col} >= {args.selection_threshold}"
-    if len(keep) < 4:
-        raise SFTMixError(f"selection={args.selection} keeps only {len(keep)} examples ({desc}); relax it.")
-    return dataset.select(np.sort(keep)), desc
-
-
-def nearest_partners(embeddings: np.ndarray, confident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (confident_idx, unconfident_idx) covering every example, by cosine nearest neighbour across halves.
-
-    Each confident example is paired with its nearest unconfident one; each unconfident example that nobody chose is
-    paired with its nearest confident one. Computed in blocks, so memory stays O(block * N).
-    """
-    emb = np.asarray(embeddings, dtype=np.float32)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    c_idx, u_idx = np.flatnonzero(confident), np.flatnonzero(~confident)
-
-    def nearest(src, dst):
-        out = np.empty(len(src), dtype=np.int64)
-        for s in range(0, len(src), 1024):
-            sim = emb[src[s:s + 1024]] @ emb[dst].T
-            out[s:s + 1024] = dst[sim.argmax(axis=1)]
-        return out
-
-    partner_of_c = nearest(c_idx, u_idx)
-    unchosen = np.setdiff1d(u_idx, partner_of_c)
-    partner_of_u = nearest(unchosen, c_idx) if len(unchosen) else np.empty(0, dtype=np.int64)
-    return np.concatenate([c_idx, partner_of_u]), np.concatenate([partner_of_c, unchosen])
 
 
 class BalancedPairSampler(Sampler[int]):
