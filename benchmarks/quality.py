@@ -156,7 +156,7 @@ def _write_if_changed(path: Path, records: list[dict]) -> None:
 
 def prepare_data(args) -> dict:
     """The fixed held-out file and the N+1-example training file (see the module docstring)."""
-    from sftmix.data import load_records_with_stats, split_heldout
+    from sftmix.data import first_user_message, load_records_with_stats, split_heldout
 
     records, stats = load_records_with_stats(args.data, on_bad="skip")
     if stats.get("n_skipped_rows"):
@@ -175,11 +175,7 @@ def prepare_data(args) -> dict:
             "n_skipped_rows": stats.get("n_skipped_rows", 0), "skipped": stats.get("skipped"),
             "n_train_file": len(train), "n_train_per_run": args.n_train, "n_heldout": len(held),
             "heldout_seed": HELDOUT_SEED, "train_file": str(train_file), "heldout_file": str(held_file),
-            "instructions": {r["guid"]: _user_text(r) for r in train}}
-
-
-def _user_text(record: dict) -> str:
-    return next((m["content"] for m in record["prompt"] if m["role"] == "user"), "")
+            "instructions": {r["guid"]: first_user_message(r) for r in train}}
 
 
 # ------------------------------------------------------------------------------------------------------------ runs

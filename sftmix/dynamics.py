@@ -399,6 +399,22 @@ def compare_online(online_conf, checkpoint_conf, guids) -> dict:
             "split_agreement": float(agree.mean())}
 
 
+def _online_split_rows(checkpoint_rows, online_conf, guids) -> list[dict]:
+    """confidence.jsonl rows split by online confidence, each keeping its checkpoint values beside."""
+    online_conf = np.asarray(online_conf, float)
+    if not np.isfinite(online_conf).all():
+        i = int(np.flatnonzero(~np.isfinite(online_conf))[0])
+        raise SFTMixError(f"online confidence: {int((~np.isfinite(online_conf)).sum())} examples were never seen in "
+                          f"the reference's training (e.g. {guids[i]}); train the reference for at least one full "
+                          f"epoch.")
+    by_guid = dict(zip(guids, online_conf))
+    order = [r["guid"] for r in checkpoint_rows]
+    conf = [float(by_guid[g]) for g in order]
+    confident = split_confident(conf, order)
+    return [{**r, "checkpoint_confidence": r["confidence"], "checkpoint_confident": r["confident"],
+             "confidence": c, "confident": bool(k)} for r, c, k in zip(checkpoint_rows, conf, confident)]
+
+
 def write_online_summary(run_dir, online_records, guids, confidence_rows=None, epochs: str = "all") -> dict:
     """Write run_dir/dynamics/online_confidence.jsonl and online_summary.json (with the Spearman correlation against
     the checkpoint-based `confidence_rows` when given)."""
@@ -434,6 +450,7 @@ def run_reference(
     seed: int = 42,
     score_batch_size: int = 16,
     online: bool = False,
+    online_split: bool = False,
     score_checkpoints: bool = True,
     scoring_checkpoints: str = "trainer",
     records: list[dict] | None = None,
@@ -450,7 +467,9 @@ def run_reference(
     NLL from the training forward passes and writes dynamics/online_summary.json (Spearman against the checkpoint
     confidence); confidence.jsonl stays checkpoint-based. online=True with score_checkpoints=False is the cheap
     online-only mode: no scoring pass at all, confidence.jsonl from the online records (and no hidden-state map,
-    which needs a pass). Trainer checkpoints: as save_strategy configures them (scoring_checkpoints="trainer"; the
+    which needs a pass). online_split=True (with the checkpoints scored): confidence.jsonl from the online records,
+    each row keeping its checkpoint values as checkpoint_confidence / checkpoint_confident (the `online` confidence
+    mode of `sftmix run`). Trainer checkpoints: as save_strategy configures them (scoring_checkpoints="trainer"; the
     default here is save_strategy="no", so a killed run retrains from step 0 and keeps what it scored), or also at
     each of the C scoring steps (scoring_checkpoints="always"). `records` (optional)
     give the instructions for the markdown summary. Further keyword arguments go to the SFTMixConfig (e.g.
@@ -493,9 +512,12 @@ def run_reference(
                                                           "n_train_examples": len(train_dataset)})
         guids = list(train_dataset["guid"])
         if score_checkpoints:
-            rows = build_confidence(out_dir, num_checkpoints)
+            rows = build_confidence(out_dir, num_checkpoints, write=not (online and online_split))
             if online:
                 write_online_summary(out_dir, trainer.online_records, guids, rows)
+            if online and online_split:
+                rows = _online_split_rows(rows, online_confidence(trainer.online_records, guids)["confidence"], guids)
+                write_jsonl(conf_path, rows)
         else:
             n_tok = train_dataset["n_response_tokens"] if "n_response_tokens" in train_dataset.column_names else None
             rows = online_confidence_rows(trainer.online_records, guids, n_tok)

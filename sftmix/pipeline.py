@@ -444,10 +444,7 @@ def stage_dynamics(cfg) -> None:
             gradient_accumulation_steps=train.gradient_accumulation_steps,
             learning_rate=run.reference_learning_rate or train.learning_rate, seed=train.seed,
             score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints, online=online,
-            records=records, plots=not online,
-            show_progress=not train.disable_tqdm, **extra)
-        if online:
-            rows = _online_confidence_rows(cfg, records, ds, tok)
+            online_split=online, records=records, show_progress=not train.disable_tqdm, **extra)
         n_conf = sum(bool(r["confident"]) for r in rows)
         if _state().is_main_process:
             atomic_write_json(marker, {"confidence_mode": run.confidence_mode, "reference_model": spec,
@@ -455,29 +452,6 @@ def stage_dynamics(cfg) -> None:
                                        "n_unconfident": len(rows) - n_conf, "selection": selection})
         log.info("dynamics: %d confident / %d unconfident examples (%s confidence)", n_conf, len(rows) - n_conf,
                  run.confidence_mode)
-
-
-def _online_confidence_rows(cfg, records, ds, tok) -> list[dict]:
-    """confidence.jsonl from the reference's training passes (online mode); checkpoint values kept beside."""
-    from sftmix.dynamics import build_confidence, split_confident
-    from sftmix.plots import write_dynamics_plots
-    from sftmix.utils import write_jsonl
-
-    ckpt_rows = build_confidence(cfg.run_dir, cfg.run.num_checkpoints, write=False)
-    online = {r["guid"]: r for r in read_jsonl(cfg.run_dir / "dynamics" / "online_confidence.jsonl")}
-    unseen = [g for g in online if online[g]["online_confidence"] is None]
-    if unseen:
-        raise SFTMixError(f"online confidence: {len(unseen)} examples were never seen in the reference's training "
-                          f"(e.g. {unseen[0]}); train the reference for at least one full epoch.")
-    guids = [r["guid"] for r in ckpt_rows]
-    conf = [online[g]["online_confidence"] for g in guids]
-    confident = split_confident(conf, guids)
-    rows = [{**r, "checkpoint_confidence": r["confidence"], "checkpoint_confident": r["confident"],
-             "confidence": float(c), "confident": bool(k)} for r, c, k in zip(ckpt_rows, conf, confident)]
-    if _state().is_main_process:
-        write_jsonl(cfg.run_dir / "confidence.jsonl", rows)
-        write_dynamics_plots(cfg.run_dir, rows, records=records, dataset=ds, tokenizer=tok)
-    return rows
 
 
 def stage_train(cfg, recipe: str) -> None:
