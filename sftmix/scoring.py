@@ -342,6 +342,11 @@ def _hidden_positions(labels: torch.Tensor, hidden_at: str) -> torch.Tensor:
     return (first - 1).clamp(min=0)
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs go."""
+    return next(model.parameters()).device
+
+
 def pad_token_id(model=None, tokenizer=None) -> int:
     """The id to pad batches with: the tokenizer's pad or eos token, else the model config's; 0 without either
     (padded positions are masked out, so any id works)."""

@@ -179,27 +179,28 @@ def check_weights(setting: str, spec: str, folder: Path) -> None:
 
 def check_eval_files(cfg) -> None:
     """Every evaluation file set loads (the same loaders as evaluation), and a judge is configured when needed."""
-    from sftmix import evaluate
+    from sftmix.config import MC_TASKS
     from sftmix.data import load_records
+    from sftmix.eval import tasks
 
     ecfg = cfg.eval_config()
     default_heldout = cfg.run_dir / "data" / "heldout.jsonl"
     if ecfg.heldout_file and Path(ecfg.heldout_file) != default_heldout:
         _loaded("heldout_file", ecfg.heldout_file, load_records)
-    for task in evaluate.MC_TASKS:
+    for task in MC_TASKS:
         path, shots = getattr(ecfg, f"{task}_file"), getattr(ecfg, f"{task}_shots_file")
         if shots and not path:
             raise SFTMixError(f"{task}_shots_file is set but {task}_file is not; give the file to evaluate.")
         for setting, f in ((f"{task}_file", path), (f"{task}_shots_file", shots)):
             if f:
-                _loaded(setting, f, lambda p: evaluate.load_mc(task, p, ecfg))
+                _loaded(setting, f, lambda p: tasks.load_mc(task, p, ecfg))
     judged = [t for t in ("mtbench", "alpacaeval") if getattr(ecfg, f"{t}_file")]
     if ecfg.mtbench_file:
-        _loaded("mtbench_file", ecfg.mtbench_file, evaluate.load_mt_bench)
+        _loaded("mtbench_file", ecfg.mtbench_file, tasks.load_mt_bench)
     if ecfg.alpacaeval_file:
-        for i, r in enumerate(_loaded("alpacaeval_file", ecfg.alpacaeval_file, evaluate._read_rows)):
+        for i, r in enumerate(_loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks._read_rows)):
             for k in ("instruction", "output"):
-                evaluate._need(r, k, ecfg.alpacaeval_file, f"{i + 1}")
+                tasks._need(r, k, ecfg.alpacaeval_file, f"{i + 1}")
     if judged:
         from sftmix.judge import load_prompt
 

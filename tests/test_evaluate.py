@@ -211,13 +211,13 @@ def test_batched_left_padded_greedy_equals_one_by_one(tiny):
 
 
 def test_run_eval_writes_results_and_reuses_them(tiny, tmp_path, monkeypatch):
-    import sftmix.evaluate as ev
+    import sftmix.eval.mc as mc  # where eval_multiple_choice looks score_choices up
 
     model, tok = tiny
     cfg = EvalConfig(pubmedqa_file=str(_pubmedqa(tmp_path / "p.json", n=8)), num_shots=2)
     res = run_eval(model, tok, cfg, tmp_path / "eval")
     assert res["pubmedqa"]["n"] == 6 and (tmp_path / "eval" / "results.json").exists()
-    monkeypatch.setattr(ev, "score_choices", lambda *a, **k: pytest.fail("recomputed a finished task"))
+    monkeypatch.setattr(mc, "score_choices", lambda *a, **k: pytest.fail("recomputed a finished task"))
     again = run_eval(model, tok, cfg, tmp_path / "eval")
     assert again["pubmedqa"]["accuracy"] == res["pubmedqa"]["accuracy"]
     with pytest.raises(SFTMixError, match="nothing to evaluate"):

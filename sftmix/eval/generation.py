@@ -1,0 +1,63 @@
+"""Batched answer generation with the model's chat template (left padded, greedy unless sampling).
+
+    from sftmix.eval.generation import generate
+    answers = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sftmix.scoring import model_device, pad_token_id
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 1024, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
+             show_progress: bool = True) -> list[dict]:
+    """Answer each conversation (ending with a user turn) with the chat template's generation prompt.
+
+    Batched longest first, left padded; greedy unless do_sample. Returns per conversation {"text", "n_tokens",
+    "finished"} where finished=False means max_new_tokens cut the answer."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    pad = pad_token_id(tokenizer=tokenizer)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    g_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(g_eos) if isinstance(g_eos, (list, tuple)) else {g_eos} if g_eos is not None else set()
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                               eos_token_id=sorted(eos) or None,
+                               **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    out: list[dict | None] = [None] * len(ids)
+    was_training = model.training
+    model.eval()
+    if do_sample:
+        torch.manual_seed(seed)
+    try:
+        for b in tqdm(range(0, len(order), batch_size), desc="generating", disable=not show_progress, leave=False):
+            batch = order[b: b + batch_size]
+            T = max(len(ids[i]) for i in batch)
+            x = torch.full((len(batch), T), pad, dtype=torch.long)
+            m = torch.zeros_like(x)
+            for r, i in enumerate(batch):
+                x[r, T - len(ids[i]):] = torch.tensor(ids[i])
+                m[r, T - len(ids[i]):] = 1
+            y = model.generate(input_ids=x.to(device), attention_mask=m.to(device), generation_config=gen_cfg)
+            for r, i in enumerate(batch):
+                new = y[r, T:].tolist()
+                stop = next((k for k, t in enumerate(new) if t in eos), None)
+                toks = new if stop is None else new[:stop]
+                out[i] = {"text": tokenizer.decode(toks, skip_special_tokens=True).strip(), "n_tokens": len(toks),
+                          "finished": stop is not None}
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,280 @@
+"""The evaluation sets: multiple-choice loaders (PubMedQA, MedQA 4/5 options, MedMCQA; local files or Hub ids), the
+shots, the prompts, and MT-Bench's questions.
+
+    from sftmix.eval.tasks import load_mc, split_shots, build_prompt
+    items = load_mc("pubmedqa", "../shared/data/pubmedqa_pqal_dev500.json")
+    shots, evaluated, info = split_shots(items, None, k=3)
+    prompt, options = build_prompt(evaluated[0], shots)
+
+See sftmix.eval.mc for the prompt formats and how the options are scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftmix.config import MC_TASKS, EvalConfig
+from sftmix.utils import SFTMixError, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MCItem:
+    id: str
+    text: str  # the question block, ending with "Answer:"
+    choices: list[str]  # what is scored after the prompt, without the leading space
+    answer: int  # index into choices
+
+    @property
+    def content_key(self) -> str:
+        """Hash of the question text: the same question under another id is still the same question."""
+        return hashlib.sha256(" ".join(self.text.split()).lower().encode("utf-8")).hexdigest()
+
+
+def _hash(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+# Evaluation sets by Hugging Face Hub id, `ID[:CONFIG[:SPLIT]]` in place of a file (a local file of that name wins):
+# the default config and split of each task's usual Hub copy (PubMedQA's labelled set is its only split, `train`;
+# MedQA's test split; MedMCQA's validation split, since its test split has no answers).
+HUB_DEFAULTS = {"pubmedqa": ("pqa_labeled", "train"), "medqa": (None, "test"), "medqa5": (None, "test"),
+                "medmcqa": (None, "validation")}
+HUB_EVAL_SOURCES: dict[str, dict] = {}  # spec -> {id, config, split, sha} of every Hub set read, for the metrics
+
+
+def _hub_spec(path: str) -> tuple[str, str | None, str | None] | None:
+    """(id, config, split) when `path` names a Hub dataset (`ID[:CONFIG[:SPLIT]]`) rather than a local file."""
+    from sftmix.hub import is_hub_id
+
+    repo_id, *rest = str(path).split(":")
+    if Path(path).exists() or len(rest) > 2 or not is_hub_id(repo_id, "dataset"):
+        return None
+    return repo_id, (rest[0] or None) if rest else None, (rest[1] or None) if len(rest) > 1 else None
+
+
+def _read_hub_rows(path: str, task: str | None) -> list[dict]:
+    from sftmix.hub import load_hub_dataset
+
+    repo_id, config, split = _hub_spec(path)
+    default_config, default_split = HUB_DEFAULTS.get(task, (None, "train"))
+    ds, source = load_hub_dataset(repo_id, config or default_config, split or default_split)
+    HUB_EVAL_SOURCES[str(path)] = source
+    log.info("%s: %d rows of %s (config %s, split %s) at %s", task, len(ds), repo_id, source["config"],
+             source["split"], source["sha"][:12])
+    return [dict(r) for r in ds]
+
+
+def _rec(path: str, i: int) -> str:
+    """How the i-th row (0-based) of an evaluation set is named in errors: a file's line, a Hub split's row index."""
+    return f"row {i}" if _hub_spec(path) else f"line {i + 1}"
+
+
+def _read_rows(path: str, task: str | None = None) -> list[dict]:
+    """A JSON array; a JSON object of objects (PubMedQA: keyed by PMID; the key goes to `_key`); or JSON Lines; or a
+    Hub dataset `ID[:CONFIG[:SPLIT]]` (defaults per task: HUB_DEFAULTS)."""
+    p = Path(path)
+    if not p.is_file() and _hub_spec(path):
+        return _read_hub_rows(path, task)
+    if not p.is_file():
+        raise SFTMixError(f"{path}: file not found; check the path")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return read_jsonl(p)  # JSON Lines (or broken JSON: read_jsonl names the bad line)
+    if isinstance(data, dict):
+        if data and all(isinstance(v, dict) for v in data.values()):
+            return [{"_key": k, **v} for k, v in data.items()]
+        data = [data]  # a one-line JSONL file
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise SFTMixError(f"{path}: expected a JSON array of objects, an object of objects, or JSON Lines")
+    return data
+
+
+def _need(row: dict, key: str, path: str, rec: str, types=(str,)):
+    v = row.get(key)
+    if not isinstance(v, types) or (isinstance(v, str) and not v.strip()):
+        raise SFTMixError(f"{path}: record {rec}: field {key!r} is missing or empty (got {str(v)[:60]!r}); fix or "
+                          f"remove that record")
+    return v
+
+
+def _lettered(question: str, options: list[str]) -> str:
+    lines = [f"Question: {question.strip()}"] + [f"{chr(65 + i)}. {o.strip()}" for i, o in enumerate(options)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def load_pubmedqa(path: str) -> list[MCItem]:
+    """PubMedQA labelled JSON (ori_pqal.json style): {PMID: {QUESTION, CONTEXTS: [...], final_decision}}; or the Hub
+    copy (qiaojin/PubMedQA, pqa_labeled: rows of pubid, question, context {contexts, labels, meshes}, long_answer,
+    final_decision)."""
+    rows = _read_rows(path, "pubmedqa")
+    items = []
+    for i, row in enumerate(rows):
+        if "QUESTION" not in row and "question" in row and isinstance(row.get("context"), dict):  # the Hub layout
+            row = {**row, "QUESTION": row["question"], "CONTEXTS": row["context"].get("contexts")}
+        rec = str(row.get("_key", row.get("pubid", i)))
+        q = _need(row, "QUESTION", path, rec)
+        ctx = _need(row, "CONTEXTS", path, rec, (list,))
+        dec = _need(row, "final_decision", path, rec).strip().lower()
+        if dec not in ("yes", "no", "maybe"):
+            raise SFTMixError(f"{path}: record {rec}: final_decision is {dec!r}, expected yes/no/maybe; fix it")
+        text = "Abstract: " + "\n".join(str(c).strip() for c in ctx) + f"\nQuestion: {q.strip()}\nAnswer:"
+        items.append(MCItem(rec, text, ["yes", "no", "maybe"], ["yes", "no", "maybe"].index(dec)))
+    return items
+
+
+def load_medqa(path: str, n_options: int = 4) -> list[MCItem]:
+    """MedQA JSONL: {question, options: {"A": ..., ...}, answer_idx: "A"} (4-option or 5-option release); the same
+    on the Hub (GBaker/MedQA-USMLE-4-options), or bigbio med_qa's source layout (options: [{key, value}])."""
+    items = []
+    for i, row in enumerate(_read_rows(path, "medqa5" if n_options == 5 else "medqa")):
+        rec = _rec(path, i)
+        q = _need(row, "question", path, rec)
+        if isinstance(row.get("options"), list) and all(isinstance(o, dict) and "key" in o for o in row["options"]):
+            row = {**row, "options": {str(o["key"]): o.get("value") for o in row["options"]}}  # bigbio layout
+        opts = _need(row, "options", path, rec, (dict,))
+        letters = sorted(opts)
+        if letters != [chr(65 + j) for j in range(len(letters))] or len(letters) != n_options:
+            hint = "medqa5_file" if len(letters) == 5 else "medqa_file" if len(letters) == 4 else "a MedQA file"
+            raise SFTMixError(f"{path}: {rec}: options are {letters}, expected A-{chr(64 + n_options)} "
+                              f"({n_options} options); pass this file as {hint}")
+        ans = _need(row, "answer_idx", path, rec).strip()
+        if ans not in letters:
+            raise SFTMixError(f"{path}: {rec}: answer_idx {ans!r} is not one of {letters}; fix that record")
+        options = [str(opts[k]) for k in letters]
+        rid = str(row.get("id") or _hash(q + "\x1f" + "\x1f".join(options))[:16])
+        items.append(MCItem(rid, _lettered(q, options), letters, letters.index(ans)))
+    return items
+
+
+def load_medmcqa(path: str, cop_base: str = "auto") -> list[MCItem]:
+    """MedMCQA JSONL: {id, question, opa, opb, opc, opd, cop}; cop 1-4 (official) or 0-3 (HF), see module doc. The
+    Hub copy (openlifescienceai/medmcqa) has the same columns, cop 0-based."""
+    rows = _read_rows(path, "medmcqa")
+    cops = []
+    for i, row in enumerate(rows):
+        c = row.get("cop")
+        if isinstance(c, str) and c.strip().lstrip("-").isdigit():
+            c = int(c)
+        if not isinstance(c, int) or not -1 <= c <= 4 or c == -1:
+            raise SFTMixError(f"{path}: {_rec(path, i)}: cop is {row.get('cop')!r}, expected the correct option as 0-3 "
+                              f"or 1-4 (the unlabelled test split cannot be evaluated); fix or remove that record")
+        cops.append(c)
+    if cop_base == "auto":
+        has0, has4 = 0 in cops, 4 in cops
+        if has0 and has4:
+            raise SFTMixError(f"{path}: cop takes both 0 and 4: neither 0-3 nor 1-4; fix the file")
+        if not has0 and not has4:
+            raise SFTMixError(f"{path}: cop never is 0 or 4, so it is unclear whether it is 0-based or 1-based; set "
+                              f"medmcqa_cop_base to 0 (Hugging Face copy) or 1 (official release)")
+        base = 0 if has0 else 1
+    else:
+        base = int(cop_base)
+    items = []
+    for i, (row, c) in enumerate(zip(rows, cops)):
+        rec = _rec(path, i)
+        q = _need(row, "question", path, rec)
+        options = [_need(row, k, path, rec) for k in ("opa", "opb", "opc", "opd")]
+        ans = c - base
+        if not 0 <= ans <= 3:
+            raise SFTMixError(f"{path}: {rec}: cop {c} is out of range for {base}-based options; fix that record")
+        rid = str(row.get("id") or _hash(q + "\x1f" + "\x1f".join(options))[:16])
+        items.append(MCItem(rid, _lettered(q, options), ["A", "B", "C", "D"], ans))
+    return items
+
+
+def load_mc(task: str, path: str, cfg: EvalConfig | None = None) -> list[MCItem]:
+    cfg = cfg or EvalConfig()
+    if task == "pubmedqa":
+        items = load_pubmedqa(path)
+    elif task in ("medqa", "medqa5"):
+        items = load_medqa(path, 5 if task == "medqa5" else 4)
+    elif task == "medmcqa":
+        items = load_medmcqa(path, cfg.medmcqa_cop_base)
+    else:
+        raise SFTMixError(f"unknown multiple-choice task {task!r}; choose one of {', '.join(MC_TASKS)}")
+    if not items:
+        raise SFTMixError(f"{path}: no questions in the file")
+    ids = Counter(it.id for it in items)
+    dup = [k for k, v in ids.items() if v > 1]
+    if dup:
+        raise SFTMixError(f"{path}: {len(dup)} ids occur more than once (e.g. {dup[0]!r}); ids must be unique")
+    return items
+
+
+def pick_shots(pool: list[MCItem], k: int) -> list[MCItem]:
+    """k shots from `pool`, label-balanced: in sha256(id) order, first one shot per distinct answer (so 3-shot
+    PubMedQA shows one yes, one no and one maybe, and MedQA three different letters, which keeps the shots from
+    teaching a majority label), then, if k is larger, the next ones in the same order. Returned in hash order."""
+    ranked = sorted(pool, key=lambda it: _hash(it.id))
+    chosen, used = [], set()
+    for it in ranked:
+        label = it.choices[it.answer]
+        if len(chosen) < k and label not in used:
+            chosen.append(it)
+            used.add(label)
+    chosen += [it for it in ranked if it not in chosen][: k - len(chosen)]
+    return sorted(chosen, key=lambda it: _hash(it.id))
+
+
+def split_shots(eval_items: list[MCItem], pool: list[MCItem] | None, k: int) -> tuple[list[MCItem], list[MCItem], dict]:
+    """(shots, evaluated items, info). Shots are picked from the pool by `pick_shots`; without a pool they come
+    from the evaluated items themselves, which then lose them. Shots never share an id or a question text with
+    an evaluated item."""
+    info = {"shots_from": "shots_file" if pool is not None else "hash split of the evaluated file", "n_pool_overlap": 0}
+    if k == 0:
+        shots, evaluated = [], list(eval_items)
+    elif pool is None:
+        if k >= len(eval_items):
+            raise SFTMixError(f"num_shots={k} would take all {len(eval_items)} questions as shots; lower it or give a "
+                              f"shots file")
+        shots = pick_shots(eval_items, k)
+        chosen = {it.id for it in shots}
+        evaluated = [it for it in eval_items if it.id not in chosen]
+    else:
+        ids, texts = {it.id for it in eval_items}, {it.content_key for it in eval_items}
+        clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
+        info["n_pool_overlap"] = len(pool) - len(clean)
+        if info["n_pool_overlap"]:
+            log.warning("%d shot-pool questions also occur in the evaluated file; they are not used as shots",
+                        info["n_pool_overlap"])
+        if len(clean) < k:
+            raise SFTMixError(f"the shots file has {len(clean)} usable questions, fewer than num_shots={k}")
+        shots, evaluated = pick_shots(clean, k), list(eval_items)
+    # the guarantee the whole evaluation rests on, checked rather than assumed
+    ev_ids, ev_texts = {it.id for it in evaluated}, {it.content_key for it in evaluated}
+    assert not any(s.id in ev_ids or s.content_key in ev_texts for s in shots), "a shot is in the evaluated split"
+    info["shot_ids"] = [s.id for s in shots]
+    info["shot_answers"] = [s.choices[s.answer] for s in shots]
+    return shots, evaluated, info
+
+
+def build_prompt(item: MCItem, shots: list[MCItem], tokenizer=None, chat: bool = False) -> tuple[str, list[str]]:
+    """(prompt, continuations). Plain: shots as "text answer" blocks joined by blank lines, continuation " X";
+    chat: shots as user/assistant turns rendered by the tokenizer's template, continuation "X"."""
+    if not chat:
+        prefix = "".join(f"{s.text} {s.choices[s.answer]}\n\n" for s in shots)
+        return prefix + item.text, [" " + c for c in item.choices]
+    msgs = []
+    for s in shots:
+        msgs += [{"role": "user", "content": s.text}, {"role": "assistant", "content": s.choices[s.answer]}]
+    msgs.append({"role": "user", "content": item.text})
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), list(item.choices)
+
+
+def load_mt_bench(path: str) -> list[dict]:
+    qs = _read_rows(path)
+    for i, q in enumerate(qs):
+        turns = q.get("turns")
+        if "question_id" not in q or not isinstance(turns, list) or not 1 <= len(turns) <= 2 \
+                or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise SFTMixError(f"{path}: line {i + 1}: expected {{question_id, turns: [1 or 2 non-empty strings]}}; "
+                              f"fix that record")
+    return qs
