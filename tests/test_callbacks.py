@@ -174,6 +174,27 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds,
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
 
 
+def test_one_run_online_refuses_to_resume_without_the_records(tmp_path, tok_ds):
+    """The NTP epoch's online records are part of the checkpoint: resuming without them would split on a part of the
+    data only, so it stops with one line saying which steps are missing."""
+    from sftmix.utils import resume_checkpoint
+
+    tok, ds = tok_ds
+    kw = dict(save_strategy="steps", save_steps=1, confidence="online")
+    tr, _ = one_run_trainer(tok, ds, tmp_path, [interrupt_at(3)], **kw)
+    with pytest.raises(Interrupt):
+        tr.train()
+    (tmp_path / "dynamics" / "online_records.jsonl").unlink()
+    tr, _ = one_run_trainer(tok, ds, tmp_path, **kw)
+    # interrupted in step 3's on_step_end, before its checkpoint was saved: the run resumes from checkpoint-2
+    with pytest.raises(SFTMixError, match=r"online records of optimizer step\(s\) \[0, 1\] are missing.*step 2\)"):
+        tr.train(resume_from_checkpoint=resume_checkpoint(tmp_path / "sftmix", "test"))
+    tr, _ = one_run_trainer(tok, ds, tmp_path / "x", save_strategy="no", confidence="online",
+                            record_online_dynamics=False)
+    with pytest.raises(SFTMixError, match="record_online_dynamics=True"):
+        tr.train()
+
+
 def test_one_run_settings_are_checked(tmp_path, tok_ds):
     from sftmix import SFTMixConfig
 
