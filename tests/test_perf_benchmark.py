@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import naive_mixup_loss
 
-from sftmix.loss import mixup_loss, naive_mixup_loss
+from sftmix.loss import mixup_loss
 
 PERF = Path(__file__).resolve().parents[1] / "benchmarks" / "perf.py"
 REQUIRED = ("step_time_ratio", "peak_memory_ratio", "scoring_vs_training_throughput", "padding_fraction",
