@@ -1,6 +1,6 @@
 """Does SFTMix beat NTP? A small reproduction of the paper's central claim, rerunnable on a 2-core CPU.
 
-    nohup python benchmarks/quality.py > benchmarks/results/quality.log 2>&1 &     # the default, 69 min (free CPU)
+    nohup python benchmarks/quality.py > benchmarks/results/quality.log 2>&1 &     # the default, 114 min (2 cores)
     python benchmarks/quality.py --quick            # tiny random model, 1 seed, under a minute (the test)
     python benchmarks/quality.py --n_train 64 --seeds 0 --epochs 1 --pubmedqa_questions 20   # a smaller run
     python benchmarks/quality.py ... -- --num_threads 1     # after `--`: more `sftmix run` overrides
@@ -40,7 +40,9 @@ Cost, measured on the free 2-core CPU (torch's 2 threads) with 32 examples, 1 ep
 Alpaca examples (~1580 tokens with padding) takes ~13.5 s for NTP and SFTMix alike; scoring a checkpoint ~0.35 s per
 example; the held-out NLL ~0.3 s per example; 3-shot PubMedQA ~1 s per question (the 3 shots' 1055 tokens are cached
 once). The default run (N=104, C=5, 100 held-out, 100 questions), measured on the free CPU: per seed step 1 ~280 s,
-NTP ~440 s, SFTMix ~430 s, evaluation ~220 s; 4114 s (69 min) for the three seeds. The results record each stage's
+NTP ~440 s, SFTMix ~430 s, evaluation ~220 s; 4114 s (69 min) for the three seeds with the two recipes of then.
+With one-run SFTMix as a third recipe (2026-12-01, light other load on the 2 cores): per seed step 1 ~320 s, NTP
+~540 s, SFTMix ~530 s, one-run SFTMix ~510 s, evaluation ~360 s; 6814 s (114 min). The results record each stage's
 wall and CPU time, so other settings can be budgeted from them.
 
 Outputs (atomic): RESULTS/<name>.json (everything), RESULTS/<name>.md (the tables), name = quality or quality_quick.
