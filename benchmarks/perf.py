@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, installed or not
 
+from sftmix.core import _StepCapture
 from sftmix.loss import gather_mixup_tokens
 from sftmix.trainer import SFTMixConfig, SFTMixTrainer
 from sftmix.utils import atomic_write_json
@@ -93,10 +94,10 @@ class NaiveSFTMixTrainer(SFTMixTrainer):
         confident = inputs.pop("confident")
         example_idx = inputs.pop("example_idx", None)
         labels = inputs.pop("labels")
-        self._captured = {"want_hidden": True}  # SFTMixTrainer's backbone hook keeps the last hidden states
+        self._captured = _StepCapture(want_hidden=True)  # SFTMixTrainer's backbone hook keeps the last hidden states
         logits = model(**inputs, use_cache=False).logits  # [B, T, V]
-        hidden = self._captured.pop("hidden")
-        self._captured = {}
+        hidden = self._captured.hidden
+        self._captured = _StepCapture()
         n_items = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
         ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                               ignore_index=-100, reduction="sum") / n_items
