@@ -102,3 +102,26 @@ def model_summary(model) -> dict:
         # softcapping changes the logits after the head: the Mixup loss must apply it too
         "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
     }
+
+
+def sigkill_script(run: str, step: int) -> str:
+    """`python -c` source of `sftmix ARGS` that SIGKILLs itself at the end of optimizer step `step` of the training
+    run whose output folder is named `run` (e.g. "sftmix"): a kill -9 in the middle of a real pipeline run."""
+    return f"""
+import os, signal, sys
+from transformers import TrainerCallback
+import sftmix.trainer as T
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if os.path.basename(args.output_dir) == {run!r} and state.global_step == {int(step)}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = T.SFTMixTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    self.add_callback(Kill())
+T.SFTMixTrainer.__init__ = patched
+from sftmix.cli import main
+main(sys.argv[1:])
+"""

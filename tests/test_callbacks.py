@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Interrupt, interrupt_at
+from helpers import Interrupt, interrupt_at, sigkill_script
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from sftmix.callbacks import ConfidenceCallback
@@ -209,33 +209,15 @@ def test_one_run_settings_are_checked(tmp_path, tok_ds):
 SMOKE_ARGS = ["run", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
               "--reference", "self", "--recipes", "sftmix"]
 
-KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-import sftmix.trainer as T
-
-class Kill(TrainerCallback):  # SIGKILL at the end of step KILL_AT of the sftmix run
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = T.SFTMixTrainer.__init__
-def patched(self, *a, **kw):
-    init(self, *a, **kw)
-    self.add_callback(Kill())
-T.SFTMixTrainer.__init__ = patched
-from sftmix.cli import main
-main(sys.argv[1:])
-"""
-
 
 def run_pipeline(out, kill_at=None):
     import os
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "sftmix"] if kill_at is None else [sys.executable, "-c", KILLER]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_AT": str(kill_at)}
+    cmd = ([sys.executable, "-m", "sftmix"] if kill_at is None
+           else [sys.executable, "-c", sigkill_script("sftmix", kill_at)])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd + SMOKE_ARGS + ["--output_dir", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).resolve().parents[1], env=env)
 

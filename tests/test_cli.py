@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import sigkill_script
 
 from sftmix.cli import main, parse_config
 from sftmix.utils import read_jsonl
@@ -131,24 +132,7 @@ def test_data_override_with_sharegpt_file(tmp_path):
         assert math.isfinite(r["heldout_nll"])
 
 
-KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-import sftmix.trainer as T
-
-class Kill(TrainerCallback):  # SIGKILL in the middle of the SFTMix run, 2 steps after its checkpoint-10
-    def on_step_end(self, args, state, control, **kw):
-        if os.path.basename(args.output_dir) == "sftmix" and state.global_step == 12:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = T.SFTMixTrainer.__init__
-def patched(self, *a, **kw):
-    init(self, *a, **kw)
-    self.add_callback(Kill())
-T.SFTMixTrainer.__init__ = patched
-from sftmix.cli import main
-main(sys.argv[1:])
-"""
+KILLER = sigkill_script("sftmix", 12)  # in the middle of the SFTMix run, 2 steps after its checkpoint-10
 
 
 @pytest.mark.slow
