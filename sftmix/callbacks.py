@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from sftmix.dynamics import build_confidence, online_confidence_rows, scoring_steps
+from sftmix.dynamics import build_confidence, online_confidence_rows, saved_online_records, scoring_steps
 from sftmix.scoring import run_scoring
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
@@ -167,9 +167,7 @@ class SelfReferenceCallback(ConfidenceCallback):
         self.trainer.online_records.clear()
         done = min(state.global_step, self.ntp_steps)
         if done and not self.marker.exists():  # resumed inside the NTP epochs: their records so far are needed
-            # a record's global_step is the step count *before* its optimizer step: steps 1..done recorded 0..done-1
-            kept = [r for r in read_jsonl(self.records_path)] if self.records_path.exists() else []
-            kept = [r for r in kept if r["global_step"] < done]
+            kept = saved_online_records(self.records_path, done)  # steps 1..done recorded global_step 0..done-1
             missing = sorted(set(range(done)) - {r["global_step"] for r in kept})
             if missing:
                 raise SFTMixError(f"{self.records_path}: the online records of optimizer step(s) {missing[:5]} are "

@@ -202,13 +202,16 @@ class CheckpointScoringCallback(TrainerCallback):
 
     def _restore_online(self, step: int):
         records = getattr(self.trainer, "online_records", None)
-        path = self.dir / "online_records.jsonl"
-        if records is None or not path.exists():
-            return
-        # a record's global_step is the step count *before* its optimizer step, so steps 1..`step` (done in the
-        # checkpoint we resume from) recorded global_step 0..step-1; later ones will be recorded again
-        kept = [r for r in read_jsonl(path) if r["global_step"] < step]
-        records[:0] = kept
+        if records is not None:
+            records[:0] = saved_online_records(self.dir / "online_records.jsonl", step)
+
+
+def saved_online_records(path, step: int) -> list[dict]:
+    """The online records of a run resumed after optimizer step `step`, from the file saved with its checkpoints
+    (none if there is no file). A record's global_step is the step count *before* its optimizer step, so steps
+    1..`step` (done in the checkpoint resumed from) recorded global_step 0..step-1; later ones are recorded again."""
+    path = Path(path)
+    return [r for r in read_jsonl(path) if r["global_step"] < step] if path.exists() else []
 
 
 def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = True) -> list[dict]:
