@@ -167,13 +167,8 @@ class SelfReferenceCallback(ConfidenceCallback):
         self.trainer.online_records.clear()
         done = min(state.global_step, self.ntp_steps)
         if done and not self.marker.exists():  # resumed inside the NTP epochs: their records so far are needed
-            kept = saved_online_records(self.records_path, done)  # steps 1..done recorded global_step 0..done-1
-            missing = sorted(set(range(done)) - {r["global_step"] for r in kept})
-            if missing:
-                raise SFTMixError(f"{self.records_path}: the online records of optimizer step(s) {missing[:5]} are "
-                                  f"missing, and training resumes after them (step {state.global_step}); delete "
-                                  f"{args.output_dir} and {self.dir} and train from the start.")
-            self.trainer.online_records.extend(kept)
+            self.trainer.online_records.extend(saved_online_records(
+                self.records_path, done, f"delete {args.output_dir} and {self.dir} and train from the start."))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.confidence == "checkpoints":

@@ -46,6 +46,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
 from .loss import mixup_loss
+from .online import OnlineRecords
 from .scoring import LOGIT_SCALE_ATTRS
 from .split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
 from .utils import SFTMixError, last_complete_checkpoint
@@ -414,7 +415,7 @@ class SFTMixMixin:
         if not hasattr(self, "_metrics"):  # TRL's SFTTrainer has this store and logs it; other trainers get ours
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._sftmix_logs_metrics = True
-        self.online_records: list[dict] = []
+        self.online_records = OnlineRecords()
         for cb in self.callback_handler.callbacks:  # one-run SFTMix's online confidence reads self.online_records
             if callable(getattr(cb, "self_split", None)):
                 cb.trainer = self
@@ -784,15 +785,25 @@ class SFTMixMixin:
         super()._save_checkpoint(model, trial, **kwargs)
 
     def _record_online(self, outputs, example_idx):
+        """Add this micro-batch's per-example response NLL, from every process, to `online_records`.
+
+        `gather`, not `gather_for_metrics`: at the end of the dataloader the latter cuts each batch to the dataset's
+        remainder, which is wrong for every micro-batch but the last of an accumulation window (the Trainer fetches
+        the whole window before the first forward) and for samplers that round the epoch up. OnlineRecords keeps one
+        record per (epoch, example), so a row repeated to fill the last batch is not counted twice."""
         nll_sum = -(outputs.log_probs.detach().float()).sum(dim=1)
         n_tok = outputs.label_mask.sum(dim=1)
         idx = example_idx.to(nll_sum.device)
-        gathered = self.accelerator.gather_for_metrics((idx, nll_sum, n_tok))
+        acc = self.accelerator
+        if acc.num_processes > 1:  # equal shapes for the gather (even_batches=False can leave a short last batch)
+            idx = acc.pad_across_processes(idx, pad_index=-1)
+            nll_sum, n_tok = acc.pad_across_processes(nll_sum), acc.pad_across_processes(n_tok)
+        gathered = acc.gather((idx, nll_sum, n_tok))
+        epoch = float(self.state.epoch or 0.0)
         for i, s, n in zip(*(t.tolist() for t in gathered)):
-            if n > 0:
-                self.online_records.append({"example_idx": int(i), "global_step": self.state.global_step,
-                                            "epoch": float(self.state.epoch or 0.0), "nll_mean": s / n,
-                                            "n_tokens": int(n)})
+            if i >= 0 and n > 0:
+                self.online_records.add({"example_idx": int(i), "global_step": self.state.global_step,
+                                         "epoch": epoch, "nll_mean": s / n, "n_tokens": int(n)})
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL's SFTTrainer logs self._metrics itself; for other trainers the mean of each metric since the last log

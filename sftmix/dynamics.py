@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
+from sftmix.online import epoch_index
 from sftmix.scoring import (  # noqa: F401  (re-exported: step 1's scorer, as `from sftmix.dynamics import ...`)
     ScoringResult,
     run_scoring,
@@ -166,11 +167,10 @@ class CheckpointScoringCallback(TrainerCallback):
                     [self.steps[k - 1] for k in todo] or "none")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step not in self.steps:
-            return
-        if self.save_checkpoints == "always":
+        if state.global_step in self.steps and self.save_checkpoints == "always":
             control.should_save = True  # a resumed run restarts from here at the latest
-        if not self.score:
+        self._save_online_records(state, control)
+        if state.global_step not in self.steps or not self.score:
             return
         k = self.steps.index(state.global_step) + 1
         final = k == self.num_checkpoints and self.hidden_at is not None
@@ -192,26 +192,42 @@ class CheckpointScoringCallback(TrainerCallback):
             self.schedule.setdefault("scoring", {})[str(k)] = {"step": state.global_step, **res.stats}
             atomic_write_json(self.dir / "schedule.json", self.schedule)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.on_save(args, state, control)  # the whole run's records, also when the Trainer saved no checkpoint
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._save_online_records(state, control)  # save_strategy="epoch" decides to save here
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, **kwargs):
+        self._save_online_records(state, control, now=True)  # the whole run's, also when no checkpoint was saved
+
+    def _save_online_records(self, state, control, now: bool = False):
+        # The Trainer's flow callback (first in the list) has decided whether a checkpoint is saved now: write the
+        # records before it is, so that every checkpoint has the records of the steps it holds (a kill between the
+        # two must not leave a checkpoint without them).
         records = getattr(self.trainer, "online_records", None)
-        if records is not None and state.is_world_process_zero:
+        if records is not None and (now or control.should_save) and state.is_world_process_zero:
             write_jsonl(self.dir / "online_records.jsonl", records)
 
     def _restore_online(self, step: int):
         records = getattr(self.trainer, "online_records", None)
         if records is not None:
-            records[:0] = saved_online_records(self.dir / "online_records.jsonl", step)
+            records.clear()  # steps after `step` are trained (and recorded) again
+            records.extend(saved_online_records(
+                self.dir / "online_records.jsonl", step,
+                f"delete the reference's checkpoints ({self.dir.parent / 'reference'}) and {self.dir} and train it "
+                f"from the start."))
 
 
-def saved_online_records(path, step: int) -> list[dict]:
-    """The online records of a run resumed after optimizer step `step`, from the file saved with its checkpoints
-    (none if there is no file). A record's global_step is the step count *before* its optimizer step, so steps
-    1..`step` (done in the checkpoint resumed from) recorded global_step 0..step-1; later ones are recorded again."""
+def saved_online_records(path, step: int, fix: str) -> list[dict]:
+    """The online records of a run resumed after optimizer step `step`, from the file saved with its checkpoints.
+    A record's global_step is the step count *before* its optimizer step, so steps 1..`step` (done in the checkpoint
+    resumed from) recorded global_step 0..step-1; later ones are recorded again. A step without records (the file
+    deleted, or older than the checkpoint) is an error ending in `fix`: the split would rest on part of the data."""
     path = Path(path)
-    return [r for r in read_jsonl(path) if r["global_step"] < step] if path.exists() else []
+    kept = [r for r in read_jsonl(path) if r["global_step"] < step] if path.exists() else []
+    missing = sorted(set(range(step)) - {r["global_step"] for r in kept})
+    if missing:
+        raise SFTMixError(f"{path}: the online records of optimizer step(s) {missing[:5]} are missing, and training "
+                          f"resumes after them (step {step}); {fix}")
+    return kept
 
 
 def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = True) -> list[dict]:
@@ -324,8 +340,8 @@ def online_confidence(online_records, guids, epochs: str = "all", relative: bool
         last = {}
         for r in recs:
             i = int(r["example_idx"])
-            last[i] = max(last.get(i, -1), _epoch_index(r))
-        recs = [r for r in recs if _epoch_index(r) == last[int(r["example_idx"])]]
+            last[i] = max(last.get(i, -1), epoch_index(r))
+        recs = [r for r in recs if epoch_index(r) == last[int(r["example_idx"])]]
     offset = _step_mean_nll(recs) if relative else {}
     ppl_sum, count = np.zeros(n), np.zeros(n, dtype=np.int64)
     for r in recs:
@@ -347,11 +363,6 @@ def _step_mean_nll(records) -> dict:
     return {k: s / c for k, (s, c) in total.items()}
 
 
-def _epoch_index(record) -> int:
-    # `epoch` is the Trainer's fractional epoch before the record's optimizer step: in [e, e+1) during epoch e
-    return math.floor(float(record["epoch"]) + 1e-9)
-
-
 def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool = False) -> list[dict]:
     """confidence.jsonl rows from online records alone (online-only mode): guid, n_tokens, confidence (-mean ppl
     over all occurrences; relative=True: of the step-relative ppl, see `online_confidence`), variability (std of
@@ -368,7 +379,7 @@ def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool 
     for r in online_records:
         nll = float(r["nll_mean"])
         by_example.setdefault(int(r["example_idx"]), []).append(
-            (_epoch_index(r), math.exp(nll), math.exp(nll - offset.get(r["global_step"], 0.0))))
+            (epoch_index(r), math.exp(nll), math.exp(nll - offset.get(r["global_step"], 0.0))))
     if n_tokens is None:  # the response tokens each record counted
         seen_tokens = {int(r["example_idx"]): int(r["n_tokens"]) for r in online_records}
         n_tokens = [seen_tokens[i] for i in range(len(guids))]
@@ -506,7 +517,7 @@ def run_reference(
                                              score=score_checkpoints, save_checkpoints=scoring_checkpoints)
         trainer = SFTMixTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
                                 callbacks=[callback, *(callbacks or [])])
-        callback.trainer = trainer
+        callback.trainer = trainer if online else None  # its online records are saved and restored
         last = resume_checkpoint(ref_dir, "the reference run")
         result = trainer.train(resume_from_checkpoint=last)
         # The reference's own training metrics: the NTP baseline reuses this run when it is the identical run.
