@@ -189,8 +189,8 @@ class SelfReferenceCallback(ConfidenceCallback):
     def self_split(self, guids, write: bool = True) -> np.ndarray:
         """The confident flags of `guids` (the training rows, in order) from the NTP epochs."""
         conf = self.out_dir / "confidence.jsonl"
-        if self.marker.exists() and conf.exists():
-            rows = read_jsonl(conf)
+        if self.marker.exists():  # the split was taken (a resumed run): read it, or rebuild it from what was kept
+            rows = read_jsonl(conf) if conf.exists() else restore_self_confidence(self.out_dir, guids, write=write)
         else:
             if self.confidence == "online":
                 records = self.trainer.online_records
@@ -216,3 +216,27 @@ class SelfReferenceCallback(ConfidenceCallback):
         logger.info("one-run SFTMix: switching to Mixup with %d confident / %d unconfident examples (%s)",
                     int(flags.sum()), int((~flags).sum()), conf)
         return flags
+
+
+def restore_self_confidence(out_dir, guids, write: bool = True) -> list[dict]:
+    """confidence.jsonl of a one-run directory whose split was taken (dynamics/self_split.json) but whose
+    confidence.jsonl is gone, rebuilt from what the switch kept (dynamics/online_records.jsonl, or ckpt_*.jsonl) and
+    written again; `guids` are the training rows in order. The same rows as the switch wrote: the records are the
+    whole NTP epochs'."""
+    out_dir = Path(out_dir)
+    ddir = out_dir / "dynamics"
+    marker = json.loads((ddir / "self_split.json").read_text())
+    if marker.get("self_confidence") == "checkpoints":
+        rows = build_confidence(out_dir, len(marker["steps"]), write=write)
+    else:
+        path = ddir / "online_records.jsonl"
+        if not path.exists():
+            raise SFTMixError(f"{out_dir / 'confidence.jsonl'} and {path} are both missing, so the split of this "
+                              f"one-run SFTMix cannot be rebuilt; delete {out_dir / 'sftmix'} and {ddir} and train the "
+                              f"recipe again.")
+        rows = online_confidence_rows(read_jsonl(path), guids, relative=True)
+        if write:
+            write_jsonl(out_dir / "confidence.jsonl", rows)
+    source = "ckpt_*.jsonl" if marker.get("self_confidence") == "checkpoints" else "online_records.jsonl"
+    logger.warning("%s was missing: rebuilt from %s", out_dir / "confidence.jsonl", ddir / source)
+    return rows

@@ -465,6 +465,11 @@ def stage_train(cfg, recipe: str) -> None:
            [out] + ([d / "dynamics", d / "confidence.jsonl", d / "plots"] if one_run else []))
     with _stage(cfg, f"train:{recipe}", out / "train_result.json") as todo:
         if not todo:
+            if one_run and not (d / "confidence.jsonl").exists() and _state().is_main_process:
+                from sftmix.callbacks import restore_self_confidence
+
+                ds, _ = _selected_target_dataset(cfg, train_records(cfg))  # the training rows, in order
+                restore_self_confidence(d, list(ds["guid"]))
             return
         state = _state()
         if recipe == "ntp" and _reuse_reference_as_ntp(cfg, out):

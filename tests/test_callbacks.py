@@ -141,8 +141,8 @@ def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, to
         assert [by_guid[guids[i]] for i in idx] == flags
 
 
-@pytest.mark.parametrize("confidence", ["checkpoints", "online"])
-def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds, confidence):
+@pytest.mark.parametrize("confidence,lose_confidence", [("checkpoints", False), ("online", False), ("online", True)])
+def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds, confidence, lose_confidence):
     from sftmix.utils import resume_checkpoint
 
     tok, ds = tok_ds
@@ -162,6 +162,8 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds,
     with pytest.raises(Interrupt):
         tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
     assert (out / "dynamics" / "self_split.json").exists()
+    if lose_confidence:  # deleted after the switch: rebuilt from the records the switch kept, not "never seen"
+        (out / "confidence.jsonl").unlink()
     tr, cb = one_run_trainer(tok, ds, out, **kw)
     tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
     assert cb.scored == []  # both checkpoints were scored before (online: none ever); the split is reloaded
@@ -250,6 +252,21 @@ def test_one_run_pipeline_writes_confidence_plots_and_a_report(one_run_pipeline)
     assert result["self_confidence"] == "online"
     assert "confidence_source self" in (out / "report.md").read_text()
     assert (out / "plots" / "confidence_hist.png").stat().st_size > 1000
+
+
+def test_one_run_pipeline_rebuilds_a_deleted_confidence_file_from_its_records(one_run_pipeline, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(one_run_pipeline, out)
+    want = read_jsonl(out / "confidence.jsonl")
+    (out / "confidence.jsonl").unlink()
+    proc = run_pipeline(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{out / 'confidence.jsonl'} was missing: rebuilt from {out / 'dynamics' / 'online_records.jsonl'}" in (
+        proc.stderr)
+    assert read_jsonl(out / "confidence.jsonl") == want
+    assert "train:sftmix done already" in proc.stderr  # nothing retrained
 
 
 def test_one_run_pipeline_killed_in_each_phase_resumes_to_the_same_result(one_run_pipeline, tmp_path):
