@@ -120,9 +120,38 @@ def test_bad_yaml_values_are_refused(setup):
     from axolotl.utils.dict import DictDefault
 
     for bad, match in (({"sftmix_mixup_role": "sometimes"}, "sftmix_mixup_role"),
-                       ({"sftmix_confidence_file": None}, "sftmix_confidence_file is required")):
+                       ({"sftmix_confidence_file": None}, "sftmix_confidence_file is required"),
+                       # the core's checks, with the YAML's names, when axolotl validates the config (before any
+                       # dataset is read or tokenized): sftmix.integrations.axolotl_checks
+                       ({"sftmix_mixup_alpha": float("nan")}, "sftmix_mixup_alpha must be a finite number > 0"),
+                       ({"sftmix_mixup_weight": float("inf")}, "sftmix_mixup_weight must be a finite number >= 0"),
+                       ({"sftmix_mixup_chunk_tokens": 0}, "sftmix_mixup_chunk_tokens must be a whole number >= 1"),
+                       ({"sample_packing": True}, "sample_packing is not supported by SFTMix"),
+                       ({"micro_batch_size": 3}, "micro_batch_size: 3 is odd")):
         with pytest.raises(Exception, match=match):
             validate_config(DictDefault({**setup["cfg"], **bad}))
+
+
+def test_packing_is_refused_before_preprocessing(setup, tmp_path):
+    """`axolotl preprocess` with sample_packing: true stops at config validation, before any dataset is tokenized
+    (before, the plugin refused packing only in get_trainer_cls, after preprocessing)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prepared = tmp_path / "prepared"
+    cfg = {**setup["cfg"], "sample_packing": True, "dataset_prepared_path": str(prepared),
+           "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1",
+           "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "axolotl"), "preprocess", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "sample_packing is not supported by SFTMix" in proc.stdout + proc.stderr
+    assert not prepared.exists() or not any(prepared.rglob("*.arrow"))  # nothing was tokenized
 
 
 def test_datasets_get_guid_and_half_by_content(setup, cfg):
