@@ -1,7 +1,8 @@
 """SFTMix as an axolotl plugin: axolotl's own trainer, data pipeline and YAML, plus the Mixup term of sftmix.core.
 
-    # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence)
-    sftmix dynamics --model MODEL --data data/alpaca.json --output_dir runs/ref
+    # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence) for
+    # every row (step1.yaml: no held-out split, no filter, max_length = sequence_len; docs/integrations.md)
+    sftmix dynamics --config examples/axolotl/step1.yaml --output_dir runs/ref
     # step 2, in axolotl's environment (pip install 'sftmix[axolotl]'): train with axolotl
     axolotl train examples/axolotl/sftmix.yaml
 

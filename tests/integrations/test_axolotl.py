@@ -271,8 +271,10 @@ def test_example_yaml_validates(cfg):
     from axolotl.utils.dict import DictDefault
 
     text = (Path(__file__).parents[2] / "examples" / "axolotl" / "sftmix.yaml").read_text()
-    assert text.splitlines()[1].lstrip("# ").startswith("1. sftmix dynamics")
-    assert text.splitlines()[3].lstrip("# ").startswith("2. axolotl train examples/axolotl/sftmix.yaml")
+    # step 1 with the config shipped beside it (every row scored: tests/test_axolotl_checks.py), so no row may lack
+    # a confidence here (sftmix_unmatched_rows left at `error`)
+    assert text.splitlines()[1].lstrip("# ").startswith("1. sftmix dynamics --config examples/axolotl/step1.yaml")
+    assert text.splitlines()[4].lstrip("# ").startswith("2. axolotl train examples/axolotl/sftmix.yaml")
     example = validate_config(DictDefault(yaml.safe_load(text)))
-    assert example.sftmix_mixup_weight == 0.2 and example.sftmix_unmatched_rows == "drop"
+    assert example.sftmix_mixup_weight == 0.2 and example.sftmix_unmatched_rows == "error"
     assert example.plugins == ["sftmix.integrations.axolotl.SFTMixPlugin"]
