@@ -104,9 +104,7 @@ class SFTMixPlugin(BasePlugin):
             return None
         check_plugin_config(cfg)  # before axolotl tokenizes anything (also for a config built without validation)
         if not preprocess and cfg.sftmix_confidence_file and not Path(cfg.sftmix_confidence_file).is_file():
-            raise SFTMixError(f"sftmix_confidence_file {cfg.sftmix_confidence_file} does not exist: run step 1 "
-                              "(`sftmix dynamics --config examples/axolotl/step1.yaml --output_dir DIR`) and point it "
-                              "at DIR/confidence.jsonl.")
+            raise _no_confidence_file(cfg.sftmix_confidence_file)  # found before axolotl reads and tokenizes the data
         meta = load_datasets_with_guids(cfg)
         if preprocess:  # `axolotl preprocess`: the prepared cache now holds the guid column
             return meta
@@ -192,10 +190,15 @@ def join_confidence_file(dataset, confidence_file: str, unmatched: str = "error"
     try:
         rows = read_jsonl(confidence_file)
     except FileNotFoundError:
-        raise SFTMixError(f"sftmix_confidence_file {confidence_file} does not exist: run step 1 (`sftmix dynamics "
-                          "--data <your data> --output_dir DIR`) and point it at DIR/confidence.jsonl.") from None
+        raise _no_confidence_file(confidence_file) from None
     try:
         return join_confidence(dataset, rows, missing=unmatched)
     except SFTMixError as e:
         raise SFTMixError(f"{confidence_file}: {e} With axolotl: train on the data step 1 scored, or set "
                           "sftmix_unmatched_rows: drop.") from None
+
+
+def _no_confidence_file(path) -> SFTMixError:
+    return SFTMixError(f"sftmix_confidence_file {path} does not exist: run step 1 (`sftmix dynamics --config "
+                       "examples/axolotl/step1.yaml --output_dir DIR`, docs/integrations.md) and point it at "
+                       "DIR/confidence.jsonl.")

@@ -185,6 +185,20 @@ def test_unmatched_rows_are_one_line_errors(setup, cfg):
         join_confidence_file(ds, str(setup["root"] / "missing.jsonl"))
 
 
+def test_a_missing_confidence_file_is_found_before_the_data_is_tokenized(cfg, tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from sftmix.integrations.axolotl import SFTMixPlugin
+
+    prepared = tmp_path / "prepared"
+    missing = DictDefault({**cfg, "sftmix_confidence_file": str(tmp_path / "nope.jsonl"),
+                           "dataset_prepared_path": str(prepared)})
+    with pytest.raises(SFTMixError, match=r"nope.jsonl does not exist.*step1.yaml") as e:
+        SFTMixPlugin().load_datasets(missing)
+    assert "\n" not in str(e.value)
+    assert not prepared.exists() or not any(prepared.rglob("*.arrow"))  # before, it tokenized first, then failed
+
+
 def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
     from axolotl.integrations.base import PluginManager
     from axolotl.train import setup_model_and_trainer
