@@ -260,6 +260,26 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds,
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
 
 
+def test_one_run_checkpoints_into_a_folder_of_another_run_rescores_and_splits_anew(tmp_path, tok_ds):
+    """SelfReferenceCallback(confidence="checkpoints") shares ConfidenceCallback's fingerprint: a second run (another
+    learning rate) into the same folder scores its own checkpoints and takes its own split, where it used to keep the
+    first run's scores and its final split (dynamics/self_split.json)."""
+    tok, ds = tok_ds
+    first, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    first.train()
+    old = read_jsonl(tmp_path / "confidence.jsonl")
+    second, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no", learning_rate=1e-2)
+    second.train()
+    assert cb.scored == [1, 2]
+    alone, _ = one_run_trainer(tok, ds, tmp_path / "alone", save_strategy="no", learning_rate=1e-2)
+    alone.train()
+    new, want = read_jsonl(tmp_path / "confidence.jsonl"), read_jsonl(tmp_path / "alone" / "confidence.jsonl")
+    assert [r["guid"] for r in new] == [r["guid"] for r in want]
+    for a, b in zip(new, want):
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+    assert any(a["confidence"] != pytest.approx(b["confidence"], abs=1e-4) for a, b in zip(new, old))
+
+
 def test_one_run_online_refuses_to_resume_without_the_records(tmp_path, tok_ds):
     """The NTP epoch's online records are part of the checkpoint: resuming without them would split on a part of the
     data only, so it stops with one line saying which steps are missing."""
