@@ -14,12 +14,22 @@
 Scoring is sftmix.scoring.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on the model
 as it is after that step's update; every process takes part (each scores a share), the main process writes, each
 file atomically. A checkpoint whose file exists is not scored again, so a resumed run only scores what is missing.
+
+Which run the files are of: dynamics/schedule.json holds the run's fingerprint (the score data's guids in order as a
+sha256, the seed, the batch, learning rate, epochs and steps, the scoring steps, the model's name). A later training
+run into the same folder with another fingerprint rescores from scratch (the old run's ckpt_*.jsonl are removed, with
+a warning) when it starts at step 0; resumed from a Trainer checkpoint past files of the old run, which it cannot
+rescore, it is refused in one line. The arguments and the score data (columns, duplicate guids, rows without a
+response token) are checked when the callback is made, not at the first scoring step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +47,38 @@ class ConfidenceCallback(TrainerCallback):
     `out_dir/dynamics/ckpt_{k}.jsonl` (the guid-keyed rows of step 1: guid, nll_mean, n_tokens, ppl).
 
     Give the steps (`steps=[...]`, 1-based optimizer steps) or `num_checkpoints=C`: checkpoint k at the end of step
-    ceil(k*T/C) of the run's T steps (as step 1 schedules them). dynamics/schedule.json records the steps; a run
-    directory scored with another schedule is refused rather than mixed."""
+    ceil(k*T/C) of the run's T steps (as step 1 schedules them). dynamics/schedule.json records the steps and the
+    run's fingerprint: another run into the same folder rescores from step 0, or is refused when it resumes past a
+    file of the other run; the two are never mixed (see the module docstring)."""
 
     def __init__(self, score_dataset, out_dir, steps: list[int] | None = None, num_checkpoints: int | None = None,
                  batch_size: int = 16, show_progress: bool = False):
         if (steps is None) == (num_checkpoints is None):
             raise SFTMixError("ConfidenceCallback needs either steps=[...] or num_checkpoints=C (not both).")
-        if steps is not None and (not steps or any(int(s) < 1 for s in steps) or sorted(set(steps)) != list(steps)):
-            raise SFTMixError(f"ConfidenceCallback steps must be increasing optimizer steps >= 1; got {steps}.")
+        name = type(self).__name__
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+                raise SFTMixError(f"{name} steps must be a list of optimizer steps, e.g. steps=[10, 20]; got "
+                                  f"{steps!r}.")
+            steps = [_whole(f"{name} steps", s) for s in steps]
+            if not steps or sorted(set(steps)) != steps:
+                raise SFTMixError(f"{name} steps must be increasing optimizer steps >= 1; got {steps}.")
+        if num_checkpoints is not None:
+            num_checkpoints = _whole(f"{name} num_checkpoints", num_checkpoints)
         self.score_dataset = score_dataset
         self.out_dir = Path(out_dir)
         self.dir = self.out_dir / "dynamics"
-        self.fixed_steps = None if steps is None else [int(s) for s in steps]
+        self.fixed_steps = steps
         self.num_checkpoints = num_checkpoints
-        self.batch_size = batch_size
+        self.batch_size = _whole(f"{name} batch_size", batch_size)
         self.show_progress = show_progress
         self.steps: list[int] = []
         self.schedule: dict = {}
         self.scored: list[int] = []  # checkpoints scored by this process (k), for tests and logs
+        for path in (self.out_dir, self.dir):
+            if path.exists() and not path.is_dir():
+                raise SFTMixError(f"{name}: {path} is a file, not a folder; give another out_dir.")
+        self.data_sha256 = _check_score_dataset(score_dataset, name)
 
     def ckpt_path(self, k: int) -> Path:
         return self.dir / f"ckpt_{k}.jsonl"
@@ -66,20 +89,29 @@ class ConfidenceCallback(TrainerCallback):
             return self.fixed_steps
         return scoring_steps(state.max_steps, self.num_checkpoints)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def fingerprint(self, args, state, model) -> dict:
+        """What makes two runs the same for this data map: the score data, the training run, the scoring steps."""
+        return {"score_data_sha256": self.data_sha256, "num_examples": len(self.score_dataset),
+                "model": getattr(getattr(model, "config", None), "_name_or_path", None), "seed": args.seed,
+                "data_seed": args.data_seed, "learning_rate": args.learning_rate,
+                "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+                * args.world_size, "num_train_epochs": args.num_train_epochs, "max_steps": state.max_steps,
+                "steps": self.steps}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.steps = self.schedule_steps(args, state)
         if self.steps[-1] > state.max_steps:
             raise SFTMixError(f"ConfidenceCallback: scoring step {self.steps[-1]} is past the run's last step "
                               f"({state.max_steps}); choose steps <= {state.max_steps}.")
-        sched = {"steps": self.steps, "num_checkpoints": len(self.steps), "num_examples": len(self.score_dataset)}
+        run = self.fingerprint(args, state, model)
+        sched = {"steps": self.steps, "num_checkpoints": len(self.steps), "num_examples": len(self.score_dataset),
+                 "run": run}
         path = self.dir / "schedule.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if any(old.get(key) != val for key, val in sched.items()):
-                raise SFTMixError(f"{path}: these dynamics were scored with another schedule "
-                                  f"({ {k: old.get(k) for k in sched} }) than this run ({sched}); use the same "
-                                  f"settings, or delete {self.dir} to rescore.")
-            sched = {**old, **sched}
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old.get("run") == run:
+            sched = {**old, **sched}  # the same run, resumed or restarted: keep what it scored
+        else:  # another run's files (or files without a fingerprint) are never kept beside this run's
+            self._replace_other_run(old, run, state.global_step, state.is_world_process_zero)
         lost = [k for k, s in enumerate(self.steps, 1) if s <= state.global_step and not self.ckpt_path(k).exists()]
         if lost:  # the weights of those steps are gone: resuming would silently leave holes in the data map
             raise SFTMixError(f"{self.dir}: checkpoint(s) {lost} (step(s) {[self.steps[k - 1] for k in lost]}) were "
@@ -88,6 +120,27 @@ class ConfidenceCallback(TrainerCallback):
         self.schedule = sched
         if state.is_world_process_zero:
             atomic_write_json(path, sched)
+
+    def _replace_other_run(self, old: dict, run: dict, step: int, main: bool) -> None:
+        """dynamics/ holds files of another run: remove them to rescore, unless this run resumes past one of them
+        (its weights are gone, so it could only be kept, mixing the two runs)."""
+        old_run = old.get("run") or {}
+        diff = ", ".join(f"{k} {old_run.get(k)!r} -> {v!r}" for k, v in run.items() if old_run.get(k) != v)
+        old_steps = old.get("steps") or []
+        files = sorted(self.dir.glob("ckpt_*.jsonl"))
+        stuck = [p.name for p in files if step > 0 and _ckpt_step(p, old_steps) <= step]
+        if stuck:
+            raise SFTMixError(f"{self.dir} holds the data map of another run ({diff or 'no fingerprint'}), and this "
+                              f"one resumes at step {step}, after {', '.join(stuck)}, which it cannot rescore: resume "
+                              f"with that run's settings, or use another out_dir (or delete {self.dir} and train from "
+                              f"the start).")
+        stale = files + [p for p in (self.dir / "self_split.json",) if p.exists()]
+        if stale:
+            logger.warning("%s holds the data map of another run (%s): removing its %s and rescoring", self.dir,
+                           diff or "no fingerprint", ", ".join(p.name for p in stale))
+        if main:
+            for p in stale:
+                p.unlink(missing_ok=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step not in self.steps:
@@ -102,6 +155,57 @@ class ConfidenceCallback(TrainerCallback):
             write_jsonl(self.ckpt_path(k), res.rows)
             self.schedule.setdefault("scoring", {})[str(k)] = {"step": state.global_step, **res.stats}
             atomic_write_json(self.dir / "schedule.json", self.schedule)
+
+
+def _whole(name: str, value) -> int:
+    """A whole number >= 1 from an int, a numpy integer or an integral float (2.0); anything else is refused."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or value < 1:
+        raise SFTMixError(f"{name}: {value!r} is not a whole number >= 1; give optimizer steps / counts as integers.")
+    return int(value)
+
+
+def _ckpt_step(path: Path, steps: list) -> float:
+    """The optimizer step a ckpt_{k}.jsonl of a schedule was scored at (inf when the schedule does not say)."""
+    k = path.stem.split("_")[1]
+    return steps[int(k) - 1] if k.isdigit() and 1 <= int(k) <= len(steps) else math.inf
+
+
+def _check_score_dataset(ds, name: str) -> str:
+    """Refuse a score dataset the scorer would stop on hours later (missing columns, no rows, duplicated guids, rows
+    without a response token); return the sha256 of its guids in order (the data part of the run's fingerprint)."""
+    from sftmix.scoring import check_score_columns
+
+    check_score_columns(ds, f"{name} score_dataset")
+    if len(ds) == 0:
+        raise SFTMixError(f"{name} score_dataset has no rows; give the tokenized training examples.")
+    guids = list(ds["guid"]) if hasattr(ds, "column_names") else [r["guid"] for r in ds]
+    first: dict = {}
+    for i, g in enumerate(guids):
+        if g in first:
+            raise SFTMixError(f"{name} score_dataset: guid {g!r} is in rows {first[g]} and {i}; each example needs "
+                              f"its own guid (sftmix.data.load_records suffixes repeated examples) - deduplicate it.")
+        first[g] = i
+    empty = _rows_without_response(ds)
+    if empty:
+        raise SFTMixError(f"{name} score_dataset: {len(empty)} row(s) have no response token (all labels -100), e.g. "
+                          f"row {empty[0]} (guid {guids[empty[0]]!r}); drop them (sftmix.data.tokenize_records does).")
+    return hashlib.sha256("\n".join(map(str, guids)).encode()).hexdigest()
+
+
+def _rows_without_response(ds) -> list[int]:
+    if not hasattr(ds, "select_columns"):
+        return [i for i, r in enumerate(ds) if all(t == -100 for t in r["labels"])]
+    import pyarrow.compute as pc  # datasets.Dataset: through Arrow, batch by batch (no Python list of all labels)
+
+    out, start = [], 0
+    for tbl in ds.select_columns(["labels"]).with_format("arrow").iter(batch_size=4096):
+        col = tbl["labels"].combine_chunks()
+        keep = pc.not_equal(pc.list_flatten(col), -100).to_numpy(zero_copy_only=False)
+        n_resp = np.bincount(pc.list_parent_indices(col).to_numpy()[keep], minlength=len(col))
+        out.extend(int(i) + start for i in np.flatnonzero(n_resp == 0))
+        start += len(col)
+    return out
 
 
 class SelfReferenceCallback(ConfidenceCallback):

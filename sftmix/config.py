@@ -170,7 +170,9 @@ class RunConfig:
                                          "counted in the report). Useful with a small max_length."})
     heldout: float = field(default=0.1, metadata={"help": "Held-out examples for evaluation: a count (>= 1) or a "
                            "fraction (< 1) of the data, chosen by hashing contents with the seed (identical "
-                           "examples and the turns of a chat stay on one side)."})
+                           "examples and the turns of a chat stay on one side). 0: none, every example trains and "
+                           "gets a confidence (step 1 for another trainer, examples/axolotl/step1.yaml); `run` and "
+                           "`eval` then need heldout_file."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's own, else a plain Alpaca-style "
                                "one), model, plain, or a Jinja file/string."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on a GPU that supports it, fp32 on "
@@ -280,8 +282,8 @@ class RunConfig:
         if self.self_ntp_epochs < 1 or self.self_num_checkpoints < 1:
             raise SFTMixError(f"self_ntp_epochs and self_num_checkpoints must be >= 1; got {self.self_ntp_epochs}, "
                               f"{self.self_num_checkpoints}.")
-        if self.heldout <= 0 or (self.heldout >= 1 and self.heldout != int(self.heldout)):
-            raise SFTMixError(f"heldout={self.heldout}: give a whole count (>= 1) or a fraction in (0, 1).")
+        if self.heldout < 0 or (self.heldout >= 1 and self.heldout != int(self.heldout)):
+            raise SFTMixError(f"heldout={self.heldout}: give a whole count (>= 1), a fraction in (0, 1), or 0 (none).")
         if self.data_on_bad not in ("error", "skip"):
             raise SFTMixError(f"data_on_bad must be error or skip; got {self.data_on_bad!r}.")
         if not 0 <= self.max_dropped_fraction <= 1:
@@ -295,7 +297,7 @@ class RunConfig:
 
     @property
     def n_heldout(self) -> int | float:
-        return int(self.heldout) if self.heldout >= 1 else float(self.heldout)
+        return int(self.heldout) if self.heldout >= 1 or self.heldout == 0 else float(self.heldout)
 
 
 @dataclass

@@ -152,17 +152,24 @@ class MixupArguments:
     )
 
 
-    def validate_mixup_args(self) -> None:
-        """Refuse inconsistent SFTMix settings with one line each (called by every arguments class and trainer)."""
+    def validate_mixup_args(self, prefix: str = "") -> None:
+        """Refuse inconsistent SFTMix settings with one line each (called by every arguments class and trainer).
+        prefix: how the user's config names the Mixup fields (the axolotl YAML's `sftmix_`)."""
         for name, allowed in (("mixup_role", MIXUP_ROLES), ("ntp_subset", NTP_SUBSETS), ("pairing", PAIRINGS),
                               ("split_source", SPLIT_SOURCES), ("selection", SELECTIONS),
                               ("mixup_weight_schedule", WEIGHT_SCHEDULES)):
             if getattr(self, name) not in allowed:
-                raise SFTMixError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
-        if self.mixup_alpha <= 0:
-            raise SFTMixError(f"mixup_alpha must be > 0 (Beta(alpha, alpha)); got {self.mixup_alpha}.")
-        if self.mixup_weight < 0:
-            raise SFTMixError(f"mixup_weight must be >= 0; got {self.mixup_weight}.")
+                raise SFTMixError(f"{prefix}{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        # NaN passes `<= 0`, and inf makes lam NaN or the loss infinite, found only at the first Mixup step
+        if not (_finite(self.mixup_alpha) and self.mixup_alpha > 0):
+            raise SFTMixError(f"{prefix}mixup_alpha must be a finite number > 0 (Beta(alpha, alpha)); got "
+                              f"{self.mixup_alpha!r}.")
+        if not (_finite(self.mixup_weight) and self.mixup_weight >= 0):
+            raise SFTMixError(f"{prefix}mixup_weight must be a finite number >= 0; got {self.mixup_weight!r}.")
+        chunk = self.mixup_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise SFTMixError(f"{prefix}mixup_chunk_tokens must be a whole number >= 1 (or unset: 2**23 // vocab "
+                              f"size); got {chunk!r}.")
         if self.split_source == "column" and not self.split_column:
             raise SFTMixError("split_source=column needs split_column: the name of the column holding the split.")
         if self.selection in ("long", "random") and not self.selection_k:
@@ -181,6 +188,10 @@ class MixupArguments:
         """Whether the Mixup term is on (balanced pairs, Mixup loss); otherwise the trainer is exactly its base
         trainer, on one half of the data when ntp_subset is not `all` (§5.4 without Mixup)."""
         return self.mixup_weight > 0 or self.mixup_role != "regularizer"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------

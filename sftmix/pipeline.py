@@ -386,7 +386,7 @@ def stage_data(cfg) -> None:
             raise SFTMixError(f"data {run.data}: only {len(records)} examples left after the filters {filtered}; "
                               f"relax max_turn / max_prompt_chars or give more data.")
         train, held = split_heldout(records, run.n_heldout, seed=cfg.train.seed)
-        if len(train) < 4 or not held:
+        if len(train) < 4 or (not held and run.heldout):  # heldout: 0 holds none out on purpose
             raise SFTMixError(f"data {run.data}: {len(records)} examples split into {len(train)} train and "
                               f"{len(held)} held-out; adjust heldout (a count or a fraction) or give more data.")
         save_records_jsonl(out / "train.jsonl", train)

@@ -81,13 +81,7 @@ def run_scoring(
         raise SFTMixError(f"hidden_at must be None, 'last_response' or 'last_prompt', got {hidden_at!r}.")
     if batch_size < 1:
         raise SFTMixError(f"batch_size must be >= 1, got {batch_size}.")
-    columns = _column_names(dataset)
-    missing = [c for c in ("input_ids", "labels", "guid") if c not in columns]
-    if missing:
-        raise SFTMixError(
-            f"the dataset to score has no {', '.join(missing)} column(s) (it has {sorted(columns)}); tokenize the "
-            f"records with sftmix.data.tokenize_records(records, tokenizer)."
-        )
+    check_score_columns(dataset)
     backbone, lm_head, head_kwargs = _backbone_and_head(model)
     device = lm_head.weight.device
     pad_id = pad_token_id(model)
@@ -359,6 +353,17 @@ def pad_token_id(model=None, tokenizer=None) -> int:
         eos = getattr(cfg, "eos_token_id", None)
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos
     return 0 if pad is None else int(pad)
+
+
+def check_score_columns(dataset, what: str = "the dataset to score") -> None:
+    """The columns every scored dataset needs: input_ids, labels (-100 outside the response) and guid."""
+    columns = _column_names(dataset)
+    missing = [c for c in ("input_ids", "labels", "guid") if c not in columns]
+    if missing:
+        raise SFTMixError(
+            f"{what} has no {', '.join(missing)} column(s) (it has {sorted(columns)}); tokenize the "
+            f"records with sftmix.data.tokenize_records(records, tokenizer)."
+        )
 
 
 def _column_names(dataset) -> set:

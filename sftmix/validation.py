@@ -273,4 +273,7 @@ def validate(cfg, command: str = "run") -> None:
     check_template("chat_template", cfg.run.chat_template)
     check_template("eval_chat_template", getattr(cfg.eval_args, "eval_chat_template", None))
     if command in ("run", "eval"):
+        if cfg.run.heldout == 0 and cfg.eval_args.heldout_file is None:
+            raise SFTMixError("heldout: 0 holds no examples out, so the held-out evaluation has nothing to score: set "
+                              "heldout_file (your own evaluation file), or hold some out (heldout: 0.1).")
         check_eval_files(cfg)

@@ -60,12 +60,60 @@ def test_confidence_callback_on_a_plain_trainer_equals_score_examples_on_the_che
     r2 = read_jsonl(tmp_path / "map" / "dynamics" / "ckpt_2.jsonl")
     assert any(a["nll_mean"] != pytest.approx(b["nll_mean"], abs=1e-4) for a, b in zip(r1, r2))  # it trained
 
-    # a rerun on the same directory with another schedule is refused, not mixed in
-    cb2 = ConfidenceCallback(ds, tmp_path / "map", steps=[1, 4])
-    trainer = Trainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=train, callbacks=[cb2],
-                      data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
-    with pytest.raises(SFTMixError, match="another schedule"):
-        trainer.train()
+
+
+def map_run(tok, ds, out, map_dir, steps, seed=0, lr=3e-3, resume=None, **kw):
+    """A 4-step plain Trainer run with a ConfidenceCallback into map_dir; returns the callback."""
+    cb = ConfidenceCallback(ds, map_dir, steps=steps, batch_size=5)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=lr,
+                             save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True,
+                             seed=seed, **kw)
+    train = ds.remove_columns([c for c in ds.column_names if c not in ("input_ids", "labels")])
+    Trainer(model=build_tiny_model(tok, seed=seed), args=args, train_dataset=train, callbacks=[cb],
+            data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)).train(resume_from_checkpoint=resume)
+    return cb
+
+
+def test_another_run_into_the_same_folder_rescores_or_is_refused(tmp_path, tok_ds):
+    """The data map's files belong to one run (its fingerprint in dynamics/schedule.json): a second training run
+    into the folder rescores everything from step 0, and one resumed past a file of the other run is refused."""
+    import json
+
+    tok, ds = tok_ds
+    dyn = tmp_path / "map" / "dynamics"
+    map_run(tok, ds, tmp_path / "a", tmp_path / "map", [1, 2, 4], seed=0)
+    first = [read_jsonl(dyn / f"ckpt_{k}.jsonl") for k in (1, 2, 3)]
+    cb = map_run(tok, ds, tmp_path / "fresh", tmp_path / "fresh_map", [2, 4], seed=1)  # the same run alone
+    alone = [read_jsonl(tmp_path / "fresh_map" / "dynamics" / f"ckpt_{k}.jsonl") for k in (1, 2)]
+    assert cb.scored == [1, 2]
+
+    # another seed, the same steps: before the fingerprint it scored nothing and kept the first run's files
+    map_run(tok, ds, tmp_path / "b", tmp_path / "map", [1, 2, 4], seed=1)
+    second = [read_jsonl(dyn / f"ckpt_{k}.jsonl") for k in (1, 2, 3)]
+    assert all(a["nll_mean"] != b["nll_mean"] for a, b in zip(first[2], second[2]))
+    # another schedule (2 checkpoints): rescored, and the old run's ckpt_3.jsonl is gone, not left to be mixed in
+    cb = map_run(tok, ds, tmp_path / "c", tmp_path / "map", [2, 4], seed=1)
+    assert cb.scored == [1, 2] and sorted(p.name for p in dyn.glob("ckpt_*")) == ["ckpt_1.jsonl", "ckpt_2.jsonl"]
+    for k in (1, 2):
+        got = read_jsonl(dyn / f"ckpt_{k}.jsonl")
+        assert [r["guid"] for r in got] == list(ds["guid"])
+        for g, w in zip(got, alone[k - 1]):
+            assert g["nll_mean"] == pytest.approx(w["nll_mean"], abs=1e-5)
+    sched = json.loads((dyn / "schedule.json").read_text())
+    assert sched["steps"] == [2, 4] and sched["run"]["seed"] == 1 and sorted(sched["scoring"]) == ["1", "2"]
+    assert len(sched["run"]["score_data_sha256"]) == 64
+
+    # the same run resumed from its Trainer checkpoint keeps its files and scores nothing again
+    cb = map_run(tok, ds, tmp_path / "c", tmp_path / "map", [2, 4], seed=1,
+                 resume=str(tmp_path / "c" / "checkpoint-2"))
+    assert cb.scored == []
+    # resumed with another learning rate after ckpt_1 (step 2) of the other run: it cannot rescore that one
+    kept = {p.name: p.read_bytes() for p in dyn.iterdir()}
+    with pytest.raises(SFTMixError, match=r"another run \(learning_rate 0.003 -> 0.001\).*resumes at step 2, "
+                                          r"after ckpt_1.jsonl"):
+        map_run(tok, ds, tmp_path / "c", tmp_path / "map", [2, 4], seed=1, lr=1e-3,
+                resume=str(tmp_path / "c" / "checkpoint-2"))
+    assert {p.name: p.read_bytes() for p in dyn.iterdir()} == kept  # refused before touching anything
 
 
 def test_confidence_callback_arguments_are_checked(tok_ds):
@@ -73,6 +121,44 @@ def test_confidence_callback_arguments_are_checked(tok_ds):
         ConfidenceCallback(tok_ds[1], "x")
     with pytest.raises(SFTMixError, match="increasing"):
         ConfidenceCallback(tok_ds[1], "x", steps=[3, 2])
+
+
+def test_confidence_callback_steps_counts_and_score_data_are_checked_when_made(tmp_path, tok_ds):
+    """Integral numpy / float steps are taken exactly; everything else is refused at construction in one line,
+    not at the first scoring step (hours into a run)."""
+    import numpy as np
+
+    ds = tok_ds[1]
+    for steps in (np.array([2, 4]), [np.int64(2), np.int32(4)], [2.0, 4.0], (2, np.float64(4.0))):
+        cb = ConfidenceCallback(ds, tmp_path, steps=steps)
+        assert cb.fixed_steps == [2, 4] and all(type(s) is int for s in cb.fixed_steps)
+    assert ConfidenceCallback(ds, tmp_path, num_checkpoints=np.int64(3), batch_size=np.int64(4)).num_checkpoints == 3
+    bad = [dict(steps=[2.5]), dict(steps=[2, float("nan")]), dict(steps=[0, 2]), dict(steps="24"), dict(steps=[True]),
+           dict(steps=np.array([2.5, 4.0])), dict(num_checkpoints=0), dict(num_checkpoints=2.5),
+           dict(num_checkpoints="3"), dict(steps=[2], batch_size=0), dict(steps=[2], batch_size=1.5)]
+    for kw in bad:
+        with pytest.raises(SFTMixError, match=r"ConfidenceCallback (steps|num_checkpoints|batch_size)") as e:
+            ConfidenceCallback(ds, tmp_path, **kw)
+        assert "\n" not in str(e.value), kw
+
+    with pytest.raises(SFTMixError, match=r"score_dataset has no guid column"):
+        ConfidenceCallback(ds.remove_columns("guid"), tmp_path, steps=[2])
+    with pytest.raises(SFTMixError, match=r"score_dataset has no labels column"):
+        ConfidenceCallback([{"input_ids": [1, 2], "guid": "a"}], tmp_path, steps=[2])
+    with pytest.raises(SFTMixError, match="score_dataset has no rows"):
+        ConfidenceCallback(ds.select([]), tmp_path, steps=[2])
+    dup = ds.map(lambda r, i: {"guid": "g003" if i == 9 else r["guid"]}, with_indices=True)
+    with pytest.raises(SFTMixError, match=r"guid 'g003' is in rows 3 and 9"):
+        ConfidenceCallback(dup, tmp_path, steps=[2])
+    no_resp = ds.map(lambda r, i: {"labels": [-100] * len(r["labels"]) if i == 5 else r["labels"]},
+                     with_indices=True)
+    with pytest.raises(SFTMixError, match=r"1 row\(s\) have no response token.*row 5 \(guid 'g005'\)"):
+        ConfidenceCallback(no_resp, tmp_path, steps=[2])
+    with pytest.raises(SFTMixError, match=r"1 row\(s\) have no response token.*row 0"):
+        ConfidenceCallback([{"input_ids": [1], "labels": [-100], "guid": "a"}], tmp_path, steps=[2])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SFTMixError, match="is a file, not a folder"):
+        ConfidenceCallback(ds, tmp_path / "file", steps=[2])
 
 
 # -- one-run SFTMix ----------------------------------------------------------------------------------------------------
@@ -174,6 +260,26 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds,
     assert read_jsonl(out / "confidence.jsonl") == read_jsonl(tmp_path / "a" / "confidence.jsonl")
     for p, q in zip(ref.model.parameters(), tr.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+def test_one_run_checkpoints_into_a_folder_of_another_run_rescores_and_splits_anew(tmp_path, tok_ds):
+    """SelfReferenceCallback(confidence="checkpoints") shares ConfidenceCallback's fingerprint: a second run (another
+    learning rate) into the same folder scores its own checkpoints and takes its own split, where it used to keep the
+    first run's scores and its final split (dynamics/self_split.json)."""
+    tok, ds = tok_ds
+    first, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    first.train()
+    old = read_jsonl(tmp_path / "confidence.jsonl")
+    second, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no", learning_rate=1e-2)
+    second.train()
+    assert cb.scored == [1, 2]
+    alone, _ = one_run_trainer(tok, ds, tmp_path / "alone", save_strategy="no", learning_rate=1e-2)
+    alone.train()
+    new, want = read_jsonl(tmp_path / "confidence.jsonl"), read_jsonl(tmp_path / "alone" / "confidence.jsonl")
+    assert [r["guid"] for r in new] == [r["guid"] for r in want]
+    for a, b in zip(new, want):
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+    assert any(a["confidence"] != pytest.approx(b["confidence"], abs=1e-4) for a, b in zip(new, old))
 
 
 def test_one_run_online_refuses_to_resume_without_the_records(tmp_path, tok_ds):

@@ -1,7 +1,8 @@
 """SFTMix as an axolotl plugin: axolotl's own trainer, data pipeline and YAML, plus the Mixup term of sftmix.core.
 
-    # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence)
-    sftmix dynamics --model MODEL --data data/alpaca.json --output_dir runs/ref
+    # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence) for
+    # every row (step1.yaml: no held-out split, no filter, max_length = sequence_len; docs/integrations.md)
+    sftmix dynamics --config examples/axolotl/step1.yaml --output_dir runs/ref
     # step 2, in axolotl's environment (pip install 'sftmix[axolotl]'): train with axolotl
     axolotl train examples/axolotl/sftmix.yaml
 
@@ -21,8 +22,10 @@ validation split and prepared-dataset cache; the train rows get `confident`/`con
 guid. Every mismatch is a one-line SFTMixError naming the file and the fix (`sftmix_unmatched_rows: drop` leaves out
 rows without a confidence, e.g. the examples step 1 held out for its evaluation, and logs their count).
 
-`get_trainer_cls` returns SFTMixAxolotlTrainer = sftmix.core.SFTMixMixin + axolotl's AxolotlTrainer (axolotl's NTP
-loss and features unchanged; the balanced sampler replaces its sampler; sample packing is refused). The training
+The YAML's settings are checked when axolotl validates it, before any dataset is read (the pydantic validator runs
+sftmix.integrations.axolotl_checks.check_plugin_config: the core's Mixup checks with the `sftmix_` names, packing,
+rl, an odd micro_batch_size). `get_trainer_cls` returns SFTMixAxolotlTrainer = sftmix.core.SFTMixMixin + axolotl's
+AxolotlTrainer (axolotl's NTP loss and features unchanged; the balanced sampler replaces its sampler). The training
 arguments get the MixupArguments fields through `get_training_args_mixin` / `get_training_args`.
 """
 
@@ -31,25 +34,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Literal
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from sftmix.core import MIXUP_ROLES, NTP_SUBSETS, WEIGHT_SCHEDULES, BalancedPairSampler, MixupArguments
+from sftmix.core import BalancedPairSampler, MixupArguments
+from sftmix.integrations.axolotl_checks import YAML_FIELDS, check_plugin_config
 from sftmix.utils import SFTMixError
 
 log = logging.getLogger(__name__)
 
-# The MixupArguments fields a YAML sets as `sftmix_<name>`; their defaults and help come from MixupArguments.
-YAML_FIELDS = {
-    "mixup_alpha": float,
-    "mixup_weight": float,
-    "mixup_role": Literal[MIXUP_ROLES],
-    "ntp_subset": Literal[NTP_SUBSETS],
-    "mixup_weight_schedule": Literal[WEIGHT_SCHEDULES],
-    "mixup_chunk_tokens": int | None,
-}
 _MIXUP_FIELDS = {f.name: f for f in dataclasses.fields(MixupArguments)}
 
 
@@ -64,14 +60,12 @@ class _SFTMixArgsBase(BaseModel):
 
     @model_validator(mode="after")
     def _sftmix_check(self):
-        mixup_on = (self.sftmix_mixup_weight > 0 or self.sftmix_mixup_role != "regularizer"
-                    or self.sftmix_ntp_subset != "all")
-        if mixup_on and not self.sftmix_confidence_file:
-            raise ValueError("sftmix_confidence_file is required: run step 1 (`sftmix dynamics --data <your data> "
-                             "--output_dir DIR`) and set it to DIR/confidence.jsonl (or set sftmix_mixup_weight: 0).")
-        if self.sftmix_mixup_alpha <= 0 or self.sftmix_mixup_weight < 0:
-            raise ValueError(f"sftmix_mixup_alpha must be > 0 and sftmix_mixup_weight >= 0; got "
-                             f"{self.sftmix_mixup_alpha} and {self.sftmix_mixup_weight}.")
+        # merged into axolotl's config model, `self` also has axolotl's keys (sample_packing, micro_batch_size, rl):
+        # the whole config is checked here, when axolotl validates the YAML, before any dataset is read
+        try:
+            check_plugin_config(self)
+        except SFTMixError as e:
+            raise ValueError(str(e)) from None  # pydantic reports ValueErrors as validation errors
         return self
 
 
@@ -98,12 +92,7 @@ class SFTMixPlugin(BasePlugin):
         return {name: cfg[f"sftmix_{name}"] for name in YAML_FIELDS}
 
     def get_trainer_cls(self, cfg):
-        if cfg.rl or cfg.reward_model or cfg.process_reward_model:
-            raise SFTMixError("the SFTMix plugin trains supervised fine-tuning (SFT) only; remove it from `plugins` "
-                              "for rl / reward_model runs.")
-        if cfg.sample_packing:
-            raise SFTMixError("sample_packing is not supported by SFTMix: Mixup pairs whole examples (row c with row u "
-                              "of a batch), which packing mixes into shared rows. Set sample_packing: false.")
+        check_plugin_config(cfg)  # as validated with the YAML; again for a config built without that validation
         # imported here, not at the top: axolotl builds its training-arguments class when that module is first
         # imported, which must come after this plugin has registered its MixupArguments mixin
         from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer
@@ -113,6 +102,9 @@ class SFTMixPlugin(BasePlugin):
     def load_datasets(self, cfg, preprocess: bool = False):
         if cfg.rl or cfg.pretraining_dataset:
             return None
+        check_plugin_config(cfg)  # before axolotl tokenizes anything (also for a config built without validation)
+        if not preprocess and cfg.sftmix_confidence_file and not Path(cfg.sftmix_confidence_file).is_file():
+            raise _no_confidence_file(cfg.sftmix_confidence_file)  # found before axolotl reads and tokenizes the data
         meta = load_datasets_with_guids(cfg)
         if preprocess:  # `axolotl preprocess`: the prepared cache now holds the guid column
             return meta
@@ -198,10 +190,15 @@ def join_confidence_file(dataset, confidence_file: str, unmatched: str = "error"
     try:
         rows = read_jsonl(confidence_file)
     except FileNotFoundError:
-        raise SFTMixError(f"sftmix_confidence_file {confidence_file} does not exist: run step 1 (`sftmix dynamics "
-                          "--data <your data> --output_dir DIR`) and point it at DIR/confidence.jsonl.") from None
+        raise _no_confidence_file(confidence_file) from None
     try:
         return join_confidence(dataset, rows, missing=unmatched)
     except SFTMixError as e:
         raise SFTMixError(f"{confidence_file}: {e} With axolotl: train on the data step 1 scored, or set "
                           "sftmix_unmatched_rows: drop.") from None
+
+
+def _no_confidence_file(path) -> SFTMixError:
+    return SFTMixError(f"sftmix_confidence_file {path} does not exist: run step 1 (`sftmix dynamics --config "
+                       "examples/axolotl/step1.yaml --output_dir DIR`, docs/integrations.md) and point it at "
+                       "DIR/confidence.jsonl.")

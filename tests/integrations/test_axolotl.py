@@ -120,9 +120,38 @@ def test_bad_yaml_values_are_refused(setup):
     from axolotl.utils.dict import DictDefault
 
     for bad, match in (({"sftmix_mixup_role": "sometimes"}, "sftmix_mixup_role"),
-                       ({"sftmix_confidence_file": None}, "sftmix_confidence_file is required")):
+                       ({"sftmix_confidence_file": None}, "sftmix_confidence_file is required"),
+                       # the core's checks, with the YAML's names, when axolotl validates the config (before any
+                       # dataset is read or tokenized): sftmix.integrations.axolotl_checks
+                       ({"sftmix_mixup_alpha": float("nan")}, "sftmix_mixup_alpha must be a finite number > 0"),
+                       ({"sftmix_mixup_weight": float("inf")}, "sftmix_mixup_weight must be a finite number >= 0"),
+                       ({"sftmix_mixup_chunk_tokens": 0}, "sftmix_mixup_chunk_tokens must be a whole number >= 1"),
+                       ({"sample_packing": True}, "sample_packing is not supported by SFTMix"),
+                       ({"micro_batch_size": 3}, "micro_batch_size: 3 is odd")):
         with pytest.raises(Exception, match=match):
             validate_config(DictDefault({**setup["cfg"], **bad}))
+
+
+def test_packing_is_refused_before_preprocessing(setup, tmp_path):
+    """`axolotl preprocess` with sample_packing: true stops at config validation, before any dataset is tokenized
+    (before, the plugin refused packing only in get_trainer_cls, after preprocessing)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prepared = tmp_path / "prepared"
+    cfg = {**setup["cfg"], "sample_packing": True, "dataset_prepared_path": str(prepared),
+           "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1",
+           "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "axolotl"), "preprocess", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "sample_packing is not supported by SFTMix" in proc.stdout + proc.stderr
+    assert not prepared.exists() or not any(prepared.rglob("*.arrow"))  # nothing was tokenized
 
 
 def test_datasets_get_guid_and_half_by_content(setup, cfg):
@@ -154,6 +183,20 @@ def test_unmatched_rows_are_one_line_errors(setup, cfg):
     assert len(join_confidence_file(ds, str(short), "drop")) == 22
     with pytest.raises(SFTMixError, match="does not exist"):
         join_confidence_file(ds, str(setup["root"] / "missing.jsonl"))
+
+
+def test_a_missing_confidence_file_is_found_before_the_data_is_tokenized(cfg, tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from sftmix.integrations.axolotl import SFTMixPlugin
+
+    prepared = tmp_path / "prepared"
+    missing = DictDefault({**cfg, "sftmix_confidence_file": str(tmp_path / "nope.jsonl"),
+                           "dataset_prepared_path": str(prepared)})
+    with pytest.raises(SFTMixError, match=r"nope.jsonl does not exist.*step1.yaml") as e:
+        SFTMixPlugin().load_datasets(missing)
+    assert "\n" not in str(e.value)
+    assert not prepared.exists() or not any(prepared.rglob("*.arrow"))  # before, it tokenized first, then failed
 
 
 def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
@@ -242,8 +285,10 @@ def test_example_yaml_validates(cfg):
     from axolotl.utils.dict import DictDefault
 
     text = (Path(__file__).parents[2] / "examples" / "axolotl" / "sftmix.yaml").read_text()
-    assert text.splitlines()[1].lstrip("# ").startswith("1. sftmix dynamics")
-    assert text.splitlines()[3].lstrip("# ").startswith("2. axolotl train examples/axolotl/sftmix.yaml")
+    # step 1 with the config shipped beside it (every row scored: tests/test_axolotl_checks.py), so no row may lack
+    # a confidence here (sftmix_unmatched_rows left at `error`)
+    assert text.splitlines()[1].lstrip("# ").startswith("1. sftmix dynamics --config examples/axolotl/step1.yaml")
+    assert text.splitlines()[4].lstrip("# ").startswith("2. axolotl train examples/axolotl/sftmix.yaml")
     example = validate_config(DictDefault(yaml.safe_load(text)))
-    assert example.sftmix_mixup_weight == 0.2 and example.sftmix_unmatched_rows == "drop"
+    assert example.sftmix_mixup_weight == 0.2 and example.sftmix_unmatched_rows == "error"
     assert example.plugins == ["sftmix.integrations.axolotl.SFTMixPlugin"]
