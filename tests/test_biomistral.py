@@ -1,0 +1,123 @@
+"""The biomistral multiple-choice protocol (issue 24): BioMistral's prompt reproduced, a shot set per question drawn
+per round, rounds as mean +- sd, a killed evaluation resuming at its round.
+
+    OMP_NUM_THREADS=1 pytest tests/test_biomistral.py
+
+The prompt fixtures under tests/fixtures/biomistral/ were rendered by BioMistral's own getPrompt (its
+Data/Evaluation/BioInstructQA.py at commit 4d1fa85), see tests/fixtures/biomistral/record.py.
+"""
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+from sftmix.config import EvalConfig
+from sftmix.eval.tasks import MCItem, build_biomistral_prompt, load_mc
+from sftmix.models import build_byte_tokenizer, build_tiny_model
+from sftmix.utils import SFTMixError, read_jsonl
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "biomistral"
+
+
+def _item(q: dict, answer_letter: str | None, i: int) -> MCItem:
+    options = tuple(q["options"].values())
+    letters = list(q["options"])
+    return MCItem(f"q{i}", "unused", letters, letters.index(answer_letter) if answer_letter else 0, q["question"],
+                  options, q["context"])
+
+
+@pytest.mark.parametrize("name", ["medqa_3shot", "pubmedqa_3shot"])
+def test_biomistral_prompt_equals_the_one_biomistrals_code_renders(name):
+    case = next(c for c in json.loads((FIX / "inputs.json").read_text()) if c["name"] == name)
+    shots = [_item(s, s["correct_answer_letter"], i) for i, s in enumerate(case["shots"])]
+    prompt, conts = build_biomistral_prompt(_item(case["question"], None, 99), shots)
+    assert prompt == (FIX / f"{name}.txt").read_text(encoding="utf-8")
+    assert conts == list(case["question"]["options"])  # the letter that follows "**Answer:**("
+
+
+def test_pubmedqa_loader_keeps_the_parts_biomistral_renders(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"123": {"QUESTION": " Does X help? ", "CONTEXTS": ["First part.", "Second part."],
+                                        "final_decision": "maybe"}}))
+    it = load_mc("pubmedqa", str(path))[0]
+    assert (it.question, it.options, it.context, it.answer) == ("Does X help?", ("yes", "no", "maybe"),
+                                                                "First part. Second part.", 2)
+    prompt, conts = build_biomistral_prompt(it, [])
+    assert prompt.endswith("First part. Second part. \n **Question:** Does X help? \n (A) yes \n (B) no \n "
+                           "(C) maybe \n **Answer:**(") and conts == ["A", "B", "C"]
+
+
+def _pubmedqa(path, n=16):
+    rng = random.Random(0)
+    path.write_text(json.dumps({str(10_000 + i): {
+        "QUESTION": f"Does treatment {i} work?", "CONTEXTS": [f"Study {i} of {rng.randint(5, 500)} patients."],
+        "final_decision": ["yes", "no", "maybe"][i % 3]} for i in range(n)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_byte_tokenizer()
+    return build_tiny_model(tok, seed=0), tok
+
+
+def _cfg(path, **kw):
+    return EvalConfig(pubmedqa_file=str(path), mc_protocol="biomistral", num_shots=3, seed=5, batch_size=4, **kw)
+
+
+def test_rounds_draw_other_shot_sets_and_report_mean_and_sd(tiny, tmp_path):
+    from sftmix.evaluate import run_eval
+
+    model, tok = tiny
+    res = run_eval(model, tok, _cfg(_pubmedqa(tmp_path / "p.json")), tmp_path / "eval")["pubmedqa"]
+    assert res["n_rounds"] == 3 and res["seeds"] == [5, 6, 7] and res["n"] == 16  # leave-one-out: all evaluated
+    accs = [r["accuracy"] for r in res["rounds"]]
+    assert res["accuracies"] == accs
+    assert res["accuracy"] == pytest.approx(statistics.fmean(accs))
+    assert res["accuracy_sd"] == pytest.approx(statistics.pstdev(accs))
+    shots = [{p["id"]: tuple(p["shot_ids"]) for p in read_jsonl(tmp_path / "eval" / f"pubmedqa_predictions_round{r}"
+                                                                ".jsonl")} for r in range(3)]
+    for q in shots[0]:
+        assert all(len(set(s[q])) == 3 and q not in s[q] for s in shots)  # 3 other questions, never itself
+    assert sum(shots[0][q] != shots[1][q] for q in shots[0]) >= 12  # each round its own draw, question by question
+    assert len({shots[0][q] for q in shots[0]}) > 8  # and each question its own set within a round
+    assert res["mc_protocol"] == "biomistral" and res["prompt_format"] == "biomistral"
+
+
+def test_a_killed_evaluation_resumes_at_the_round_it_was_in(tiny, tmp_path, monkeypatch):
+    import sftmix.evaluate as ev
+
+    model, tok = tiny
+    path = _pubmedqa(tmp_path / "p.json")
+    clean = ev.run_eval(model, tok, _cfg(path), tmp_path / "clean")["pubmedqa"]
+    real, seeds = ev.eval_multiple_choice, []
+
+    def killed_in_round_2(*a, seed=None, **kw):
+        seeds.append(seed)
+        if seed == 7:
+            raise KeyboardInterrupt("killed in round 2")
+        return real(*a, seed=seed, **kw)
+
+    monkeypatch.setattr(ev, "eval_multiple_choice", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_eval(model, tok, _cfg(path), tmp_path / "eval")
+    assert seeds == [5, 6, 7] and not (tmp_path / "eval" / "pubmedqa.json").exists()
+    seeds.clear()
+    monkeypatch.setattr(ev, "eval_multiple_choice", lambda *a, seed=None, **kw: seeds.append(seed) or
+                        real(*a, seed=seed, **kw))
+    again = ev.run_eval(model, tok, _cfg(path), tmp_path / "eval")["pubmedqa"]
+    assert seeds == [7]  # rounds 0 and 1 read back, round 2 run again
+    assert again["n_rounds_reused"] == 2
+    assert again["accuracies"] == clean["accuracies"] and again["accuracy_sd"] == clean["accuracy_sd"]
+
+
+def test_rounds_are_refused_where_they_would_repeat_themselves(tiny, tmp_path):
+    from sftmix.evaluate import run_eval
+
+    model, tok = tiny
+    cfg = EvalConfig(pubmedqa_file=str(_pubmedqa(tmp_path / "p.json")), eval_rounds=3)
+    with pytest.raises(SFTMixError, match="eval_rounds=3 with mc_protocol=lm-eval"):
+        run_eval(model, tok, cfg, tmp_path / "eval")
