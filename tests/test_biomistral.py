@@ -121,3 +121,73 @@ def test_rounds_are_refused_where_they_would_repeat_themselves(tiny, tmp_path):
     cfg = EvalConfig(pubmedqa_file=str(_pubmedqa(tmp_path / "p.json")), eval_rounds=3)
     with pytest.raises(SFTMixError, match="eval_rounds=3 with mc_protocol=lm-eval"):
         run_eval(model, tok, cfg, tmp_path / "eval")
+
+
+MEDICAL_IDS = {"pubmedqa_file": "qiaojin/PubMedQA", "medqa_file": "GBaker/MedQA-USMLE-4-options",
+               "medqa5_file": "fzkuji/MedQA", "medmcqa_file": "openlifescienceai/medmcqa"}
+
+
+def _hub_run(hub, tmp_path, code):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(hub.env(tmp_path / "hf_home"), PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_four_medical_sets_by_hub_id_in_their_real_layouts_and_splits(tmp_path):
+    """The stand-in serves the four sets under their real ids and layouts; the biomistral protocol evaluates
+    PubMedQA's test questions with the other labelled ones as shots, MedQA / MedQA-5 test and MedMCQA validation with
+    shots from their train splits; a split that is not the published size is one line naming the setting."""
+    from hub_stub import HubStub, add_medical_sets
+
+    with HubStub() as hub:
+        shas = add_medical_sets(hub, tmp_path / "repos", n_test=6, n_train=5)
+        code = (
+            "import json\nfrom sftmix import evaluate as ev\nfrom sftmix.eval.tasks import load_mc\n"
+            "from sftmix.models import load_model_and_tokenizer\nfrom sftmix.utils import read_jsonl\n"
+            "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
+            f"cfg = ev.EvalConfig(**{MEDICAL_IDS!r}, mc_protocol='biomistral', num_shots=2, eval_rounds=2, "
+            "mc_check_sizes=False)\n"
+            f"res = ev.run_eval(m, tok, cfg, {str(tmp_path / 'e')!r})\n"
+            "out = {}\n"
+            "for t in ('pubmedqa', 'medqa', 'medqa5', 'medmcqa'):\n"
+            f"    preds = read_jsonl({str(tmp_path / 'e')!r} + f'/{{t}}_predictions_round1.jsonl')\n"
+            "    out[t] = {'n': res[t]['n'], 'ids': sorted(p['id'] for p in preds), 'source': res[t]['source'],\n"
+            "              'shot_ids': sorted({s for p in preds for s in p['shot_ids']}), 'rounds': res[t]['n_rounds'],\n"
+            "              'shots_from': res[t]['shots_from'], 'split_check': res[t]['split_check']}\n"
+            "out['medqa_train'] = sorted(i.id for i in load_mc('medqa', 'GBaker/MedQA-USMLE-4-options::train'))\n"
+            "out['medqa5_train'] = sorted(i.id for i in load_mc('medqa5', 'fzkuji/MedQA::train'))\n"
+            "print(json.dumps(out))\n")
+        res = _hub_run(hub, tmp_path, code)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        from sftmix.eval.tasks import pubmedqa_test_pmids
+
+        test = pubmedqa_test_pmids()
+        assert out["pubmedqa"]["n"] == 6 and all(i in test for i in out["pubmedqa"]["ids"])
+        assert out["pubmedqa"]["shot_ids"] and not any(i in test for i in out["pubmedqa"]["shot_ids"])
+        assert out["pubmedqa"]["source"]["sha"] == shas["qiaojin/PubMedQA"]
+        assert set(out["medqa"]["shot_ids"]) <= set(out["medqa_train"]) and out["medqa"]["n"] == 6
+        assert set(out["medqa5"]["shot_ids"]) <= set(out["medqa5_train"]) and out["medqa5"]["n"] == 6
+        assert out["medqa5"]["source"]["config"] is None and out["medqa5"]["source"]["split"] == "test"
+        assert out["medmcqa"]["n"] == 6 and all(i.startswith("validation-") for i in out["medmcqa"]["ids"])
+        assert all(i.startswith("train-") for i in out["medmcqa"]["shot_ids"])
+        assert out["medqa"]["split_check"] == {"expected": 1273, "found": 6}
+        assert all(out[t]["rounds"] == 2 for t in ("pubmedqa", "medqa", "medqa5", "medmcqa"))
+
+        code = ("from sftmix import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+                "from sftmix.utils import one_line_errors\n"
+                "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
+                "with one_line_errors('t'):\n"
+                "    ev.run_eval(m, tok, ev.EvalConfig(medqa_file='GBaker/MedQA-USMLE-4-options', "
+                f"mc_protocol='biomistral'), {str(tmp_path / 'e2')!r})\n")
+        res = _hub_run(hub, tmp_path, code)
+        assert res.returncode == 2
+        line = res.stderr.strip().splitlines()[-1]
+        assert "medqa_file GBaker/MedQA-USMLE-4-options: 6 questions, but the published split has 1273" in line
+        assert "mc_check_sizes false" in line
