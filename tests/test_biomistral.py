@@ -158,8 +158,9 @@ def test_the_four_medical_sets_by_hub_id_in_their_real_layouts_and_splits(tmp_pa
             "for t in ('pubmedqa', 'medqa', 'medqa5', 'medmcqa'):\n"
             f"    preds = read_jsonl({str(tmp_path / 'e')!r} + f'/{{t}}_predictions_round1.jsonl')\n"
             "    out[t] = {'n': res[t]['n'], 'ids': sorted(p['id'] for p in preds), 'source': res[t]['source'],\n"
-            "              'shot_ids': sorted({s for p in preds for s in p['shot_ids']}), 'rounds': res[t]['n_rounds'],\n"
-            "              'shots_from': res[t]['shots_from'], 'split_check': res[t]['split_check']}\n"
+            "              'shot_ids': sorted({s for p in preds for s in p['shot_ids']}),\n"
+            "              'rounds': res[t]['n_rounds'], 'shots_from': res[t]['shots_from'],\n"
+            "              'split_check': res[t]['split_check']}\n"
             "out['medqa_train'] = sorted(i.id for i in load_mc('medqa', 'GBaker/MedQA-USMLE-4-options::train'))\n"
             "out['medqa5_train'] = sorted(i.id for i in load_mc('medqa5', 'fzkuji/MedQA::train'))\n"
             "print(json.dumps(out))\n")
@@ -191,3 +192,104 @@ def test_the_four_medical_sets_by_hub_id_in_their_real_layouts_and_splits(tmp_pa
         line = res.stderr.strip().splitlines()[-1]
         assert "medqa_file GBaker/MedQA-USMLE-4-options: 6 questions, but the published split has 1273" in line
         assert "mc_check_sizes false" in line
+
+
+def _sftmix(hub, tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(hub.env(tmp_path / "hf_home"), PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "sftmix.cli", *args], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_rounds_under_lm_eval_are_refused_before_any_stage_runs(tmp_path):
+    from hub_stub import HubStub
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    with HubStub() as hub:
+        res = _sftmix(hub, tmp_path, "run", "--config", smoke, "--output_dir", str(tmp_path / "run"),
+                      "--pubmedqa_file", str(_pubmedqa(tmp_path / "p.json")), "--eval_rounds", "3")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("sftmix: error: eval_rounds=3 with mc_protocol=lm-eval")
+    assert not (tmp_path / "run" / "data" / "train.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_smoke_run_reports_table_2_over_three_rounds(tmp_path):
+    """`sftmix run --config configs/smoke.yaml` with the four medical sets by Hub id (the stand-in) under
+    mc_protocol=biomistral: report.md has the paper's Table 2, mean ± sd over 3 rounds and the average column."""
+    from hub_stub import HubStub, add_medical_sets
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    with HubStub() as hub:
+        add_medical_sets(hub, tmp_path / "repos", n_test=6, n_train=5)
+        ids = [a for k, v in MEDICAL_IDS.items() for a in (f"--{k}", v)]
+        res = _sftmix(hub, tmp_path, "run", "--config", smoke, "--output_dir", str(tmp_path / "run"), *ids,
+                      "--mc_protocol", "biomistral", "--mc_check_sizes", "false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (tmp_path / "run" / "report.md").read_text()
+    table = report[report.index("## Medical QA (the paper's Table 2)"):].split("\n## ")[0]
+    print(table)
+    assert "| model | MedQA (n=6) | MedQA-5 (n=6) | PubMedQA (n=6) | MedMCQA (n=6) | Avg. |" in table
+    assert "mean ± sd over 3 round(s)" in table and "Protocol **biomistral**" in table
+    summary = json.loads((tmp_path / "run" / "report.json").read_text())["medical"]
+    assert [r["model"] for r in summary["rows"]] == ["start", "ntp", "sftmix"]
+    for row in summary["rows"]:
+        cells = [row["cells"][t] for t in ("medqa", "medqa5", "pubmedqa", "medmcqa")]
+        assert all(len(c["values"]) == 3 for c in cells)
+        per_round = [statistics.fmean(c["values"][i] for c in cells) for i in range(3)]
+        assert row["average"]["mean"] == pytest.approx(statistics.fmean(per_round))
+        assert row["average"]["sd"] == pytest.approx(statistics.pstdev(per_round))
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {row['label']} |"))
+        assert line.endswith(f"| {100 * row['average']['mean']:.2f} ± {100 * row['average']['sd']:.2f} |")
+
+
+def test_run_rounds_keeps_every_round_and_reads_back_finished_ones(tmp_path):
+    """The generic mechanism on its own (as the judged evaluations will use it): seed + r per round, each value
+    kept, population sd, a stored round with another fingerprint is run again."""
+    from sftmix.eval.rounds import run_rounds
+
+    calls = []
+
+    def one(r, seed):
+        calls.append(seed)
+        return {"score": [0.5, 0.6, 0.8][r]}
+
+    out = run_rounds(3, 10, one, tmp_path / "r", {"model": "a"}, "score")
+    assert out["values"] == [0.5, 0.6, 0.8] and out["seeds"] == [10, 11, 12] and calls == [10, 11, 12]
+    assert out["mean"] == pytest.approx(19 / 30)
+    assert out["sd"] == pytest.approx(((0.5 - 19 / 30) ** 2 + (0.6 - 19 / 30) ** 2 + (0.8 - 19 / 30) ** 2) ** 0.5
+                                      / 3 ** 0.5)
+    calls.clear()
+    again = run_rounds(3, 10, one, tmp_path / "r", {"model": "a"}, "score")
+    assert calls == [] and again["n_reused"] == 3 and again["values"] == out["values"]
+    run_rounds(3, 10, one, tmp_path / "r", {"model": "b"}, "score")  # another model: nothing reused
+    assert calls == [10, 11, 12]
+    with pytest.raises(SFTMixError, match="eval_rounds=0"):
+        run_rounds(0, 10, one, None, {}, "score")
+
+
+def test_table_2_averages_round_by_round_and_names_the_protocol():
+    from sftmix.report import _medical_section, medical_table
+
+    def ev(accs):
+        return {t: {"accuracy": statistics.fmean(a), "accuracies": a, "n": n, "mc_protocol": "biomistral"}
+                for (t, n), a in zip((("medqa", 1273), ("medqa5", 1273), ("pubmedqa", 500), ("medmcqa", 4183)),
+                                     accs)}
+
+    models = {"ntp": {"label": "NTP", "eval": ev([[0.4, 0.5, 0.6], [0.3, 0.3, 0.3], [0.7, 0.6, 0.8],
+                                                  [0.5, 0.4, 0.5]])},
+              "sftmix": {"label": "SFTMix", "eval": {**ev([[0.5, 0.5, 0.5]] * 4), "medmcqa": None}}}
+    med = medical_table(models)
+    ntp = med["rows"][0]
+    assert ntp["average"]["values"] == pytest.approx([0.475, 0.45, 0.55])
+    assert ntp["average"]["sd"] == pytest.approx(statistics.pstdev([0.475, 0.45, 0.55]))
+    assert med["rows"][1]["average"] is None  # a task missing: no average
+    title, text, [(_, (header, body))] = _medical_section(med)
+    assert header == ["model", "MedQA (n=1273)", "MedQA-5 (n=1273)", "PubMedQA (n=500)", "MedMCQA (n=4183)", "Avg."]
+    assert body[0] == ["NTP", "50.00 ± 8.16", "30.00 ± 0.00", "70.00 ± 8.16", "46.67 ± 4.71", "49.17 ± 4.25"]
+    assert body[1][-2:] == ["–", "–"] and "**biomistral**" in text
