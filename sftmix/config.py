@@ -323,7 +323,8 @@ class EvalConfig:
     medqa5_file: str | None = field(default=None, metadata={"help": (
         "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
         "test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config "
-        "med_qa_en_source).")})
+        "med_qa_en_source), e.g. fzkuji/MedQA (a Parquet copy of bigbio/med_qa, whose loading script datasets 5 "
+        "refuses).")})
     medqa5_shots_file: str | None = field(default=None, metadata={"help": (
         "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash.")})
     medmcqa_file: str | None = field(default=None, metadata={"help": (
