@@ -20,7 +20,9 @@ of what it depends on (its settings, config.EVAL_TASK_FIELDS; its files; the mod
 Outputs in output_dir: <task>.json (metrics, with the settings that produced them; an existing one with the same
 settings is reused, `overwrite` forces a rerun), <task>_predictions.jsonl / mtbench_answers.jsonl /
 mtbench_judgments.jsonl / alpacaeval_outputs.jsonl / alpacaeval_judgments.jsonl / heldout_examples.jsonl,
-judge_cache.jsonl, and results.json with all metrics.
+judge_cache.jsonl, and results.json with all metrics. Under mc_protocol=biomistral each multiple-choice task runs
+eval_rounds rounds (sftmix.eval.rounds): <task>_predictions_round<r>.jsonl and rounds/<task>/round_<r>.json per round,
+<task>.json with their mean (accuracy), accuracy_sd and every round (docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Speed: each prompt is run once and all options are scored from its key/value cac
 further forward pass). Because the shots are shared, the common token prefix of all prompts is computed once and its
 cache reused for every batch (`mc_share_prefix`); this makes 3-shot PubMedQA about 4x cheaper.
 Accuracy comes with a 95% Wilson interval; predictions go to <task>_predictions.jsonl.
+mc_protocol=biomistral (the paper's Table 2) replaces prompts and shots: BioMistral's prompt ending in "**Answer:**(",
+continuations "A", "B", ... (no space), a shot set per question drawn with the round's seed (sftmix.eval.tasks,
+docs/evaluation.md); the scoring below is the same.
 MedMCQA's `cop` is 1-4 in the official release and 0-3 in the Hugging Face copy: `medmcqa_cop_base=auto` tells them
 apart from the values present in the file (a 0 means 0-based, a 4 means 1-based; neither is an error).
 """
