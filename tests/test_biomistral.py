@@ -293,3 +293,33 @@ def test_table_2_averages_round_by_round_and_names_the_protocol():
     assert header == ["model", "MedQA (n=1273)", "MedQA-5 (n=1273)", "PubMedQA (n=500)", "MedMCQA (n=4183)", "Avg."]
     assert body[0] == ["NTP", "50.00 ± 8.16", "30.00 ± 0.00", "70.00 ± 8.16", "46.67 ± 4.71", "49.17 ± 4.25"]
     assert body[1][-2:] == ["–", "–"] and "**biomistral**" in text
+
+
+def test_an_evaluation_killed_by_sigkill_resumes_at_its_round(tmp_path):
+    """kill -9 in round 2 of `python -m sftmix.evaluate`: rounds 0 and 1 are on disk; the same command again runs
+    round 2 only and gives what an uninterrupted evaluation gives."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = _pubmedqa(tmp_path / "p.json", n=10)
+    args = ["--model", "tiny-random:0", "--device", "cpu", "--pubmedqa_file", str(path), "--mc_protocol",
+            "biomistral", "--num_shots", "2", "--seed", "5"]
+    kill = ("import os, signal, sys\nimport sftmix.evaluate as ev\nreal = ev.eval_multiple_choice\n"
+            "def killed(*a, seed=None, **kw):\n"
+            "    if seed == 7:\n        os.kill(os.getpid(), signal.SIGKILL)\n    return real(*a, seed=seed, **kw)\n"
+            "ev.eval_multiple_choice = killed\nev.main(sys.argv[1:])\n")
+    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True,  # noqa: E731
+                                      text=True, timeout=600)
+    res = run("-c", kill, *args, "--output_dir", str(tmp_path / "e"))
+    assert res.returncode == -9, res.stderr[-2000:]
+    rounds = tmp_path / "e" / "rounds" / "pubmedqa"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round_0.json", "round_1.json"]
+    assert not (tmp_path / "e" / "pubmedqa.json").exists()
+    res = run("-m", "sftmix.evaluate", *args, "--output_dir", str(tmp_path / "e"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    clean = run("-m", "sftmix.evaluate", *args, "--output_dir", str(tmp_path / "clean"))
+    resumed, fresh = (json.loads((tmp_path / d / "pubmedqa.json").read_text()) for d in ("e", "clean"))
+    assert resumed["n_rounds_reused"] == 2 and fresh["n_rounds_reused"] == 0, clean.stderr[-2000:]
+    assert resumed["accuracies"] == fresh["accuracies"] and resumed["seeds"] == [5, 6, 7]
