@@ -345,18 +345,17 @@ def load_biomistral_sets(task: str, eval_file: str, shots_file: str | None,
     for a Hub id, the same dataset's train split (PubMedQA: its labelled questions outside the 500 test ones); else
     the evaluated file's other questions (leave one out). A Hub id read with its default split is PubMedQA's test
     questions and is checked against the published size (PUBLISHED_SIZES, mc_check_sizes)."""
-    spec = _hub_spec(eval_file) if not Path(eval_file).exists() else None
+    spec = _hub_spec(eval_file)
     items = load_mc(task, eval_file, cfg)
-    info = {"split_check": None}
-    pool = None
+    info, pool = {"split_check": None}, None
     if spec is not None and task == "pubmedqa" and spec[2] is None:
         test = pubmedqa_test_pmids()
-        evaluated = [it for it in items if it.id in test]
-        if not evaluated:
-            raise SFTMixError(f"pubmedqa_file {eval_file}: none of its {len(items)} questions is one of PubMedQA's "
-                              f"500 test questions (by PubMed id); give the set to evaluate as a local file")
         pool = [it for it in items if it.id not in test]
-        items = evaluated
+        items = [it for it in items if it.id in test]
+        if not items:
+            raise SFTMixError(f"pubmedqa_file {eval_file}: none of its {len(pool)} questions is one of PubMedQA's "
+                              f"500 test questions (by PubMed id); give the set to evaluate as a local file")
+        info["shots_from"] = "the labelled PubMedQA questions outside its test split"
     if spec is not None and spec[2] is None:
         want = PUBLISHED_SIZES[task]
         info["split_check"] = {"expected": want, "found": len(items)}
@@ -370,11 +369,9 @@ def load_biomistral_sets(task: str, eval_file: str, shots_file: str | None,
         repo, config, _ = spec
         pool = load_mc(task, f"{repo}:{config or ''}:train", cfg)
         info["shots_from"] = "the train split of the same Hub dataset"
-    elif pool is not None:
-        info["shots_from"] = "the labelled PubMedQA questions outside its test split"
-    else:
-        info["shots_from"] = "the evaluated file's other questions (leave one out)"
-    if pool is not items and info["shots_from"] != "the evaluated file's other questions (leave one out)":
+    if pool is None:  # a local file and no shots file: each question's shots are the file's other questions
+        pool, info["shots_from"] = list(items), "the evaluated file's other questions (leave one out)"
+    else:  # a separate pool: nothing in it may also be evaluated
         ids, texts = {it.id for it in items}, {it.content_key for it in items}
         clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
         info["n_pool_overlap"] = len(pool) - len(clean)
@@ -382,7 +379,5 @@ def load_biomistral_sets(task: str, eval_file: str, shots_file: str | None,
             log.warning("%d shot-pool questions also occur in the evaluated set; they are not used as shots",
                         info["n_pool_overlap"])
         pool = clean
-    else:
-        pool = list(items)
     info["n_pool"] = len(pool)
     return items, pool, info
