@@ -75,18 +75,22 @@ _STAGE_OF = {name: stage for stage, names in SETTING_STAGES.items() for name in 
 EVAL_TASK_FIELDS = {
     "heldout": ("heldout_file", "max_length", "chat_template"),
     "mc": ("num_shots", "mc_chat_template", "mc_score", "mc_limit", "max_length", "medmcqa_cop_base"),
+    # read by the biomistral protocol only (its per-question shot sets are drawn with `seed`, one round per seed);
+    # kept out of the lm-eval protocol's fingerprint so that its stored results stay as they were
+    "mc_biomistral": ("mc_protocol", "eval_rounds", "seed", "mc_check_sizes"),
     "gen": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
             "judge_base_url", "judge_prompt_dir"),
 }
 
 
-def eval_task_fields(task: str) -> list[str]:
-    """The EvalConfig fields whose values a task's result depends on (`heldout`, an MC task, `mtbench`,
-    `alpacaeval`)."""
+def eval_task_fields(task: str, mc_protocol: str = "lm-eval") -> list[str]:
+    """The EvalConfig fields whose values a task's result depends on (`heldout`, an MC task under `mc_protocol`,
+    `mtbench`, `alpacaeval`)."""
     if task == "heldout":
         return list(EVAL_TASK_FIELDS["heldout"])
     if task in MC_TASKS:
-        return [*EVAL_TASK_FIELDS["mc"], f"{task}_file", f"{task}_shots_file"]
+        extra = EVAL_TASK_FIELDS["mc_biomistral"] if mc_protocol == "biomistral" else ()
+        return [*EVAL_TASK_FIELDS["mc"], *extra, f"{task}_file", f"{task}_shots_file"]
     if task in ("mtbench", "alpacaeval"):
         return [*EVAL_TASK_FIELDS["gen"], f"{task}_file"]
     raise SFTMixError(f"unknown evaluation task {task!r}.")
@@ -321,7 +325,8 @@ class EvalConfig:
     medqa5_file: str | None = field(default=None, metadata={"help": (
         "MedQA 5-option JSONL ({question, options: {A..E}, answer_idx}); or a Hub dataset ID[:CONFIG[:SPLIT]] (split "
         "test by default) in that layout or bigbio med_qa's source layout (options: [{key, value}], config "
-        "med_qa_en_source).")})
+        "med_qa_en_source), e.g. fzkuji/MedQA (a Parquet copy of bigbio/med_qa, whose loading script datasets 5 "
+        "refuses).")})
     medqa5_shots_file: str | None = field(default=None, metadata={"help": (
         "MedQA 5-option file to take the shots from; default: split the evaluated file by id hash.")})
     medmcqa_file: str | None = field(default=None, metadata={"help": (
@@ -334,6 +339,17 @@ class EvalConfig:
         "the file.")})
     num_shots: int = field(default=3, metadata={"help": (
         "Solved examples before each multiple-choice question (the paper: 3).")})
+    mc_protocol: Literal["lm-eval", "biomistral"] = field(default="lm-eval", metadata={"help": (
+        "Multiple-choice protocol. lm-eval: lm-evaluation-harness's prompts, one fixed label-balanced shot set. "
+        "biomistral: the paper's (Labrak et al. 2024, BioMistral) prompts, its own shot set per question drawn from "
+        "the task's training split with `seed`, PubMedQA's 500 test questions by Hub id, eval_rounds rounds "
+        "reported as mean +- sd (docs/evaluation.md).")})
+    eval_rounds: int | None = field(default=None, metadata={"help": (
+        "Evaluation rounds, each with its own seed (seed, seed+1, ...), reported as mean +- sd with every round "
+        "kept; a killed evaluation resumes at the round it was in. Default: 3 under mc_protocol=biomistral, else 1.")})
+    mc_check_sizes: bool = field(default=True, metadata={"help": (
+        "Under mc_protocol=biomistral, check that a set read by Hub id with its default split has the published "
+        "size (PubMedQA test 500, MedQA 1273, MedQA-5 1273, MedMCQA validation 4183); false for a subset.")})
     mc_chat_template: bool = field(default=False, metadata={"help": (
         "Render multiple-choice shots as chat turns with the model's template instead of plain few-shot text.")})
     mc_score: Literal["sum", "norm"] = field(default="sum", metadata={"help": (
@@ -361,7 +377,8 @@ class EvalConfig:
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (only with do_sample)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (only with do_sample)."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampled generation."})
+    seed: int = field(default=0, metadata={"help": (
+        "Seed for sampled generation and for the biomistral protocol's shot sets (round r uses seed + r).")})
     judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": (
         "OpenAI-compatible base URL of the judge (vLLM, llama.cpp server, OpenAI, ...).")})
     judge_model: str | None = field(default=None, metadata={"help": (

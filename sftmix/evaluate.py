@@ -20,7 +20,9 @@ of what it depends on (its settings, config.EVAL_TASK_FIELDS; its files; the mod
 Outputs in output_dir: <task>.json (metrics, with the settings that produced them; an existing one with the same
 settings is reused, `overwrite` forces a rerun), <task>_predictions.jsonl / mtbench_answers.jsonl /
 mtbench_judgments.jsonl / alpacaeval_outputs.jsonl / alpacaeval_judgments.jsonl / heldout_examples.jsonl,
-judge_cache.jsonl, and results.json with all metrics.
+judge_cache.jsonl, and results.json with all metrics. Under mc_protocol=biomistral each multiple-choice task runs
+eval_rounds rounds (sftmix.eval.rounds): <task>_predictions_round<r>.jsonl and rounds/<task>/round_<r>.json per round,
+<task>.json with their mean (accuracy), accuracy_sd and every round (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from sftmix.config import MC_TASKS, EvalConfig, eval_task_fields
 from sftmix.eval.generation import generate
 from sftmix.eval.judged import eval_alpaca_eval, eval_mt_bench, make_judge
 from sftmix.eval.mc import eval_multiple_choice, score_choice_ids, score_choices, wilson_interval
+from sftmix.eval.rounds import run_rounds
 from sftmix.eval.tasks import (
     HUB_EVAL_SOURCES,
     MCItem,
@@ -130,7 +133,7 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
         jobs.append(("heldout", eval_task_fields("heldout"), [cfg.heldout_file]))
     for t in MC_TASKS:
         if getattr(cfg, f"{t}_file"):
-            jobs.append((t, eval_task_fields(t),
+            jobs.append((t, eval_task_fields(t, cfg.mc_protocol),
                          [getattr(cfg, f"{t}_file"), getattr(cfg, f"{t}_shots_file")]))
         elif getattr(cfg, f"{t}_shots_file"):
             raise SFTMixError(f"{t}_shots_file is set but {t}_file is not; give the file to evaluate")
@@ -161,8 +164,7 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
             metrics["file"] = cfg.heldout_file
             write_jsonl(out / "heldout_examples.jsonl", rows)
         elif task in MC_TASKS:
-            metrics = eval_multiple_choice(model, tokenizer, task, getattr(cfg, f"{task}_file"),
-                                           getattr(cfg, f"{task}_shots_file"), cfg, out)
+            metrics = eval_mc_task(model, tokenizer, task, cfg, out, fp)
         else:
             from sftmix.data import ensure_chat_template
 
@@ -175,6 +177,47 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
         results[task] = metrics
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def mc_rounds(cfg: EvalConfig) -> int:
+    """The rounds of the multiple-choice tasks: eval_rounds, else 3 under mc_protocol=biomistral (the paper's
+    three few-shot sets), else 1."""
+    n = cfg.eval_rounds if cfg.eval_rounds is not None else 3 if cfg.mc_protocol == "biomistral" else 1
+    if n < 1:
+        raise SFTMixError(f"eval_rounds={n}: at least one round is needed; set eval_rounds to 1 or more")
+    if n > 1 and cfg.mc_protocol != "biomistral":
+        raise SFTMixError(f"eval_rounds={n} with mc_protocol=lm-eval: its shots are fixed, so every round would be "
+                          f"the same; set eval_rounds 1 or mc_protocol biomistral")
+    return n
+
+
+_ROUND_KEYS = ("round", "seed", "accuracy", "ci95", "acc", "acc_norm", "n", "n_truncated", "answer_counts",
+               "prediction_counts", "seconds")
+
+
+def eval_mc_task(model, tokenizer, task: str, cfg: EvalConfig, out: Path, fingerprint: dict) -> dict:
+    """One multiple-choice task: under lm-eval one call of eval_multiple_choice (as before rounds existed); under
+    biomistral eval.rounds' rounds, each its own shot draw (seed + r), each round's predictions in
+    <task>_predictions_round<r>.jsonl and its metrics in rounds/<task>/round_<r>.json (the unit of resume)."""
+    files = (getattr(cfg, f"{task}_file"), getattr(cfg, f"{task}_shots_file"))
+    n_rounds = mc_rounds(cfg)
+    if cfg.mc_protocol != "biomistral":
+        return eval_multiple_choice(model, tokenizer, task, *files, cfg, out)
+
+    def one(r: int, seed: int) -> dict:
+        m = eval_multiple_choice(model, tokenizer, task, *files, cfg, out, seed=seed,
+                                 predictions_file=f"{task}_predictions_round{r}.jsonl")
+        return {k: v for k, v in m.items() if k != "scoring"}
+
+    res = run_rounds(n_rounds, cfg.seed, one, out / "rounds" / task, fingerprint, "accuracy")
+    first = res["rounds"][0]
+    metrics = {k: v for k, v in first.items() if k not in _ROUND_KEYS}
+    metrics.update(n=first["n"], accuracy=res["mean"], accuracy_sd=res["sd"], accuracies=res["values"],
+                   n_rounds=n_rounds, seeds=res["seeds"], n_rounds_reused=res["n_reused"],
+                   rounds=[{k: m.get(k) for k in _ROUND_KEYS} for m in res["rounds"]])
+    log.info("%s: accuracy %.4f +- %.4f over %d rounds (%s)", task, res["mean"], res["sd"], n_rounds,
+             ", ".join(f"{v:.4f}" for v in res["values"]))
+    return metrics
 
 
 @dataclass

@@ -26,6 +26,7 @@ PLOTS = [("confidence_hist.png", "Confidence histogram and the split"),
          ("data_map.png", "Data map: variability vs confidence"),
          ("hidden_map.png", "Reference hidden states (last response token), coloured by confidence")]
 MODEL_LABELS = {"start": "start (untrained)", "ntp": "NTP", "sftmix": "SFTMix"}
+MEDICAL_TASKS = (("medqa", "MedQA"), ("medqa5", "MedQA-5"), ("pubmedqa", "PubMedQA"), ("medmcqa", "MedMCQA"))
 TOP_K = 8
 
 
@@ -110,6 +111,7 @@ def collect(cfg) -> dict:
         models[name] = entry
     summary["models"] = models
     summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
+    summary["medical"] = medical_table(models)
     summary["timings"] = _json(d / "timings.json") or {}
     return summary
 
@@ -171,6 +173,37 @@ def comparison_rows(models: dict, min_valid_fraction: float = 0.9) -> list[dict]
     return rows
 
 
+def medical_table(models: dict) -> dict | None:
+    """The paper's Table 2: per model, the accuracy of MedQA, MedQA-5, PubMedQA and MedMCQA as mean and sd over the
+    evaluation rounds (every round's value kept), and their average. The average is taken round by round (round r's
+    mean over the tasks; rounds share seeds) and then summarised the same way; it is given only when every task was
+    evaluated with the same number of rounds. None when no medical task was evaluated."""
+    from sftmix.eval.rounds import summarize
+
+    tasks = [t for t, _ in MEDICAL_TASKS if any(t in (m.get("eval") or {}) for m in models.values())]
+    if not tasks:
+        return None
+    rows, protocols, n = [], set(), {}
+    for name, m in models.items():
+        ev = m.get("eval") or {}
+        cells = {}
+        for t in tasks:
+            r = ev.get(t)
+            if not isinstance(r, dict) or not isinstance(r.get("accuracy"), (int, float)):
+                cells[t] = None
+                continue
+            protocols.add(r.get("mc_protocol", "lm-eval"))
+            n.setdefault(t, r.get("n"))
+            cells[t] = summarize(r.get("accuracies") or [r["accuracy"]])
+        done = [c for c in cells.values() if c]
+        average = None
+        if len(done) == len(tasks) and len({len(c["values"]) for c in done}) == 1:
+            average = summarize([sum(c["values"][i] for c in done) / len(done) for i in range(len(done[0]["values"]))])
+        rows.append({"model": name, "label": m["label"], "cells": cells, "average": average})
+    n_rounds = sorted({len(c["values"]) for r in rows for c in r["cells"].values() if c})
+    return {"tasks": tasks, "rows": rows, "n": n, "protocols": sorted(protocols), "n_rounds": n_rounds}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rendering
 
@@ -212,6 +245,22 @@ def _with_n(row: dict, key: str) -> str:
     return f"{_fmt(row[key])} ({n_valid}/{n} valid)" if n_valid != n else f"{_fmt(row[key])} (n={n})"
 
 
+def _medical_section(med: dict) -> tuple[str, str, list]:
+    names = dict(MEDICAL_TASKS)
+    pm = lambda c: "–" if not c else f"{100 * c['mean']:.2f} ± {100 * c['sd']:.2f}"  # noqa: E731
+    header = ["model"] + [f"{names[t]} (n={med['n'].get(t, '?')})" for t in med["tasks"]] + ["Avg."]
+    body = [[r["label"]] + [pm(r["cells"][t]) for t in med["tasks"]] + [pm(r["average"])] for r in med["rows"]]
+    rounds = "/".join(map(str, med["n_rounds"])) or "?"
+    protocol = ", ".join(med["protocols"])
+    what = ("BioMistral's three-shot protocol (Labrak et al. 2024): its prompt, a shot set per question drawn "
+            "from the set's training split in each round" if med["protocols"] == ["biomistral"] else
+            "lm-evaluation-harness prompts, one fixed shot set")
+    text = (f"Accuracy (%), mean ± sd over {rounds} round(s) (population sd; one round: ± 0.00), n = questions per "
+            f"task. Protocol **{protocol}**: {what}; options scored by log-likelihood. Avg. is the mean over the "
+            f"tasks, round by round.")
+    return ("Medical QA (the paper's Table 2)", text, [("table", (header, body))])
+
+
 def _md_table(header, body) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
@@ -241,6 +290,9 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     note = (f"Lower is better. Best held-out NLL: **{best['label']}**. NLL is the token-weighted mean response NLL "
             f"of the held-out examples, PPL = exp(NLL).") if best else "No evaluation yet (run `sftmix eval`)."
     out.append(("NTP vs SFTMix on the held-out examples", note, [("table", (header, body))]))
+    med = summary.get("medical")
+    if med:
+        out.append(_medical_section(med))
 
     data = summary["data"]
     load = data.get("load") or {}

@@ -217,6 +217,20 @@ def check_eval_files(cfg) -> None:
             load_prompt(name, ecfg.judge_prompt_dir)
 
 
+def check_mc_protocol(cfg) -> None:
+    """The multiple-choice protocol's own checks: eval_rounds against mc_protocol, and under biomistral each set as
+    that protocol reads it (PubMedQA's test questions, the published sizes, a shot pool)."""
+    from sftmix.config import MC_TASKS
+    from sftmix.eval.tasks import load_biomistral_sets
+    from sftmix.evaluate import mc_rounds
+
+    ecfg = cfg.eval_config()
+    mc_rounds(ecfg)
+    for task in MC_TASKS if ecfg.mc_protocol == "biomistral" else ():
+        if getattr(ecfg, f"{task}_file"):
+            load_biomistral_sets(task, getattr(ecfg, f"{task}_file"), getattr(ecfg, f"{task}_shots_file"), ecfg)
+
+
 def check_data(cfg) -> None:
     """Each data path, when it names a local file or folder, exists and is readable (it is parsed by the data stage,
     the first one, before any training); Hub ids are resolved with the run's sources."""
@@ -277,3 +291,4 @@ def validate(cfg, command: str = "run") -> None:
             raise SFTMixError("heldout: 0 holds no examples out, so the held-out evaluation has nothing to score: set "
                               "heldout_file (your own evaluation file), or hold some out (heldout: 0.1).")
         check_eval_files(cfg)
+        check_mc_protocol(cfg)

@@ -258,3 +258,66 @@ class HubStub:
                 self.requests.append(("CUT", f"/{repo_id}/{filename}", str(cut)))
             return
         self._send(h, status, headers, data)
+
+
+# ------------------------------------------------------------------------------------------------ medical sets
+
+def add_medical_sets(hub: HubStub, root, n_test: int = 6, n_train: int = 6) -> dict:
+    """Serve the four medical multiple-choice sets under their real Hub ids, in their real file layouts, columns and
+    splits (tiny and synthetic: n_test evaluated and n_train training rows each): qiaojin/PubMedQA (config
+    pqa_labeled, one split `train` holding test and non-test questions: the first n_test rows carry real test PubMed
+    ids), GBaker/MedQA-USMLE-4-options (data/{train,test}), fzkuji/MedQA (MedQA-5: config med_qa_en_source, the
+    default, bigbio's options [{key, value}]) and openlifescienceai/medmcqa (data/{train,validation,test}, cop
+    0-based, -1 in the unlabelled test split). Returns {repo id: commit sha}."""
+    import pandas as pd
+
+    from sftmix.eval.tasks import pubmedqa_test_pmids
+
+    root = Path(root)
+    test_ids = sorted(pubmedqa_test_pmids(), key=int)[:n_test]
+    other_ids = [str(1000 + i) for i in range(n_train)]
+    dec = ["yes", "no", "maybe"]
+    pq = [{"pubid": int(pid), "question": f"Does treatment {i} help?",
+           "context": {"contexts": [f"Background {i}.", f"Results {i}."], "labels": ["BACKGROUND", "RESULTS"],
+                       "meshes": ["Humans"], "reasoning_required_pred": ["yes"], "reasoning_free_pred": ["yes"]},
+           "long_answer": f"Long answer {i}.", "final_decision": dec[i % 3]}
+          for i, pid in enumerate(test_ids + other_ids)]
+    (root / "PubMedQA" / "pqa_labeled").mkdir(parents=True)
+    pd.DataFrame(pq).to_parquet(root / "PubMedQA" / "pqa_labeled" / "train-00000-of-00001.parquet")
+    (root / "PubMedQA" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: pqa_labeled\n  data_files:\n  - split: train\n    path: pqa_labeled/train-*\n"
+        "---\n# PubMedQA\n")
+
+    def medqa(n, split, k):
+        letters = "ABCDE"[:k]
+        return [{"question": f"{split} patient {i} with sign {i}. Which drug?", "answer": f"drug {i}a",
+                 "options": {x: f"drug {i}{x.lower()} ({split})" for x in letters}, "meta_info": "step1",
+                 "answer_idx": letters[i % k], "metamap_phrases": ["patient"]} for i in range(n)]
+
+    (root / "MedQA4" / "data").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        pd.DataFrame(medqa(n, split, 4)).to_parquet(root / "MedQA4" / "data" / f"{split}-00000-of-00001.parquet")
+    (root / "MedQA5" / "med_qa_en_source").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test), ("validation", 2)):
+        rows = [{**r, "options": [{"key": k, "value": v} for k, v in r["options"].items()]}
+                for r in medqa(n, split, 5)]
+        for r in rows:
+            del r["metamap_phrases"]
+        pd.DataFrame(rows).to_parquet(root / "MedQA5" / "med_qa_en_source" / f"{split}-00000-of-00001.parquet")
+    (root / "MedQA5" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: med_qa_en_source\n  data_files:\n  - split: train\n"
+        "    path: med_qa_en_source/train-*\n  - split: test\n    path: med_qa_en_source/test-*\n"
+        "  - split: validation\n    path: med_qa_en_source/validation-*\n  default: true\n---\n# MedQA\n")
+    (root / "medmcqa" / "data").mkdir(parents=True)
+    for split, n in (("train", n_train), ("validation", n_test), ("test", 2)):
+        pd.DataFrame([{"id": f"{split}-{i}", "question": f"Nerve {i} of the {split} split supplies?",
+                       "opa": f"a{i}", "opb": f"b{i}", "opc": f"c{i}", "opd": f"d{i}",
+                       "cop": -1 if split == "test" else i % 4, "choice_type": "single", "exp": None,
+                       "subject_name": "Anatomy", "topic_name": None} for i in range(n)]
+                     ).to_parquet(root / "medmcqa" / "data" / f"{split}-00000-of-00001.parquet")
+    return {"qiaojin/PubMedQA": hub.add_repo("qiaojin/PubMedQA", root / "PubMedQA", repo_type="dataset"),
+            "GBaker/MedQA-USMLE-4-options": hub.add_repo("GBaker/MedQA-USMLE-4-options", root / "MedQA4",
+                                                         repo_type="dataset"),
+            "fzkuji/MedQA": hub.add_repo("fzkuji/MedQA", root / "MedQA5", repo_type="dataset"),
+            "openlifescienceai/medmcqa": hub.add_repo("openlifescienceai/medmcqa", root / "medmcqa",
+                                                      repo_type="dataset")}

@@ -27,6 +27,9 @@ Speed: each prompt is run once and all options are scored from its key/value cac
 further forward pass). Because the shots are shared, the common token prefix of all prompts is computed once and its
 cache reused for every batch (`mc_share_prefix`); this makes 3-shot PubMedQA about 4x cheaper.
 Accuracy comes with a 95% Wilson interval; predictions go to <task>_predictions.jsonl.
+mc_protocol=biomistral (the paper's Table 2) replaces prompts and shots: BioMistral's prompt ending in "**Answer:**(",
+continuations "A", "B", ... (no space), a shot set per question drawn with the round's seed (sftmix.eval.tasks,
+docs/evaluation.md); the scoring below is the same.
 MedMCQA's `cop` is 1-4 in the official release and 0-3 in the Hugging Face copy: `medmcqa_cop_base=auto` tells them
 apart from the values present in the file (a 0 means 0-based, a 4 means 1-based; neither is an error).
 """
@@ -43,7 +46,15 @@ from pathlib import Path
 import torch
 
 from sftmix.config import EvalConfig
-from sftmix.eval.tasks import HUB_EVAL_SOURCES, build_prompt, load_mc, split_shots
+from sftmix.eval.tasks import (
+    HUB_EVAL_SOURCES,
+    biomistral_shots,
+    build_biomistral_prompt,
+    build_prompt,
+    load_biomistral_sets,
+    load_mc,
+    split_shots,
+)
 from sftmix.scoring import model_device, pad_token_id
 from sftmix.utils import SFTMixError, write_jsonl
 
@@ -260,24 +271,40 @@ def wilson_interval(k: int, n: int) -> tuple[float, float]:
 
 def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file: str | None = None,
                          cfg: EvalConfig | None = None, output_dir: str | None = None,
-                         distributed: bool = False) -> dict:
-    """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl into output_dir if given.
-    distributed=True: every process of the process group calls it and scores a share (see score_choice_ids); the
-    main process writes the predictions."""
+                         distributed: bool = False, seed: int | None = None,
+                         predictions_file: str | None = None) -> dict:
+    """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl (or `predictions_file`) into
+    output_dir if given. Under mc_protocol=biomistral this is one round, its shot sets drawn with `seed` (default
+    cfg.seed); sftmix.evaluate runs the rounds. distributed=True: every process of the process group calls it and
+    scores a share (see score_choice_ids); the main process writes the predictions."""
     from sftmix.scoring import world_and_rank
 
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
-    items = load_mc(task, eval_file, cfg)
-    pool = load_mc(task, shots_file, cfg) if shots_file else None
-    shots, items, info = split_shots(items, pool, cfg.num_shots)
-    if cfg.mc_limit is not None:
-        items = items[: cfg.mc_limit]
-    if cfg.mc_chat_template:
-        from sftmix.data import ensure_chat_template
+    biomistral = cfg.mc_protocol == "biomistral"
+    shot_sets = None
+    if biomistral:
+        if cfg.mc_chat_template:
+            raise SFTMixError("mc_chat_template is for mc_protocol lm-eval; BioMistral's protocol is plain few-shot "
+                              "text: set mc_chat_template false or mc_protocol lm-eval")
+        items, pool, info = load_biomistral_sets(task, eval_file, shots_file, cfg)
+        if cfg.mc_limit is not None:
+            items = items[: cfg.mc_limit]
+        seed = cfg.seed if seed is None else seed
+        shot_sets = [biomistral_shots(it, pool, cfg.num_shots, seed) for it in items]
+        built = [build_biomistral_prompt(it, sh) for it, sh in zip(items, shot_sets)]
+        info = {**info, "mc_protocol": "biomistral", "seed": seed}
+    else:
+        items = load_mc(task, eval_file, cfg)
+        pool = load_mc(task, shots_file, cfg) if shots_file else None
+        shots, items, info = split_shots(items, pool, cfg.num_shots)
+        if cfg.mc_limit is not None:
+            items = items[: cfg.mc_limit]
+        if cfg.mc_chat_template:
+            from sftmix.data import ensure_chat_template
 
-        ensure_chat_template(tokenizer, cfg.chat_template)
-    built = [build_prompt(it, shots, tokenizer, cfg.mc_chat_template) for it in items]
+            ensure_chat_template(tokenizer, cfg.chat_template)
+        built = [build_prompt(it, shots, tokenizer, cfg.mc_chat_template) for it in items]
     res = score_choices(model, tokenizer, [p for p, _ in built], [c for _, c in built], chat=cfg.mc_chat_template,
                         batch_size=cfg.batch_size, max_length=cfg.max_length, share_prefix=cfg.mc_share_prefix,
                         distributed=distributed)
@@ -290,6 +317,8 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
                       "pred_norm": it.choices[pred_norm], "correct": pred == it.answer,
                       "correct_norm": pred_norm == it.answer, "logprobs": lps, "logprobs_norm": norm,
                       "truncated": truncated})
+        if shot_sets is not None:
+            preds[-1]["shot_ids"] = [s.id for s in shot_sets[len(preds) - 1]]
     n = len(preds)
     k, k_norm = sum(p["correct"] for p in preds), sum(p["correct_norm"] for p in preds)
     key = "correct" if cfg.mc_score == "sum" else "correct_norm"
@@ -299,14 +328,15 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
         "n": n, "accuracy": k_main / n, "ci95": wilson_interval(k_main, n),
         "score": cfg.mc_score, "acc": k / n, "acc_ci95": wilson_interval(k, n), "acc_norm": k_norm / n,
         "acc_norm_ci95": wilson_interval(k_norm, n), "num_shots": cfg.num_shots, **info,
-        "prompt_format": "chat" if cfg.mc_chat_template else "plain", "max_length": cfg.max_length,
+        "prompt_format": "biomistral" if biomistral else "chat" if cfg.mc_chat_template else "plain",
+        "max_length": cfg.max_length,
         "n_truncated": res["stats"]["n_truncated"], "chance": sum(1 / len(it.choices) for it in items) / n,
         "answer_counts": dict(Counter(p["answer"] for p in preds)),
         "prediction_counts": dict(Counter(p["pred" if cfg.mc_score == "sum" else "pred_norm"] for p in preds)),
         "scoring": res["stats"], "seconds": time.perf_counter() - t0,
     }
     if output_dir is not None and (not distributed or world_and_rank()[1] == 0):  # every process has them; one writes
-        write_jsonl(Path(output_dir) / f"{task}_predictions.jsonl", preds)
+        write_jsonl(Path(output_dir) / (predictions_file or f"{task}_predictions.jsonl"), preds)
     lo, hi = metrics["ci95"]
     log.info("%s: accuracy %.3f [%.3f, %.3f] on %d questions (%d-shot, %d truncated) in %.0fs", task,
              metrics["accuracy"], lo, hi, n, cfg.num_shots, metrics["n_truncated"], metrics["seconds"])

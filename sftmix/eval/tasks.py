@@ -29,7 +29,12 @@ class MCItem:
     id: str
     text: str  # the question block, ending with "Answer:"
     choices: list[str]  # what is scored after the prompt, without the leading space
-    answer: int  # index into choices
+    answer: int  # index into choices (and into options)
+    # the parts the biomistral protocol renders in its own format: question, option texts (A, B, ... in order),
+    # PubMedQA's abstract
+    question: str = ""
+    options: tuple[str, ...] = ()
+    context: str | None = None
 
     @property
     def content_key(self) -> str:
@@ -126,7 +131,8 @@ def load_pubmedqa(path: str) -> list[MCItem]:
         if dec not in ("yes", "no", "maybe"):
             raise SFTMixError(f"{path}: record {rec}: final_decision is {dec!r}, expected yes/no/maybe; fix it")
         text = "Abstract: " + "\n".join(str(c).strip() for c in ctx) + f"\nQuestion: {q.strip()}\nAnswer:"
-        items.append(MCItem(rec, text, ["yes", "no", "maybe"], ["yes", "no", "maybe"].index(dec)))
+        items.append(MCItem(rec, text, ["yes", "no", "maybe"], ["yes", "no", "maybe"].index(dec), q.strip(),
+                            ("yes", "no", "maybe"), " ".join(str(c).strip() for c in ctx)))
     return items
 
 
@@ -150,7 +156,8 @@ def load_medqa(path: str, n_options: int = 4) -> list[MCItem]:
             raise SFTMixError(f"{path}: {rec}: answer_idx {ans!r} is not one of {letters}; fix that record")
         options = [str(opts[k]) for k in letters]
         rid = str(row.get("id") or _hash(q + "\x1f" + "\x1f".join(options))[:16])
-        items.append(MCItem(rid, _lettered(q, options), letters, letters.index(ans)))
+        items.append(MCItem(rid, _lettered(q, options), letters, letters.index(ans), q.strip(),
+                            tuple(o.strip() for o in options)))
     return items
 
 
@@ -186,7 +193,8 @@ def load_medmcqa(path: str, cop_base: str = "auto") -> list[MCItem]:
         if not 0 <= ans <= 3:
             raise SFTMixError(f"{path}: {rec}: cop {c} is out of range for {base}-based options; fix that record")
         rid = str(row.get("id") or _hash(q + "\x1f" + "\x1f".join(options))[:16])
-        items.append(MCItem(rid, _lettered(q, options), ["A", "B", "C", "D"], ans))
+        items.append(MCItem(rid, _lettered(q, options), ["A", "B", "C", "D"], ans, q.strip(),
+                            tuple(o.strip() for o in options)))
     return items
 
 
@@ -278,3 +286,98 @@ def load_mt_bench(path: str) -> list[dict]:
             raise SFTMixError(f"{path}: line {i + 1}: expected {{question_id, turns: [1 or 2 non-empty strings]}}; "
                               f"fix that record")
     return qs
+
+
+# --------------------------------------------------------------------------------------------- biomistral protocol
+# The three-shot protocol of Labrak et al. 2024 (BioMistral), which the paper's Table 2 follows: BioMistral's prompt
+# (Data/Evaluation/BioInstructQA.py, getPrompt, answer left empty), its own shot set per question drawn from the
+# task's training split, rounds with other draws (sftmix.eval.rounds). See docs/evaluation.md.
+
+BIOMISTRAL_INSTRUCTION = "The following are multiple choice questions (with answers) about medical knowledge. \n "
+
+# The sizes of the paper's evaluated splits as published (PubMedQA: its official test questions; MedQA's US test
+# split in both its 4- and 5-option releases; MedMCQA's validation split, its test split being unlabelled).
+PUBLISHED_SIZES = {"pubmedqa": 500, "medqa": 1273, "medqa5": 1273, "medmcqa": 4183}
+
+
+def pubmedqa_test_pmids() -> set[str]:
+    """PubMedQA's 500 official test questions (pubmedqa/pubmedqa data/test_ground_truth.json, commit 1cbae8e, MIT):
+    their PubMed ids, shipped as sftmix/eval/pubmedqa_test_pmids.txt."""
+    return set((Path(__file__).with_name("pubmedqa_test_pmids.txt")).read_text(encoding="utf-8").split())
+
+
+def _biomistral_block(item: MCItem, letter: str) -> str:
+    """One question as BioMistral's getPrompt.parseElement renders it, `letter` the answer (empty for the asked
+    question, whose answer the model continues with)."""
+    if not item.options:
+        raise SFTMixError(f"question {item.id}: no option texts to render in the biomistral format")
+    choices = " \n ".join(f"({chr(65 + j)}) {o}" for j, o in enumerate(item.options))
+    context = f"{item.context} \n " if item.context is not None else ""
+    return f"{context}**Question:** {item.question} \n {choices} \n **Answer:**({letter}"
+
+
+def build_biomistral_prompt(item: MCItem, shots: list[MCItem]) -> tuple[str, list[str]]:
+    """(prompt, continuations): BioMistral's instruction line, the solved shots, the question ending in
+    "**Answer:**(", and the option letters as continuations (its next-token prediction, scored as log-likelihood)."""
+    blocks = [_biomistral_block(s, chr(65 + s.answer)) for s in shots]
+    prompt = BIOMISTRAL_INSTRUCTION + "".join(b + " \n " for b in blocks) + _biomistral_block(item, "")
+    return prompt, [chr(65 + j) for j in range(len(item.options))]
+
+
+def biomistral_shots(item: MCItem, pool: list[MCItem], k: int, seed: int) -> list[MCItem]:
+    """k shots for `item`, drawn uniformly without replacement from `pool` (never the item itself) with a generator
+    seeded by (seed, item id): the same question gets the same shots in the same round whatever else is evaluated
+    (mc_limit, order), and another set in another round."""
+    import random
+
+    rng = random.Random(f"{seed}\x1f{item.id}")
+    picked = [pool[i] for i in rng.sample(range(len(pool)), min(k + 1, len(pool)))]
+    shots = [s for s in picked if s.id != item.id and s.content_key != item.content_key][:k]
+    if len(shots) < k:
+        raise SFTMixError(f"the shot pool has {len(pool)} questions, too few for num_shots={k}; give a larger "
+                          f"shots file or lower num_shots")
+    return shots
+
+
+def load_biomistral_sets(task: str, eval_file: str, shots_file: str | None,
+                         cfg: EvalConfig) -> tuple[list[MCItem], list[MCItem], dict]:
+    """(evaluated questions, shot pool, info) under the biomistral protocol. The pool: `<task>_shots_file`; else,
+    for a Hub id, the same dataset's train split (PubMedQA: its labelled questions outside the 500 test ones); else
+    the evaluated file's other questions (leave one out). A Hub id read with its default split is PubMedQA's test
+    questions and is checked against the published size (PUBLISHED_SIZES, mc_check_sizes)."""
+    spec = _hub_spec(eval_file)
+    items = load_mc(task, eval_file, cfg)
+    info, pool = {"split_check": None}, None
+    if spec is not None and task == "pubmedqa" and spec[2] is None:
+        test = pubmedqa_test_pmids()
+        pool = [it for it in items if it.id not in test]
+        items = [it for it in items if it.id in test]
+        if not items:
+            raise SFTMixError(f"pubmedqa_file {eval_file}: none of its {len(pool)} questions is one of PubMedQA's "
+                              f"500 test questions (by PubMed id); give the set to evaluate as a local file")
+        info["shots_from"] = "the labelled PubMedQA questions outside its test split"
+    if spec is not None and spec[2] is None:
+        want = PUBLISHED_SIZES[task]
+        info["split_check"] = {"expected": want, "found": len(items)}
+        if cfg.mc_check_sizes and len(items) != want:
+            raise SFTMixError(f"{task}_file {eval_file}: {len(items)} questions, but the published split has {want}; "
+                              f"point {task}_file at a complete copy, or set mc_check_sizes false to evaluate it "
+                              f"as it is")
+    if shots_file:
+        pool, info["shots_from"] = load_mc(task, shots_file, cfg), f"{task}_shots_file"
+    elif spec is not None and task != "pubmedqa":
+        repo, config, _ = spec
+        pool = load_mc(task, f"{repo}:{config or ''}:train", cfg)
+        info["shots_from"] = "the train split of the same Hub dataset"
+    if pool is None:  # a local file and no shots file: each question's shots are the file's other questions
+        pool, info["shots_from"] = list(items), "the evaluated file's other questions (leave one out)"
+    else:  # a separate pool: nothing in it may also be evaluated
+        ids, texts = {it.id for it in items}, {it.content_key for it in items}
+        clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
+        info["n_pool_overlap"] = len(pool) - len(clean)
+        if info["n_pool_overlap"]:
+            log.warning("%d shot-pool questions also occur in the evaluated set; they are not used as shots",
+                        info["n_pool_overlap"])
+        pool = clean
+    info["n_pool"] = len(pool)
+    return items, pool, info
