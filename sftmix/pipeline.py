@@ -776,9 +776,10 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
         return 0
     with state.main_process_first():
         stage_data(cfg)
-    if command == "dynamics" and cfg.run.reference == "self":
-        raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
-                          "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
+    if command in ("train", "run"):
+        from sftmix.validation import check_step_counts
+
+        check_step_counts(cfg, len(train_records(cfg)))  # needs the data's size; still before any training
     if command in ("dynamics",) or (command == "run" and needs_split):
         stage_dynamics(cfg)
     if command in ("train", "run"):

@@ -85,6 +85,7 @@ def validate_settings(cfg) -> None:
         raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
                           "writes, but split_source=column skips step 1; use pairing=random with a column split, "
                           "or split_source=dynamics.")
+    check_one_run(cfg)
     _num("num_shots", ev.num_shots, low=0, integer=True)
     _num("batch_size", ev.batch_size, low=1, integer=True)
     _num("gen_batch_size", ev.gen_batch_size, low=1, integer=True)
@@ -100,6 +101,51 @@ def validate_settings(cfg) -> None:
     _num("judge_backoff", ev.judge_backoff, low=0)
     _num("judge_concurrency", ev.judge_concurrency, low=1, integer=True)
     _num("judge_max_tokens", ev.judge_max_tokens, low=1, integer=True)
+
+
+ONE_RUN = "reference=self (one-run SFTMix)"
+
+
+def check_one_run(cfg) -> None:
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.core.one_run_problem, the rules the
+    trainer and its callback apply at train time), refused here, before the first stage of the command trains,
+    in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
+    from sftmix.core import one_run_problem
+
+    run, tr = cfg.run, cfg.train
+    if run.reference != "self" or "sftmix" not in run.recipes:
+        return
+    problem = one_run_problem(run.self_ntp_epochs, num_train_epochs=tr.num_train_epochs, max_steps=tr.max_steps,
+                              mixup_enabled=tr.mixup_enabled, pairing=tr.pairing, split_source=tr.split_source,
+                              ntp_subset=tr.ntp_subset, epochs_name="self_ntp_epochs", what=ONE_RUN)
+    if problem:
+        raise SFTMixError(problem)
+
+
+def check_step_counts(cfg, n_train: int) -> None:
+    """After the data stage, before any training: enough optimizer steps for the scoring passes of one-run SFTMix
+    (self_num_checkpoints within its self_ntp_epochs). `n_train` is the number of training examples (an upper bound
+    of what the run trains on, so a refusal here is certain; the callback checks the exact count again)."""
+    from accelerate import PartialState
+
+    from sftmix.core import OneRunSampler
+
+    run, tr = cfg.run, cfg.train
+    if run.reference != "self" or "sftmix" not in run.recipes or run.self_confidence != "checkpoints":
+        return
+    if tr.selection in ("long", "random") and tr.selection_k:
+        n_train = min(n_train, int(tr.selection_k))
+    world = PartialState().num_processes
+    sampler = OneRunSampler(n_train, tr.per_device_train_batch_size, 0, run.self_ntp_epochs, None,
+                            num_replicas=world)
+    batches = 2 * sampler.num_pairs // (tr.per_device_train_batch_size * world)  # per process and epoch
+    steps = -(-batches // tr.gradient_accumulation_steps) * run.self_ntp_epochs  # the Trainer rounds up
+    if run.self_num_checkpoints > steps:
+        raise SFTMixError(f"self_num_checkpoints={run.self_num_checkpoints} scoring passes need as many optimizer "
+                          f"steps in the self_ntp_epochs={run.self_ntp_epochs} NTP epoch(s), which have {steps} "
+                          f"({n_train} examples, per_device_train_batch_size={tr.per_device_train_batch_size}, "
+                          f"gradient_accumulation_steps={tr.gradient_accumulation_steps}, {world} process(es)): "
+                          f"lower self_num_checkpoints (or the batch size), or raise self_ntp_epochs.")
 
 
 def check_template(setting: str, value: str | None) -> None:
@@ -261,6 +307,9 @@ def validate(cfg, command: str = "run") -> None:
     from sftmix.rundir import check_inputs_outside
 
     validate_settings(cfg)
+    if command == "dynamics" and cfg.run.reference == "self":
+        raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
+                          "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
     check_run_dir(cfg.run_dir)
     if command == "report":
         return
