@@ -538,8 +538,14 @@ def lora_config(run):
         return None
     from trl import ModelConfig, get_peft_config
 
-    return get_peft_config(ModelConfig(use_peft=True, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
-                                       lora_dropout=run.lora_dropout, lora_target_modules=run.lora_target_modules))
+    modules = run.lora_target_modules
+    peft_config = get_peft_config(ModelConfig(use_peft=True, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
+                                              lora_dropout=run.lora_dropout, lora_target_modules=modules))
+    if modules and list(modules) != ["all-linear"]:
+        # ModelConfig turns a list of one into its string, which PEFT reads as a regex of the full module name
+        # (`q_proj` then matches no module): PEFT's list form matches module names by their last part
+        peft_config.target_modules = set(modules)
+    return peft_config
 
 
 def _merge_lora(cfg, folder: Path, adapter_dir: Path, tok) -> None:

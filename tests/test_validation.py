@@ -49,3 +49,62 @@ def test_one_run_settings_are_refused_before_any_recipe_trains(tmp_path, capsys,
     assert "self_reference_epochs" not in err  # the trainer's name, not the user's
     assert "reference=self (one-run SFTMix)" in err or "self_num_checkpoints" in err
     assert not (out / "ntp").exists() and not (out / "sftmix").exists()  # nothing trained
+
+
+# ---------------------------------------------------------------------------------------------- YAML value types
+
+
+def _yaml(tmp_path, *lines, duplicate=False) -> Path:
+    """configs/smoke.yaml (its data path made absolute) with `lines` in place of its lines of the same keys, or
+    appended (`duplicate`: appended in any case)."""
+    text = Path(SMOKE).read_text().replace("data: data/smoke.jsonl", f"data: {DATA}").splitlines()
+    for line in lines:
+        key = line.split(":")[0] + ":"
+        at = [i for i, old in enumerate(text) if old.startswith(key)]
+        if at and not duplicate:
+            text[at[0]] = line
+        else:
+            text.append(line)
+    p = tmp_path / "my config.yaml"
+    p.write_text("\n".join(text) + "\n")
+    return p
+
+
+YAML_BAD = [  # (line, message, appended even though the smoke config sets that key)
+    ("self_ntp_epochs: 1.5", "`self_ntp_epochs` (config file {path}) expects a whole number, got 1.5", False),
+    ("num_checkpoints: 2.5", "`num_checkpoints` (config file {path}) expects a whole number, got 2.5", False),
+    ("self_num_checkpoints: 1.5", "`self_num_checkpoints` (config file {path}) expects a whole number, got 1.5",
+     False),
+    ("model_revision: [main, dev]", "`model_revision` (config file {path}) expects text, got a list", False),
+    ("use_peft: 3", "`use_peft` (config file {path}) expects true or false, got 3", False),
+    ("model:", "`model` (config file {path}) has no value", False),
+    ("seed: 1", "config file {path}: `seed` is set twice (lines 11 and 29)", True),
+]
+
+
+@pytest.mark.parametrize("line,message,duplicate", YAML_BAD, ids=[c[0] for c in YAML_BAD])
+def test_yaml_values_are_checked_against_the_settings_types(tmp_path, capsys, line, message, duplicate):
+    path = _yaml(tmp_path, line, duplicate=duplicate)
+    out = tmp_path / "run"
+    code, err = cli(capsys, "run", "--config", path, "--output_dir", out, "--max_steps", "2")
+    assert code == 2 and message.format(path=path) in err, err[-2000:]
+    assert one_line(err)
+    assert not out.exists()
+
+
+def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
+    from peft import get_peft_model
+
+    from sftmix import pipeline
+    from sftmix.config import parse_config
+    from sftmix.models import load_model_and_tokenizer
+
+    cfg = parse_config(["--config", str(_yaml(tmp_path, "recipes: ntp", "use_peft: true",
+                                              "lora_target_modules: q_proj", "self_ntp_epochs: 2.0")),
+                        "--output_dir", str(tmp_path / "run")])
+    assert cfg.run.recipes == ["ntp"]  # not the characters n, t, p
+    assert cfg.run.self_ntp_epochs == 2 and isinstance(cfg.run.self_ntp_epochs, int)
+    model, _ = load_model_and_tokenizer("tiny-random:0", dtype="fp32", device="cpu")
+    peft_model = get_peft_model(model, pipeline.lora_config(cfg.run))  # a PEFT "not found" error on the old code
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj"}
