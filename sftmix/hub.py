@@ -189,6 +189,17 @@ def _cached_ref(cache: str, repo_id: str, repo_type: str, revision: str) -> str 
     return ref.read_text().strip() if ref.is_file() else None
 
 
+def repo_files(repo_id: str, sha: str, folder: str, repo_type: str = "model") -> list[str]:
+    """The files of a repo at commit `sha`: the Hub's listing when online, else what the cache's snapshot folder
+    holds (offline, what is not cached cannot be loaded either)."""
+    if is_offline():
+        return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")] if Path(folder).is_dir() else []
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo_id, repo_type, sha):
+        return list(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=sha))
+
+
 def load_hub_dataset(repo_id: str, config: str | None = None, split: str = "train", revision: str | None = None):
     """(datasets.Dataset, source record) of one split of a Hub dataset, loaded at its resolved commit sha."""
     import datasets

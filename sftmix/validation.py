@@ -179,11 +179,15 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     """The model spec resolves (sftmix.models.resolve_model; for a Hub id this fetches config.json, so offline,
     gated and missing repos fail here, before any training); a local folder's config.json parses, its weights are
     whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code."""
+    if spec is not None and not str(spec).strip():  # `--model "$UNSET"`: not silently the default model
+        raise SFTMixError(f"{setting} is empty (an unset shell variable?); give a model: smollm2, tiny-random, a local "
+                          f"HF folder, a .gguf file or a Hub id (org/name).")
     if not spec:
         return
     from sftmix.models import resolve_model
 
     info = resolve_model(spec, revision=revision)
+    check_tokenizer(setting, spec, info)
     path = info.get("path")
     if info.get("kind") not in ("hf-dir", "hub") or not path or not (Path(path) / "config.json").is_file():
         return
@@ -199,6 +203,28 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
         raise SFTMixError(f"{setting}={spec}: the model brings its own code (auto_map in {conf}), which runs only "
                           f"with --trust_remote_code true; read that code first, then pass the flag (or use a model "
                           f"of an architecture transformers ships).")
+
+
+# the files a transformers tokenizer is loaded from (any one of them); a GGUF file carries its own tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "tekken.json")
+
+
+def check_tokenizer(setting: str, spec: str, info: dict) -> None:
+    """A model folder or Hub repo has tokenizer files (the data stage and every run load them; without, transformers
+    fails with a traceback after the data stage)."""
+    if info.get("kind") == "hf-dir":
+        files, where = [p.name for p in Path(info["path"]).iterdir()], f"the folder {info['path']}"
+    elif info.get("kind") == "hub":
+        from sftmix.hub import repo_files
+
+        files, where = repo_files(info["repo_id"], info["sha"], info["path"]), f"the Hub repo at {info['sha'][:12]}"
+    else:
+        return
+    if not any(Path(f).name in TOKENIZER_FILES for f in files):
+        raise SFTMixError(f"{setting}={spec}: {where} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, "
+                          f"...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder)), or use a "
+                          f"model that ships one.")
 
 
 def _loaded(setting: str, path: str, load, *args):
@@ -317,7 +343,7 @@ def validate(cfg, command: str = "run") -> None:
     check_data(cfg)
     trust = bool(getattr(cfg.train, "trust_remote_code", False))
     check_model("model", cfg.run.model, trust, cfg.run.model_revision)
-    if cfg.run.reference_model:
+    if cfg.run.reference_model is not None:
         check_model("reference_model", cfg.run.reference_model, trust, cfg.run.reference_model_revision)
     check_template("chat_template", cfg.run.chat_template)
     check_template("eval_chat_template", getattr(cfg.eval_args, "eval_chat_template", None))

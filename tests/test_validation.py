@@ -108,3 +108,54 @@ def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
     peft_model = get_peft_model(model, pipeline.lora_config(cfg.run))  # a PEFT "not found" error on the old code
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj"}
+
+
+# ------------------------------------------------------------------------------- models without a tokenizer, blank names
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(tmp_path_factory):
+    """A tiny model folder with weights and config but no tokenizer files."""
+    from sftmix.models import build_byte_tokenizer, build_tiny_model
+
+    folder = tmp_path_factory.mktemp("models") / "no-tokenizer"
+    build_tiny_model(build_byte_tokenizer(), seed=3).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("setting", ["model", "reference_model"])
+def test_a_model_folder_without_a_tokenizer_is_refused_before_any_stage(tmp_path, capsys, no_tokenizer, setting):
+    out = tmp_path / "run"
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, "--max_steps", "2",
+                    f"--{setting}", no_tokenizer)
+    assert code == 2 and f"{setting}={no_tokenizer}: the folder" in err and "has no tokenizer" in err, err[-2000:]
+    assert one_line(err) and not (out / "data").exists()
+
+
+@pytest.mark.parametrize("setting", ["model", "reference_model"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_blank_model_name_is_refused_not_the_default_model(tmp_path, capsys, setting, value):
+    out = tmp_path / "run"
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, "--max_steps", "2", f"--{setting}", value)
+    assert code == 2 and f"{setting} is empty (an unset shell variable?)" in err, err[-2000:]
+    assert one_line(err) and not (out / "data").exists()
+
+
+def test_a_hub_model_without_a_tokenizer_is_refused_before_any_stage(tmp_path, no_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from hub_stub import HubStub
+
+    with HubStub() as hub:
+        hub.add_repo("org/no-tokenizer", no_tokenizer)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(hub.env(tmp_path / "hf_home"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        out = tmp_path / "run"
+        res = subprocess.run([sys.executable, "-m", "sftmix.cli", "run", "--config", SMOKE, "--output_dir", str(out),
+                              "--max_steps", "2", "--model", "org/no-tokenizer"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "model=org/no-tokenizer: the Hub repo at" in res.stderr, res.stderr[-2000:]
+    assert "has no tokenizer" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "data").exists()
