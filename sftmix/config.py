@@ -697,8 +697,10 @@ def parse_config(argv: list[str]) -> Config:
     raw = parser.raw_values
     sft_defaults = _field_defaults(SFTMixConfig)
     train_values = {k: raw[k] for k in sft_defaults if k in raw and raw[k] != sft_defaults[k]}
-    if not train.output_dir:
-        raise SFTMixError("no run directory: give --output_dir DIR (or output_dir: in the config).")
+    if not train.output_dir or (known.output_dir is None and "output_dir" not in yaml_values):
+        # (TrainingArguments' own default would be transformers' `trainer_output/` in the current directory)
+        raise SFTMixError(f"no run directory: give --output_dir DIR (or `output_dir:` in the config file "
+                          f"{config_path}).")
     run_dir = Path(train.output_dir)
     # a relative data path that is not found from here is looked up beside the config file
     if isinstance(run.data, str) and not Path(run.data).exists() and not Path(run.data).is_absolute() and \

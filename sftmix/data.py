@@ -532,6 +532,26 @@ def _format_of(row, where: str, kind: str = "", more: str = "") -> str:
     return fmt
 
 
+def _lone_surrogate(obj, key: str = "") -> str | None:
+    """Where a row holds text that is valid JSON but not Unicode (a lone surrogate escape such as "\\ud83d" without
+    its pair, which cannot be written as UTF-8): `field: ...text...`, or None."""
+    if isinstance(obj, str):
+        if obj.isascii():
+            return None
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            around = obj[max(e.start - 20, 0):e.start + 20].encode("utf-8", "backslashreplace").decode()
+            return f"{key or 'text'} (character {e.start + 1}: ...{around}...)"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, lenient: bool,
           stats: dict) -> list[dict]:
     records, notes, skipped, fmt, n_rows = [], Counter(), Counter(), None, 0
@@ -540,6 +560,11 @@ def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, leni
         if fmt is None:
             fmt = _format_of(row, f"{source}: {where}", "JSON ", "; or a datasets save_to_disk folder")
         try:
+            bad_text = _lone_surrogate(row)
+            if bad_text:
+                raise _Bad("not_unicode", f"{bad_text} has a lone surrogate escape (half of a \\uD800-\\uDFFF "
+                                          f"pair): valid JSON, but not text that can be written; give the whole "
+                                          f"pair or the character itself")
             records.extend(_parse_row(row, fmt, lenient, notes))
         except _Bad as e:
             if not lenient:

@@ -308,6 +308,9 @@ def check_data(cfg) -> None:
 def check_run_dir(run_dir: Path) -> None:
     """The run directory is a folder we can write (or can be created)."""
     p = Path(run_dir)
+    if p.is_symlink() and not p.exists():
+        raise SFTMixError(f"--output_dir {p} is a symbolic link to {os.readlink(p)}, which does not exist; create that "
+                          f"folder, or give another --output_dir.")
     if p.exists() and not p.is_dir():
         raise SFTMixError(f"--output_dir {p} is a file, not a folder; give a folder path.")
     probe = p
@@ -318,6 +321,21 @@ def check_run_dir(run_dir: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SFTMixError(f"--output_dir {p}: cannot write in {probe} (permission denied); choose another "
                           f"--output_dir or fix its permissions.")
+
+
+READING_COMMANDS = ("eval", "report")  # read a finished (or started) run; they create nothing of their own
+
+
+def check_existing_run(run_dir: Path, command: str) -> None:
+    """`sftmix eval` and `sftmix report` read a run directory: one that does not exist (a mistyped path) or holds no
+    run is refused, rather than created and filled with the demo config's stages."""
+    p = Path(run_dir)
+    if not p.exists():
+        raise SFTMixError(f"sftmix {command}: --output_dir {p} does not exist; give the folder of an earlier `sftmix "
+                          f"run` (or run it first).")
+    if not (p / "config.yaml").is_file():
+        raise SFTMixError(f"sftmix {command}: --output_dir {p} holds no run (no config.yaml); give the folder of an "
+                          f"earlier `sftmix run` (or run it first).")
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -337,6 +355,8 @@ def validate(cfg, command: str = "run") -> None:
         raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
                           "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
     check_run_dir(cfg.run_dir)
+    if command in READING_COMMANDS:
+        check_existing_run(cfg.run_dir, command)
     if command == "report":
         return
     check_inputs_outside(cfg)

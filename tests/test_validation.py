@@ -110,7 +110,7 @@ def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
     assert adapted == {"q_proj"}
 
 
-# ------------------------------------------------------------------------------- models without a tokenizer, blank names
+# ---------------------------------------------------------------------------- models without a tokenizer, blank names
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,82 @@ def test_a_hub_model_without_a_tokenizer_is_refused_before_any_stage(tmp_path, n
     assert res.returncode == 2 and "model=org/no-tokenizer: the Hub repo at" in res.stderr, res.stderr[-2000:]
     assert "has no tokenizer" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "data").exists()
+
+
+# ------------------------------------------------------------------------------------- run directories, sweeps
+
+
+@pytest.mark.parametrize("command", ["report", "eval"])
+def test_reading_commands_refuse_a_run_directory_that_does_not_exist(tmp_path, capsys, command):
+    out = tmp_path / "typo"
+    code, err = cli(capsys, command, "--output_dir", out)
+    assert code == 2 and f"sftmix {command}: --output_dir {out} does not exist" in err, err[-2000:]
+    assert one_line(err) and not out.exists()  # not created with the demo config
+    out.mkdir()
+    code, err = cli(capsys, command, "--output_dir", out)
+    assert code == 2 and "holds no run (no config.yaml)" in err and one_line(err)
+    assert list(out.iterdir()) == []
+
+
+def test_run_without_an_output_dir_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "run", "--config", SMOKE, "--max_steps", "2")
+    assert code == 2 and f"no run directory: give --output_dir DIR (or `output_dir:` in the config file {SMOKE})" \
+        in err, err[-2000:]
+    assert one_line(err) and list(tmp_path.iterdir()) == []  # no trainer_output/
+
+
+def test_the_default_job_keeps_its_output_dir():
+    from sftmix.config import parse_config
+
+    assert parse_config([]).run_dir == Path("runs/demo")  # README's first command, bare `sftmix run`
+
+
+def test_a_dangling_symlink_as_output_dir_is_one_line(tmp_path, capsys):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", link, "--max_steps", "2")
+    assert code == 2 and f"--output_dir {link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" \
+        in err, err[-2000:]
+    assert one_line(err)
+
+
+def test_a_sweep_checks_every_config_before_the_first_run(tmp_path, capsys):
+    good = _yaml(tmp_path, "recipes: [ntp]", "max_steps: 2").rename(tmp_path / "a_good.yaml")
+    bad = _yaml(tmp_path, "reference: self", "num_train_epochs: 1").rename(tmp_path / "b_bad.yaml")
+    out = tmp_path / "sweep"
+    code, err = cli(capsys, "sweep", good, bad, "--output_dir", out)
+    assert code == 2 and f"sweep: {bad}: reference=self (one-run SFTMix) needs num_train_epochs greater" in err, \
+        err[-2000:]
+    assert not (out / "a_good").exists()  # the first config did not run
+
+
+def test_a_sweep_run_that_fails_on_a_mistake_says_to_fix_it_not_to_rerun(tmp_path, capsys):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    good = _yaml(tmp_path, "recipes: [ntp]", "max_steps: 2", "disable_tqdm: true").rename(tmp_path / "a_good.yaml")
+    bad = _yaml(tmp_path, f"data: {data}", "recipes: [ntp]", "max_steps: 2").rename(tmp_path / "broken.yaml")
+    code, err = cli(capsys, "sweep", good, bad, "--output_dir", tmp_path / "sweep")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "broken: failed (exit 2)" in last, err[-2000:]
+    assert "fix the error each of broken printed" in last and "to resume" not in last
+
+
+# ------------------------------------------------------------------------------------------- text that is not text
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json"])
+def test_a_lone_surrogate_in_json_data_names_the_file_and_record(tmp_path, capsys, container):
+    rows = ['{"instruction": "Say hi.", "output": "Hi."}', '{"instruction": "smile \\ud83d please", "output": "ok"}']
+    data = tmp_path / f"data.{container}"
+    data.write_text("\n".join(rows) + "\n" if container == "jsonl" else "[\n" + ",\n".join(rows) + "\n]\n")
+    out = tmp_path / "run"
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, "--max_steps", "2", "--data", data)
+    where = "line 2" if container == "jsonl" else "record 2 (line 3)"
+    assert code == 2 and f"{data}: {where}: instruction (character 7: ...smile \\ud83d please...) has a lone " \
+        "surrogate" in err, err[-2000:]
+    assert one_line(err)
+    from sftmix.data import load_records_with_stats
+
+    records, stats = load_records_with_stats(str(data), on_bad="skip")  # skip: left out and counted, not dropped
+    assert len(records) == 1 and stats["skipped"] == {"not_unicode": 1}
