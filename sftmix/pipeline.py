@@ -251,7 +251,10 @@ def _data_inputs(cfg) -> dict:
             except (SFTMixError, OSError):
                 out[f"data {data}"] = data
         else:
-            out[f"data {data}"] = pinned_revision(getattr(cfg, "sources", None), "data", data) or data
+            from sftmix.hub import dataset_spec
+
+            repo_id = (dataset_spec(data) or (data,))[0]  # ID[:CONFIG[:SPLIT]]: the id's commit
+            out[f"data {data}"] = pinned_revision(getattr(cfg, "sources", None), "data", repo_id) or data
     return out
 
 

@@ -238,3 +238,16 @@ def test_a_lone_surrogate_in_json_data_names_the_file_and_record(tmp_path, capsy
 
     records, stats = load_records_with_stats(str(data), on_bad="skip")  # skip: left out and counted, not dropped
     assert len(records) == 1 and stats["skipped"] == {"not_unicode": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------- smaller
+
+
+def test_all_identical_data_gets_advice_that_can_help(tmp_path, capsys):
+    data = tmp_path / "same.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "Hi there."}\n' * 48)
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", tmp_path / "run", "--max_steps", "2",
+                    "--data", data)
+    assert code == 2 and "all 48 examples are one example" in err and "give data with different examples" in err, \
+        err[-2000:]
+    assert "lower it" not in err and one_line(err)  # no held-out size helps
