@@ -606,11 +606,13 @@ def _typed(name: str, value, tp, where: str):
 def check_types(values: dict, classes, where: str) -> dict:
     """The YAML values checked against the field types of the config dataclasses, one generic rule per type
     (`_typed`): returns them as the parser should take them. A value of None (an empty YAML value, e.g. `model:`) is
-    refused for a setting that needs one."""
+    refused for a setting of RunConfig or EvalConfig that needs one (the training fields are transformers', which
+    takes None for many of its non-Optional fields, and config.yaml records them so)."""
     hints, defaults = {}, {}
     for cls in classes:
         hints.update(typing.get_type_hints(cls))
-        defaults.update(_field_defaults(cls))
+        if cls is RunConfig or cls is _eval_args_class():
+            defaults.update(_field_defaults(cls))
     out = {}
     for key, value in values.items():
         tp = hints.get(key)

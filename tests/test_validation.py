@@ -251,3 +251,35 @@ def test_all_identical_data_gets_advice_that_can_help(tmp_path, capsys):
     assert code == 2 and "all 48 examples are one example" in err and "give data with different examples" in err, \
         err[-2000:]
     assert "lower it" not in err and one_line(err)  # no held-out size helps
+
+
+def test_the_reports_train_loss_and_time_cover_a_resumed_run_whole(tmp_path, capsys):
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["--config", SMOKE, "--output_dir", out, "--recipes", "ntp", "--max_steps", "6", "--save_steps", "3",
+            "--save_total_limit", "3", "--keep_checkpoints", "true", "--logging_steps", "1", "--disable_tqdm", "true"]
+    code, err = cli(capsys, "run", *args)
+    assert code == 0, err[-2000:]
+    whole = json.loads((out / "report.json").read_text())["models"]["ntp"]["train"]
+    ntp = out / "ntp"
+    # as a run killed after checkpoint-3 leaves it: no final model, no newer checkpoint; the rerun resumes at step 3
+    shutil.rmtree(ntp / "model")
+    shutil.rmtree(ntp / "checkpoint-6")
+    (ntp / "train_result.json").unlink()
+    code, err = cli(capsys, "run", *args)
+    assert code == 0, err[-2000:]
+    code, err = cli(capsys, "report", "--output_dir", out)
+    assert code == 0, err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    resumed = report["models"]["ntp"]["train"]
+    assert resumed["resumed_from"] == str(ntp / "checkpoint-3")
+    # the same six steps (a resumed run is exact): the same mean loss, not the resumed half's sum over six steps
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-3)
+    part = json.loads((ntp / "train_result.json").read_text())["metrics"]["resumed_part"]
+    assert abs(part["train_loss"] - whole["train_loss"]) > 0.01  # the resumed steps' mean: what the report showed
+    # the time includes the first three steps' (saved with checkpoint-3), not only the resumed part's
+    assert resumed["train_runtime"] > part["train_runtime"]
+    row = next(r for r in report["comparison"] if r["model"] == "ntp")
+    assert row["train_seconds"] == resumed["train_runtime"]
