@@ -562,19 +562,23 @@ class SFTMixMixin:
     @staticmethod
     def _check_lm_head(causal_lm) -> None:
         head = causal_lm.get_output_embeddings()
-        cfg = causal_lm.config.get_text_config()
         if getattr(head, "bias", None) is not None:
             raise SFTMixError(f"{type(causal_lm).__name__} has an LM head with a bias, which the Mixup loss does not "
                               "model; use a model without it or set mixup_weight=0.")
+        SFTMixMixin.check_model_config(type(causal_lm).__name__, causal_lm.config.get_text_config())
+
+    @staticmethod
+    def check_model_config(name: str, cfg) -> None:
+        """What a model's (text) config says the Mixup loss cannot reproduce: also checked by sftmix.validation on
+        the target's config.json, before step 1 trains."""
         if getattr(cfg, "final_logit_softcapping", None):
-            raise SFTMixError(f"{type(causal_lm).__name__} uses final logit soft-capping (e.g. Gemma-2), which the "
-                              "Mixup "
-                              "loss does not apply; use another target model or set mixup_weight=0. (A soft-capped "
-                              "model can still be the *reference* of step 1.)")
-        for name in LOGIT_SCALE_ATTRS:
-            if getattr(cfg, name, None) not in (None, 1, 1.0):
-                raise SFTMixError(f"{type(causal_lm).__name__} scales its logits ({name}={getattr(cfg, name)}), which "
-                                  "the Mixup loss does not apply; use another model or set mixup_weight=0.")
+            raise SFTMixError(f"{name} uses final logit soft-capping (e.g. Gemma-2), which the Mixup loss does not "
+                              "apply; use another target model or set mixup_weight=0. (A soft-capped model can still "
+                              "be the *reference* of step 1.)")
+        for attr in LOGIT_SCALE_ATTRS:
+            if getattr(cfg, attr, None) not in (None, 1, 1.0):
+                raise SFTMixError(f"{name} scales its logits ({attr}={getattr(cfg, attr)}), which the Mixup loss does "
+                                  "not apply; use another model or set mixup_weight=0.")
 
 
     # -- data -------------------------------------------------------------------------------------------------------

@@ -75,11 +75,10 @@ def validate_settings(cfg) -> None:
     _num("dataloader_num_workers", tr.dataloader_num_workers, low=0, integer=True)
     for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
         _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
-    if "sftmix" in run.recipes and tr.mixup_enabled and tr.per_device_train_batch_size % 2:
-        raise SFTMixError(f"per_device_train_batch_size={tr.per_device_train_batch_size} is odd: SFTMix batches hold "
-                          f"equally many confident and unconfident examples. Use an even per-device batch size (e.g. "
-                          f"{tr.per_device_train_batch_size + 1}), with gradient_accumulation_steps for the global "
-                          f"batch.")
+    if "sftmix" in run.recipes and tr.mixup_enabled:
+        from sftmix.core import SFTMixMixin
+
+        SFTMixMixin._check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
     if tr.pairing == "nearest" and tr.split_source == "column":
         # nearest pairing uses step 1's hidden states, and a column split skips step 1
         raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
@@ -175,10 +174,13 @@ def check_template(setting: str, value: str | None) -> None:
                           f"template.") from e
 
 
-def check_model(setting: str, spec: str | None, trust_remote_code: bool, revision: str | None = None) -> None:
+def check_model(setting: str, spec: str | None, trust_remote_code: bool, revision: str | None = None,
+                mixup: bool = False) -> None:
     """The model spec resolves (sftmix.models.resolve_model; for a Hub id this fetches config.json, so offline,
     gated and missing repos fail here, before any training); a local folder's config.json parses, its weights are
-    whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code."""
+    whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code. `mixup`: the
+    target of the Mixup recipe, whose config must not soft-cap or scale its logits (what SFTMixMixin refuses when
+    it starts, after step 1)."""
     if spec is not None and not str(spec).strip():  # `--model "$UNSET"`: not silently the default model
         raise SFTMixError(f"{setting} is empty (an unset shell variable?); give a model: smollm2, tiny-random, a local "
                           f"HF folder, a .gguf file or a Hub id (org/name).")
@@ -197,6 +199,17 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     except (OSError, ValueError) as e:
         raise SFTMixError(f"{setting}={spec}: {conf} is not readable JSON ({e}); fix or replace the model "
                           f"folder.") from e
+    if mixup and isinstance(data, dict):
+        from types import SimpleNamespace
+
+        from sftmix.core import SFTMixMixin
+
+        # the text model's settings (a multimodal config nests them under text_config)
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+        try:
+            SFTMixMixin.check_model_config("the model", SimpleNamespace(**text))
+        except SFTMixError as e:
+            raise SFTMixError(f"{setting}={spec}: {e}") from None
     if info["kind"] == "hf-dir":
         check_weights(setting, spec, Path(path))
     if isinstance(data, dict) and data.get("auto_map") and not trust_remote_code:
@@ -362,7 +375,8 @@ def validate(cfg, command: str = "run") -> None:
     check_inputs_outside(cfg)
     check_data(cfg)
     trust = bool(getattr(cfg.train, "trust_remote_code", False))
-    check_model("model", cfg.run.model, trust, cfg.run.model_revision)
+    check_model("model", cfg.run.model, trust, cfg.run.model_revision,
+                mixup="sftmix" in cfg.run.recipes and cfg.train.mixup_enabled)
     if cfg.run.reference_model is not None:
         check_model("reference_model", cfg.run.reference_model, trust, cfg.run.reference_model_revision)
     check_template("chat_template", cfg.run.chat_template)

@@ -40,6 +40,26 @@ ONE_RUN_BAD = [
 ]
 
 
+def test_what_the_mixup_trainer_refuses_is_refused_before_step_1(tmp_path, capsys):
+    from sftmix.models import build_byte_tokenizer, build_tiny_model
+
+    # a model that soft-caps its logits (as Gemma-2) cannot be the Mixup target: step 1 would train for nothing
+    folder = tmp_path / "softcapped"
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(tok, seed=1)
+    model.config.final_logit_softcapping = 30.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    for extra, message in ((["--model", folder], f"model={folder}: the model uses final logit soft-capping"),
+                           (["--packing", "true"], "packing and padding_free are not supported by SFTMix")):
+        out = tmp_path / "run"
+        code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, "--max_steps", "2",
+                        "--recipes", "ntp", "sftmix", *extra)
+        assert code == 2 and message in err, err[-2000:]
+        assert one_line(err) and not (out / "data").exists()
+
+
 @pytest.mark.parametrize("args,message", ONE_RUN_BAD, ids=[m for _, m in ONE_RUN_BAD])
 def test_one_run_settings_are_refused_before_any_recipe_trains(tmp_path, capsys, args, message):
     out = tmp_path / "run"
