@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.config import settings_of, unaffected_settings
+from sftmix.config import RECIPES, settings_of, unaffected_settings
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
 log = logging.getLogger("sftmix")
@@ -155,6 +155,10 @@ def write_config(cfg) -> None:
         old, new = {**defaults, **old}, {**defaults, **new}
         changed = sorted(k for k in set(old) | set(new) if k not in unaffected
                          and old.get(k) != new.get(k) and k != "output_dir")
+        if changed and not any((cfg.run_dir / r).exists() for r in RECIPES):
+            # no target run has started: what only they read may still change (a setting refused after the data
+            # stage, e.g. by validation.check_step_counts, is corrected on the same directory)
+            changed = [k for k in changed if k not in unaffected_settings("dynamics", cfg)]
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
             more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""

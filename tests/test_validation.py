@@ -71,6 +71,18 @@ def test_one_run_settings_are_refused_before_any_recipe_trains(tmp_path, capsys,
     assert not (out / "ntp").exists() and not (out / "sftmix").exists()  # nothing trained
 
 
+def test_a_refusal_after_the_data_stage_is_corrected_on_the_same_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    one_run = ["--reference", "self", "--recipes", "sftmix", "--self_confidence", "checkpoints", "--disable_tqdm",
+               "true"]
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, *one_run, "--self_num_checkpoints", "50")
+    assert code == 2 and "self_num_checkpoints=50 scoring passes" in err
+    assert (out / "data" / "train.jsonl").exists() and not (out / "sftmix").exists()  # the data stage, no training
+    code, err = cli(capsys, "run", "--config", SMOKE, "--output_dir", out, *one_run, "--self_num_checkpoints", "2")
+    assert code == 0, err[-2000:]  # not "holds a run made with another config"
+    assert (out / "sftmix" / "train_result.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------- YAML value types
 
 
