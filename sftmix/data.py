@@ -784,12 +784,12 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
     n = len(records)
     if isinstance(n_heldout, float):
         if not 0 < n_heldout < 1:
-            raise SFTMixError(f"n_heldout={n_heldout}: give a count (int) or a fraction between 0 and 1")
+            raise SFTMixError(f"heldout={n_heldout}: give a count (int) or a fraction between 0 and 1")
         k = round(n * n_heldout)
     else:
         k = int(n_heldout)
     if not 0 <= k < n:
-        raise SFTMixError(f"n_heldout={n_heldout}: must leave training examples ({n} in all); lower it")
+        raise SFTMixError(f"heldout={n_heldout}: must leave training examples ({n} in all); lower it")
     guids = [r["guid"] for r in records]
     if len(set(guids)) != n:
         raise SFTMixError("split_heldout: the records' guids are not unique; load them with load_records")
@@ -809,7 +809,7 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
                           f"conversation), which the held-out split keeps on one side, so no held-out size leaves "
                           f"examples to train on; give data with different examples.")
     if taken >= n:
-        raise SFTMixError(f"n_heldout={n_heldout}: holding out whole conversations leaves no training examples; "
+        raise SFTMixError(f"heldout={n_heldout}: holding out whole conversations leaves no training examples; "
                           "lower it")
     train = [r for r, g in zip(records, group_of) if g not in held]
     heldout = [r for r, g in zip(records, group_of) if g in held]
