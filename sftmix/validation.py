@@ -218,9 +218,10 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
                           f"of an architecture transformers ships).")
 
 
-# the files a transformers tokenizer is loaded from (any one of them); a GGUF file carries its own tokenizer
+# the files a transformers tokenizer is loaded from (any one of them, or any tokenizer* file: tokenizer.model.v3, ...);
+# a GGUF file carries its own tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt", "tekken.json")
+                   "vocab.txt", "tekken.json", "sentencepiece.bpe.model", "spm.model", "merges.txt")
 
 
 def check_tokenizer(setting: str, spec: str, info: dict) -> None:
@@ -234,7 +235,8 @@ def check_tokenizer(setting: str, spec: str, info: dict) -> None:
         files, where = repo_files(info["repo_id"], info["sha"], info["path"]), f"the Hub repo at {info['sha'][:12]}"
     else:
         return
-    if not any(Path(f).name in TOKENIZER_FILES for f in files):
+    names = [Path(f).name for f in files]
+    if not any(n in TOKENIZER_FILES or n.startswith("tokenizer") or n.endswith(".tiktoken") for n in names):
         raise SFTMixError(f"{setting}={spec}: {where} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, "
                           f"...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder)), or use a "
                           f"model that ships one.")
