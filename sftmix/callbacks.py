@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from sftmix.core import one_run_problem
 from sftmix.dynamics import build_confidence, online_confidence_rows, saved_online_records, scoring_steps
 from sftmix.scoring import run_scoring
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
@@ -243,16 +244,14 @@ class SelfReferenceCallback(ConfidenceCallback):
         return self.dir / "online_records.jsonl"
 
     def _ntp_steps(self, args, state) -> int:
-        epochs = int(getattr(args, "self_reference_epochs", 0) or 0)
-        total = float(args.num_train_epochs)
-        if epochs < 1:
-            raise SFTMixError("SelfReferenceCallback needs self_reference_epochs >= 1 in the training arguments.")
-        if args.max_steps > 0 or total != int(total) or epochs >= total:
-            raise SFTMixError(f"one-run SFTMix needs whole num_train_epochs greater than self_reference_epochs "
-                              f"({epochs}) and no max_steps; got num_train_epochs={args.num_train_epochs}, "
-                              f"max_steps={args.max_steps}.")
+        epochs = getattr(args, "self_reference_epochs", 0) or 0
+        # the same rules (and words) as sftmix.validation checks before a `sftmix run` starts
+        problem = one_run_problem(epochs, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+                                  what="SelfReferenceCallback (one-run SFTMix)")
+        if problem:
+            raise SFTMixError(problem)
         # integral epochs: the Trainer's max_steps is epochs * (optimizer steps per epoch) exactly
-        return state.max_steps * epochs // int(total)
+        return state.max_steps * int(epochs) // int(args.num_train_epochs)
 
     def schedule_steps(self, args, state) -> list[int]:
         return scoring_steps(self._ntp_steps(args, state), self.num_checkpoints)

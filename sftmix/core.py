@@ -178,10 +178,11 @@ class MixupArguments:
             raise SFTMixError("selection=score needs selection_threshold: the minimum score to keep.")
         if self.self_reference_epochs < 0:
             raise SFTMixError(f"self_reference_epochs must be >= 0; got {self.self_reference_epochs}.")
-        if self.self_reference_epochs and (self.split_source != "dynamics" or self.pairing != "random"
-                                           or not self.mixup_enabled or self.ntp_subset != "all"):
-            raise SFTMixError("self_reference_epochs (one-run SFTMix) needs split_source=dynamics, pairing=random, "
-                              "ntp_subset=all and Mixup on (mixup_weight > 0): the split is taken from this run.")
+        if self.self_reference_epochs:
+            problem = one_run_problem(self.self_reference_epochs, mixup_enabled=self.mixup_enabled,
+                                      pairing=self.pairing, split_source=self.split_source, ntp_subset=self.ntp_subset)
+            if problem:
+                raise SFTMixError(problem)
 
     @property
     def mixup_enabled(self) -> bool:
@@ -192,6 +193,46 @@ class MixupArguments:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def one_run_problem(ntp_epochs, *, num_train_epochs=None, max_steps=-1, mixup_enabled=True, pairing="random",
+                    split_source="dynamics", ntp_subset="all", epochs_name="self_reference_epochs",
+                    what="one-run SFTMix (self_reference_epochs)") -> str | None:
+    """Why one-run SFTMix cannot run with these settings, as one sentence, or None. The one home of these rules:
+    MixupArguments and the SelfReferenceCallback (library users, `epochs_name` self_reference_epochs) and
+    sftmix.validation (the command line, before any stage: `self_ntp_epochs`, `reference=self`) word the same
+    checks through it, each in its user's setting names. num_train_epochs=None skips the epoch checks (an arguments
+    class is checked before it knows them for sure)."""
+    if isinstance(ntp_epochs, bool) or not isinstance(ntp_epochs, (int, float)) or ntp_epochs != int(ntp_epochs) \
+            or ntp_epochs < 1:
+        return f"{what} needs a whole {epochs_name} >= 1 (the NTP epochs that give the split); got {ntp_epochs!r}."
+    n = int(ntp_epochs)
+    if not mixup_enabled:
+        return (f"{what} continues with Mixup after its {epochs_name}={n} NTP epoch(s), but mixup_weight=0 turns "
+                f"Mixup off: give mixup_weight > 0, or train the ntp recipe only.")
+    if pairing != "random":
+        return (f"{what} needs pairing=random: pairing={pairing} pairs by a separate reference's hidden states "
+                f"(step 1); use reference=separate for it.")
+    if split_source != "dynamics":
+        return (f"{what} takes its split from its own NTP epochs, so split_source={split_source} does not apply: use "
+                f"split_source=dynamics, or reference=separate.")
+    if ntp_subset != "all":
+        return (f"{what} needs ntp_subset=all (its NTP epochs train on every example); got ntp_subset={ntp_subset}: "
+                f"use reference=separate for ntp_subset.")
+    if num_train_epochs is None:
+        return None
+    if max_steps is not None and max_steps > 0:
+        return (f"{what} splits the data at the end of epoch {epochs_name}={n}, so it counts training in epochs: "
+                f"unset max_steps (got max_steps={max_steps}) and give num_train_epochs (e.g. {n + 1}).")
+    total = float(num_train_epochs)
+    if total != int(total):
+        return (f"{what} needs a whole num_train_epochs (the switch to Mixup is at an epoch boundary); got "
+                f"num_train_epochs={num_train_epochs}: give e.g. {max(math.ceil(total), n + 1)}.")
+    if n >= total:
+        return (f"{what} needs num_train_epochs greater than {epochs_name}={n} (the NTP epochs, then at least one "
+                f"Mixup epoch); got num_train_epochs={num_train_epochs}: give e.g. num_train_epochs={n + 1}, or a "
+                f"smaller {epochs_name}.")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,19 +574,23 @@ class SFTMixMixin:
     @staticmethod
     def _check_lm_head(causal_lm) -> None:
         head = causal_lm.get_output_embeddings()
-        cfg = causal_lm.config.get_text_config()
         if getattr(head, "bias", None) is not None:
             raise SFTMixError(f"{type(causal_lm).__name__} has an LM head with a bias, which the Mixup loss does not "
                               "model; use a model without it or set mixup_weight=0.")
+        SFTMixMixin.check_model_config(type(causal_lm).__name__, causal_lm.config.get_text_config())
+
+    @staticmethod
+    def check_model_config(name: str, cfg) -> None:
+        """What a model's (text) config says the Mixup loss cannot reproduce: also checked by sftmix.validation on
+        the target's config.json, before step 1 trains."""
         if getattr(cfg, "final_logit_softcapping", None):
-            raise SFTMixError(f"{type(causal_lm).__name__} uses final logit soft-capping (e.g. Gemma-2), which the "
-                              "Mixup "
-                              "loss does not apply; use another target model or set mixup_weight=0. (A soft-capped "
-                              "model can still be the *reference* of step 1.)")
-        for name in LOGIT_SCALE_ATTRS:
-            if getattr(cfg, name, None) not in (None, 1, 1.0):
-                raise SFTMixError(f"{type(causal_lm).__name__} scales its logits ({name}={getattr(cfg, name)}), which "
-                                  "the Mixup loss does not apply; use another model or set mixup_weight=0.")
+            raise SFTMixError(f"{name} uses final logit soft-capping (e.g. Gemma-2), which the Mixup loss does not "
+                              "apply; use another target model or set mixup_weight=0. (A soft-capped model can still "
+                              "be the *reference* of step 1.)")
+        for attr in LOGIT_SCALE_ATTRS:
+            if getattr(cfg, attr, None) not in (None, 1, 1.0):
+                raise SFTMixError(f"{name} scales its logits ({attr}={getattr(cfg, attr)}), which the Mixup loss does "
+                                  "not apply; use another model or set mixup_weight=0.")
 
 
     # -- data -------------------------------------------------------------------------------------------------------

@@ -532,14 +532,41 @@ def _format_of(row, where: str, kind: str = "", more: str = "") -> str:
     return fmt
 
 
+def _lone_surrogate(obj, key: str = "") -> str | None:
+    """Where a row holds text that is valid JSON but not Unicode (a lone surrogate escape such as "\\ud83d" without
+    its pair, which cannot be written as UTF-8): `field: ...text...`, or None."""
+    if isinstance(obj, str):
+        if obj.isascii():
+            return None
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            around = obj[max(e.start - 20, 0):e.start + 20].encode("utf-8", "backslashreplace").decode()
+            return f"{key or 'text'} (character {e.start + 1}: ...{around}...)"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, lenient: bool,
           stats: dict) -> list[dict]:
-    records, notes, skipped, fmt, n_rows = [], Counter(), Counter(), None, 0
-    for row, where in rows:
+    records, notes, skipped, formats, n_rows = [], Counter(), Counter(), {}, 0
+    for row, where, *part in rows:  # part: the dataset of a list of Hub ids, each in its own format
         n_rows += 1
-        if fmt is None:
-            fmt = _format_of(row, f"{source}: {where}", "JSON ", "; or a datasets save_to_disk folder")
+        part = part[0] if part else None
+        if part not in formats:
+            formats[part] = _format_of(row, f"{source}: {where}", "JSON ", "; or a datasets save_to_disk folder")
+        fmt = formats[part]
         try:
+            bad_text = _lone_surrogate(row)
+            if bad_text:
+                raise _Bad("not_unicode", f"{bad_text} has a lone surrogate escape (half of a \\uD800-\\uDFFF "
+                                          f"pair): valid JSON, but not text that can be written; give the whole "
+                                          f"pair or the character itself")
             records.extend(_parse_row(row, fmt, lenient, notes))
         except _Bad as e:
             if not lenient:
@@ -547,6 +574,8 @@ def _read(rows: Iterator[tuple[dict, str]], source: str, limit: int | None, leni
             skipped[e.reason] += 1
         if limit is not None and n_rows >= limit:  # stop before reading (and decoding) the next row
             break
+    fmt = (next(iter(formats.values())) if len(set(formats.values())) == 1 else
+           ", ".join(f"{p}: {f}" for p, f in formats.items())) if formats else None
     stats.update(format=fmt, n_rows=n_rows, n_records=len(records), n_skipped_rows=sum(skipped.values()),
                  skipped=dict(skipped), notes=dict(notes))
     stats["n_duplicates"] = _assign_guids(records)
@@ -642,32 +671,36 @@ def load_records(path_or_spec: str | os.PathLike | list[str], *, limit: int | No
 
 
 def _is_hub_dataset(spec) -> bool:
-    from sftmix.hub import is_hub_id
+    from sftmix.hub import dataset_spec
 
-    return is_hub_id(str(spec), "dataset") and not os.path.exists(str(spec))
+    return dataset_spec(spec) is not None
 
 
 def _load_hub_records(ids, limit, on_bad, config, split, revisions) -> tuple[list[dict], dict]:
-    from sftmix.hub import load_hub_dataset
+    from sftmix.hub import dataset_spec, load_hub_dataset
 
     ids = [str(i) for i in ([ids] if isinstance(ids, (str, os.PathLike)) else ids)]
     bad = [i for i in ids if not _is_hub_dataset(i)]
     if bad:
-        raise SFTMixError(f"data {bad[0]!r}: a list of data sources must be Hugging Face Hub dataset ids (org/name) "
-                          f"that are not local paths; merge local files into one file instead")
+        raise SFTMixError(f"data {bad[0]!r}: a list of data sources must be Hugging Face Hub dataset ids "
+                          f"(org/name[:CONFIG[:SPLIT]]) that are not local paths; merge local files into one file "
+                          f"instead")
+    # each id may name its own config and split (ID:CONFIG:SPLIT, as the evaluation sets); default: the settings'
+    parts = [(spec, *dataset_spec(spec)) for spec in ids]
+    parts = [(spec, repo_id, c or config, s or split) for spec, repo_id, c, s in parts]
     what = f" (config {config}, split {split})" if config else f" (split {split})"
     source = " + ".join(ids) + what
     stats: dict = {"source": source, "container": "hub", "hub": []}
     t0 = time.perf_counter()
 
     def rows():
-        for repo_id in ids:
-            ds, src = load_hub_dataset(repo_id, config=config, split=split, revision=revisions.get(repo_id))
+        for spec, repo_id, conf, spl in parts:
+            ds, src = load_hub_dataset(repo_id, config=conf, split=spl, revision=revisions.get(repo_id))
             src["n_rows"] = len(ds)
             stats["hub"].append(src)
-            prefix = f"{repo_id} " if len(ids) > 1 else ""
+            prefix = f"{spec} " if len(ids) > 1 else ""
             for i, row in enumerate(ds):  # the row index in that split: what the dataset viewer shows
-                yield row, f"{prefix}row {i}"
+                yield row, f"{prefix}row {i}", spec  # spec: each dataset's format is detected on its own first row
 
     records = _read(rows(), source, limit, on_bad == "skip", stats)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -751,12 +784,12 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
     n = len(records)
     if isinstance(n_heldout, float):
         if not 0 < n_heldout < 1:
-            raise SFTMixError(f"n_heldout={n_heldout}: give a count (int) or a fraction between 0 and 1")
+            raise SFTMixError(f"heldout={n_heldout}: give a count (int) or a fraction between 0 and 1")
         k = round(n * n_heldout)
     else:
         k = int(n_heldout)
     if not 0 <= k < n:
-        raise SFTMixError(f"n_heldout={n_heldout}: must leave training examples ({n} in all); lower it")
+        raise SFTMixError(f"heldout={n_heldout}: must leave training examples ({n} in all); lower it")
     guids = [r["guid"] for r in records]
     if len(set(guids)) != n:
         raise SFTMixError("split_heldout: the records' guids are not unique; load them with load_records")
@@ -771,8 +804,12 @@ def split_heldout(records: list[dict], n_heldout: int | float, seed: int) -> tup
             break
         held.add(g)
         taken += sizes[g]
+    if taken >= n and len(sizes) == 1:  # no held-out size can help: say what can
+        raise SFTMixError(f"all {n} examples are one example (the same prompt and response, or the turns of one "
+                          f"conversation), which the held-out split keeps on one side, so no held-out size leaves "
+                          f"examples to train on; give data with different examples.")
     if taken >= n:
-        raise SFTMixError(f"n_heldout={n_heldout}: holding out whole conversations leaves no training examples; "
+        raise SFTMixError(f"heldout={n_heldout}: holding out whole conversations leaves no training examples; "
                           "lower it")
     train = [r for r, g in zip(records, group_of) if g not in held]
     heldout = [r for r, g in zip(records, group_of) if g in held]

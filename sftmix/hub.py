@@ -189,6 +189,17 @@ def _cached_ref(cache: str, repo_id: str, repo_type: str, revision: str) -> str 
     return ref.read_text().strip() if ref.is_file() else None
 
 
+def repo_files(repo_id: str, sha: str, folder: str, repo_type: str = "model") -> list[str]:
+    """The files of a repo at commit `sha`: the Hub's listing when online, else what the cache's snapshot folder
+    holds (offline, what is not cached cannot be loaded either)."""
+    if is_offline():
+        return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")] if Path(folder).is_dir() else []
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo_id, repo_type, sha):
+        return list(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=sha))
+
+
 def load_hub_dataset(repo_id: str, config: str | None = None, split: str = "train", revision: str | None = None):
     """(datasets.Dataset, source record) of one split of a Hub dataset, loaded at its resolved commit sha."""
     import datasets
@@ -213,6 +224,16 @@ def _is_hub(spec, repo_type: str) -> bool:
     return is_hub_id(spec, repo_type) and not os.path.exists(str(spec))
 
 
+def dataset_spec(spec) -> tuple[str, str | None, str | None] | None:
+    """(id, config, split) when `spec` names a Hub dataset as `ID[:CONFIG[:SPLIT]]` (an empty part: the default)
+    rather than a local path (a local file of that name wins); None otherwise. The form of the evaluation sets and
+    of each training data id."""
+    repo_id, *rest = str(spec).split(":")
+    if os.path.exists(str(spec)) or len(rest) > 2 or not is_hub_id(repo_id, "dataset"):
+        return None
+    return repo_id, (rest[0] or None) if rest else None, (rest[1] or None) if len(rest) > 1 else None
+
+
 def run_sources(run, previous: dict | None = None) -> dict:
     """What a run's Hub ids resolve to, for DIR/sources.json, config.yaml and the report: {"models": [{role, id,
     revision, sha}], "data": [{id, config, split, revision, sha}]} (local paths and built-in specs are not listed).
@@ -234,9 +255,12 @@ def run_sources(run, previous: dict | None = None) -> dict:
             entry["sha"] = known("models", entry) or resolve_revision(spec, "model", revision)[0]
             out["models"].append(entry)
     for spec in run.data if isinstance(run.data, list) else [run.data]:
-        if _is_hub(spec, "dataset"):
-            entry = {"id": spec, "config": run.dataset_config, "split": run.dataset_train_split, "revision": "main"}
-            entry["sha"] = known("data", entry) or resolve_revision(spec, "dataset", None)[0]
+        parsed = dataset_spec(spec)
+        if parsed:
+            repo_id, config, split = parsed
+            entry = {"id": repo_id, "config": config or run.dataset_config,
+                     "split": split or run.dataset_train_split, "revision": "main"}
+            entry["sha"] = known("data", entry) or resolve_revision(repo_id, "dataset", None)[0]
             out["data"].append(entry)
     return out
 

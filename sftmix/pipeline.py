@@ -22,6 +22,7 @@ sftmix.rundir).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.config import settings_of, unaffected_settings
+from sftmix.config import RECIPES, settings_of, unaffected_settings
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
 log = logging.getLogger("sftmix")
@@ -154,6 +155,10 @@ def write_config(cfg) -> None:
         old, new = {**defaults, **old}, {**defaults, **new}
         changed = sorted(k for k in set(old) | set(new) if k not in unaffected
                          and old.get(k) != new.get(k) and k != "output_dir")
+        if changed and not any((cfg.run_dir / r).exists() for r in RECIPES):
+            # no target run has started: what only they read may still change (a setting refused after the data
+            # stage, e.g. by validation.check_step_counts, is corrected on the same directory)
+            changed = [k for k in changed if k not in unaffected_settings("dynamics", cfg)]
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
             more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
@@ -251,7 +256,10 @@ def _data_inputs(cfg) -> dict:
             except (SFTMixError, OSError):
                 out[f"data {data}"] = data
         else:
-            out[f"data {data}"] = pinned_revision(getattr(cfg, "sources", None), "data", data) or data
+            from sftmix.hub import dataset_spec
+
+            repo_id = (dataset_spec(data) or (data,))[0]  # ID[:CONFIG[:SPLIT]]: the id's commit
+            out[f"data {data}"] = pinned_revision(getattr(cfg, "sources", None), "data", repo_id) or data
     return out
 
 
@@ -498,10 +506,12 @@ def stage_train(cfg, recipe: str) -> None:
                 log.warning("recipe sftmix with mixup_weight=0 and no analysis option: this is plain NTP")
         else:
             args = training_config(cfg, out, drop=settings_of("mixup"), mixup_weight=0.0, selection="none")
+        callbacks.append(_training_clock()())
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                 peft_config=lora_config(cfg.run), callbacks=callbacks)
         resume = resume_checkpoint(out, f"train:{recipe}")
         result = trainer.train(resume_from_checkpoint=resume)
+        metrics = _whole_run_metrics(trainer, result.metrics, resume)
         if one_run and state.is_main_process:
             from sftmix.plots import write_dynamics_plots
 
@@ -520,7 +530,7 @@ def stage_train(cfg, recipe: str) -> None:
             os.replace(tmp, final)
             sampler = getattr(trainer, "pair_sampler", None)
             atomic_write_json(out / "train_result.json", {
-                "recipe": recipe, "metrics": result.metrics, "global_step": trainer.state.global_step,
+                "recipe": recipe, "metrics": metrics, "global_step": trainer.state.global_step,
                 "resumed_from": resume, "n_train_examples": len(trainer.train_dataset),
                 "selection": selection or trainer.selection_description,
                 "duplicates_per_epoch": getattr(sampler, "duplicates_per_epoch", None),
@@ -537,14 +547,73 @@ def stage_train(cfg, recipe: str) -> None:
         state.wait_for_everyone()
 
 
+@functools.cache
+def _training_clock():
+    """The class of a Trainer callback that counts the training seconds of the steps the weights hold, across
+    resumes: its count is saved in each checkpoint's trainer state (transformers' ExportableState) and read back
+    from it. (Built on first use: this module does not import transformers at import time.)"""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TrainingClock(TrainerCallback, ExportableState):
+        def __init__(self, seconds_before: float = 0.0):
+            self.seconds_before, self.t0 = float(seconds_before), None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # a resumed run's state is the checkpoint's, with this count as saved there (read here: transformers
+            # restores callback states only with restore_callback_states_from_checkpoint)
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step else None
+            if isinstance(saved, list):
+                saved = saved[0] if saved else None
+            if saved:
+                self.seconds_before = float(saved.get("args", {}).get("seconds_before", 0.0))
+            self.t0 = time.perf_counter()
+
+        @property
+        def seconds(self) -> float:
+            return self.seconds_before + (time.perf_counter() - self.t0 if self.t0 is not None else 0.0)
+
+        def state(self) -> dict:
+            return {"args": {"seconds_before": self.seconds}, "attributes": {}}
+
+    return TrainingClock
+
+
+def _whole_run_metrics(trainer, metrics: dict, resume: str | None) -> dict:
+    """The Trainer's train metrics, for the whole run: after a resume, its train_loss sums only the resumed steps
+    (divided by all of them) and train_runtime is the resumed part's. Then the loss is the mean of the logged losses
+    of the whole run (the log history is restored with the checkpoint), weighted by the steps each covers, and the
+    runtime the training clock's (saved in the checkpoints); the resumed part's own values are kept beside them."""
+    if not resume:
+        return dict(metrics)
+    out = {**metrics, "resumed_part": {k: metrics.get(k) for k in ("train_loss", "train_runtime")}}
+    logged, prev, total, steps = [h for h in trainer.state.log_history if "loss" in h and "step" in h], 0, 0.0, 0
+    for h in logged:
+        n = h["step"] - prev
+        if n > 0:
+            total, steps, prev = total + h["loss"] * n, steps + n, h["step"]
+    if steps:
+        out["train_loss"] = total / steps
+    clocks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, _training_clock())]
+    if clocks:
+        out["train_runtime"] = round(clocks[0].seconds, 4)
+    return out
+
+
 def lora_config(run):
     """The peft.LoraConfig of a run (paper §5.6; TRL's own get_peft_config on the same fields), None without LoRA."""
     if not run.use_peft:
         return None
     from trl import ModelConfig, get_peft_config
 
-    return get_peft_config(ModelConfig(use_peft=True, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
-                                       lora_dropout=run.lora_dropout, lora_target_modules=run.lora_target_modules))
+    modules = run.lora_target_modules
+    peft_config = get_peft_config(ModelConfig(use_peft=True, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
+                                              lora_dropout=run.lora_dropout, lora_target_modules=modules))
+    if modules and list(modules) != ["all-linear"]:
+        # ModelConfig turns a list of one into its string, which PEFT reads as a regex of the full module name
+        # (`q_proj` then matches no module): PEFT's list form matches module names by their last part
+        peft_config.target_modules = set(modules)
+    return peft_config
 
 
 def _merge_lora(cfg, folder: Path, adapter_dir: Path, tok) -> None:
@@ -781,9 +850,10 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
         return 0
     with state.main_process_first():
         stage_data(cfg)
-    if command == "dynamics" and cfg.run.reference == "self":
-        raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
-                          "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
+    if command in ("train", "run"):
+        from sftmix.validation import check_step_counts
+
+        check_step_counts(cfg, len(train_records(cfg)))  # needs the data's size; still before any training
     if command in ("dynamics",) or (command == "run" and needs_split):
         stage_dynamics(cfg)
     if command in ("train", "run"):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from sftmix.report import _fmt  # one number format for run reports and the sweep table
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
+from sftmix.validation import validate_settings
 
 log = logging.getLogger("sftmix")
 
@@ -190,6 +191,7 @@ def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None,
         argv = run_argv(config, out_dir / config.stem, overrides, extra)
         try:
             cfg = parse_config(argv)
+            validate_settings(cfg)  # every setting of every run (ranges, one-run SFTMix) before the first one starts
         except SFTMixError as e:
             raise SFTMixError(f"sweep: {config}: {e}") from e
         plans.append((config, argv, cfg))
@@ -397,8 +399,12 @@ def main(argv: list[str]) -> int:
     log.info("[sweep] merged table: %s, %s", out_dir / "sweep.md", out_dir / "sweep.json")
     failed = [r for r in summary["runs"] if r.get("returncode") not in (None, 0)]
     if failed:
+        # exit 2 is a user's mistake (config, data, input file): a rerun fails the same way until it is fixed
+        mistakes = [r["stem"] for r in failed if r.get("returncode") == 2]
+        fix = (f"fix the error each of {', '.join(mistakes)} printed (`sftmix: error: ...` above, and in "
+               f"{out_dir}/<run>/logs/sftmix.log), then rerun the same command (finished runs are skipped)"
+               if mistakes else "rerun the same command to resume them")
         print(f"sftmix: error: sweep: {len(failed)} of {len(summary['runs'])} runs failed ("
-              + ", ".join(f"{r['stem']}: {r['status']}" for r in failed) + "); rerun the same command to resume "
-              "them.", file=sys.stderr)
+              + ", ".join(f"{r['stem']}: {r['status']}" for r in failed) + f"); {fix}.", file=sys.stderr)
         return 1
     return 0

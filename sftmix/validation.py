@@ -75,16 +75,16 @@ def validate_settings(cfg) -> None:
     _num("dataloader_num_workers", tr.dataloader_num_workers, low=0, integer=True)
     for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
         _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
-    if "sftmix" in run.recipes and tr.mixup_enabled and tr.per_device_train_batch_size % 2:
-        raise SFTMixError(f"per_device_train_batch_size={tr.per_device_train_batch_size} is odd: SFTMix batches hold "
-                          f"equally many confident and unconfident examples. Use an even per-device batch size (e.g. "
-                          f"{tr.per_device_train_batch_size + 1}), with gradient_accumulation_steps for the global "
-                          f"batch.")
+    if "sftmix" in run.recipes and tr.mixup_enabled:
+        from sftmix.core import SFTMixMixin
+
+        SFTMixMixin._check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
     if tr.pairing == "nearest" and tr.split_source == "column":
         # nearest pairing uses step 1's hidden states, and a column split skips step 1
         raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
                           "writes, but split_source=column skips step 1; use pairing=random with a column split, "
                           "or split_source=dynamics.")
+    check_one_run(cfg)
     _num("num_shots", ev.num_shots, low=0, integer=True)
     _num("batch_size", ev.batch_size, low=1, integer=True)
     _num("gen_batch_size", ev.gen_batch_size, low=1, integer=True)
@@ -100,6 +100,51 @@ def validate_settings(cfg) -> None:
     _num("judge_backoff", ev.judge_backoff, low=0)
     _num("judge_concurrency", ev.judge_concurrency, low=1, integer=True)
     _num("judge_max_tokens", ev.judge_max_tokens, low=1, integer=True)
+
+
+ONE_RUN = "reference=self (one-run SFTMix)"
+
+
+def check_one_run(cfg) -> None:
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.core.one_run_problem, the rules the
+    trainer and its callback apply at train time), refused here, before the first stage of the command trains,
+    in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
+    from sftmix.core import one_run_problem
+
+    run, tr = cfg.run, cfg.train
+    if run.reference != "self" or "sftmix" not in run.recipes:
+        return
+    problem = one_run_problem(run.self_ntp_epochs, num_train_epochs=tr.num_train_epochs, max_steps=tr.max_steps,
+                              mixup_enabled=tr.mixup_enabled, pairing=tr.pairing, split_source=tr.split_source,
+                              ntp_subset=tr.ntp_subset, epochs_name="self_ntp_epochs", what=ONE_RUN)
+    if problem:
+        raise SFTMixError(problem)
+
+
+def check_step_counts(cfg, n_train: int) -> None:
+    """After the data stage, before any training: enough optimizer steps for the scoring passes of one-run SFTMix
+    (self_num_checkpoints within its self_ntp_epochs). `n_train` is the number of training examples (an upper bound
+    of what the run trains on, so a refusal here is certain; the callback checks the exact count again)."""
+    from accelerate import PartialState
+
+    from sftmix.core import OneRunSampler
+
+    run, tr = cfg.run, cfg.train
+    if run.reference != "self" or "sftmix" not in run.recipes or run.self_confidence != "checkpoints":
+        return
+    if tr.selection in ("long", "random") and tr.selection_k:
+        n_train = min(n_train, int(tr.selection_k))
+    world = PartialState().num_processes
+    sampler = OneRunSampler(n_train, tr.per_device_train_batch_size, 0, run.self_ntp_epochs, None,
+                            num_replicas=world)
+    batches = 2 * sampler.num_pairs // (tr.per_device_train_batch_size * world)  # per process and epoch
+    steps = -(-batches // tr.gradient_accumulation_steps) * run.self_ntp_epochs  # the Trainer rounds up
+    if run.self_num_checkpoints > steps:
+        raise SFTMixError(f"self_num_checkpoints={run.self_num_checkpoints} scoring passes need as many optimizer "
+                          f"steps in the self_ntp_epochs={run.self_ntp_epochs} NTP epoch(s), which have {steps} "
+                          f"({n_train} examples, per_device_train_batch_size={tr.per_device_train_batch_size}, "
+                          f"gradient_accumulation_steps={tr.gradient_accumulation_steps}, {world} process(es)): "
+                          f"lower self_num_checkpoints (or the batch size), or raise self_ntp_epochs.")
 
 
 def check_template(setting: str, value: str | None) -> None:
@@ -129,15 +174,22 @@ def check_template(setting: str, value: str | None) -> None:
                           f"template.") from e
 
 
-def check_model(setting: str, spec: str | None, trust_remote_code: bool, revision: str | None = None) -> None:
+def check_model(setting: str, spec: str | None, trust_remote_code: bool, revision: str | None = None,
+                mixup: bool = False) -> None:
     """The model spec resolves (sftmix.models.resolve_model; for a Hub id this fetches config.json, so offline,
     gated and missing repos fail here, before any training); a local folder's config.json parses, its weights are
-    whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code."""
+    whole, and a model that brings its own code (auto_map) is loaded only with trust_remote_code. `mixup`: the
+    target of the Mixup recipe, whose config must not soft-cap or scale its logits (what SFTMixMixin refuses when
+    it starts, after step 1)."""
+    if spec is not None and not str(spec).strip():  # `--model "$UNSET"`: not silently the default model
+        raise SFTMixError(f"{setting} is empty (an unset shell variable?); give a model: smollm2, tiny-random, a local "
+                          f"HF folder, a .gguf file or a Hub id (org/name).")
     if not spec:
         return
     from sftmix.models import resolve_model
 
     info = resolve_model(spec, revision=revision)
+    check_tokenizer(setting, spec, info)
     path = info.get("path")
     if info.get("kind") not in ("hf-dir", "hub") or not path or not (Path(path) / "config.json").is_file():
         return
@@ -147,12 +199,47 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     except (OSError, ValueError) as e:
         raise SFTMixError(f"{setting}={spec}: {conf} is not readable JSON ({e}); fix or replace the model "
                           f"folder.") from e
+    if mixup and isinstance(data, dict):
+        from types import SimpleNamespace
+
+        from sftmix.core import SFTMixMixin
+
+        # the text model's settings (a multimodal config nests them under text_config)
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+        try:
+            SFTMixMixin.check_model_config("the model", SimpleNamespace(**text))
+        except SFTMixError as e:
+            raise SFTMixError(f"{setting}={spec}: {e}") from None
     if info["kind"] == "hf-dir":
         check_weights(setting, spec, Path(path))
     if isinstance(data, dict) and data.get("auto_map") and not trust_remote_code:
         raise SFTMixError(f"{setting}={spec}: the model brings its own code (auto_map in {conf}), which runs only "
                           f"with --trust_remote_code true; read that code first, then pass the flag (or use a model "
                           f"of an architecture transformers ships).")
+
+
+# the files a transformers tokenizer is loaded from (any one of them, or any tokenizer* file: tokenizer.model.v3, ...);
+# a GGUF file carries its own tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "tekken.json", "sentencepiece.bpe.model", "spm.model", "merges.txt")
+
+
+def check_tokenizer(setting: str, spec: str, info: dict) -> None:
+    """A model folder or Hub repo has tokenizer files (the data stage and every run load them; without, transformers
+    fails with a traceback after the data stage)."""
+    if info.get("kind") == "hf-dir":
+        files, where = [p.name for p in Path(info["path"]).iterdir()], f"the folder {info['path']}"
+    elif info.get("kind") == "hub":
+        from sftmix.hub import repo_files
+
+        files, where = repo_files(info["repo_id"], info["sha"], info["path"]), f"the Hub repo at {info['sha'][:12]}"
+    else:
+        return
+    names = [Path(f).name for f in files]
+    if not any(n in TOKENIZER_FILES or n.startswith("tokenizer") or n.endswith(".tiktoken") for n in names):
+        raise SFTMixError(f"{setting}={spec}: {where} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, "
+                          f"...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder)), or use a "
+                          f"model that ships one.")
 
 
 def _loaded(setting: str, path: str, load, *args):
@@ -250,6 +337,9 @@ def check_data(cfg) -> None:
 def check_run_dir(run_dir: Path) -> None:
     """The run directory is a folder we can write (or can be created)."""
     p = Path(run_dir)
+    if p.is_symlink() and not p.exists():
+        raise SFTMixError(f"--output_dir {p} is a symbolic link to {os.readlink(p)}, which does not exist; create that "
+                          f"folder, or give another --output_dir.")
     if p.exists() and not p.is_dir():
         raise SFTMixError(f"--output_dir {p} is a file, not a folder; give a folder path.")
     probe = p
@@ -260,6 +350,21 @@ def check_run_dir(run_dir: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SFTMixError(f"--output_dir {p}: cannot write in {probe} (permission denied); choose another "
                           f"--output_dir or fix its permissions.")
+
+
+READING_COMMANDS = ("eval", "report")  # read a finished (or started) run; they create nothing of their own
+
+
+def check_existing_run(run_dir: Path, command: str) -> None:
+    """`sftmix eval` and `sftmix report` read a run directory: one that does not exist (a mistyped path) or holds no
+    run is refused, rather than created and filled with the demo config's stages."""
+    p = Path(run_dir)
+    if not p.exists():
+        raise SFTMixError(f"sftmix {command}: --output_dir {p} does not exist; give the folder of an earlier `sftmix "
+                          f"run` (or run it first).")
+    if not (p / "config.yaml").is_file():
+        raise SFTMixError(f"sftmix {command}: --output_dir {p} holds no run (no config.yaml); give the folder of an "
+                          f"earlier `sftmix run` (or run it first).")
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -275,14 +380,20 @@ def validate(cfg, command: str = "run") -> None:
     from sftmix.rundir import check_inputs_outside
 
     validate_settings(cfg)
+    if command == "dynamics" and cfg.run.reference == "self":
+        raise SFTMixError("reference=self has no step 1 (the sftmix run scores its own NTP epochs): run "
+                          "`sftmix train --recipe sftmix` or `sftmix run`, or set reference=separate.")
     check_run_dir(cfg.run_dir)
+    if command in READING_COMMANDS:
+        check_existing_run(cfg.run_dir, command)
     if command == "report":
         return
     check_inputs_outside(cfg)
     check_data(cfg)
     trust = bool(getattr(cfg.train, "trust_remote_code", False))
-    check_model("model", cfg.run.model, trust, cfg.run.model_revision)
-    if cfg.run.reference_model:
+    check_model("model", cfg.run.model, trust, cfg.run.model_revision,
+                mixup="sftmix" in cfg.run.recipes and cfg.train.mixup_enabled)
+    if cfg.run.reference_model is not None:
         check_model("reference_model", cfg.run.reference_model, trust, cfg.run.reference_model_revision)
     check_template("chat_template", cfg.run.chat_template)
     check_template("eval_chat_template", getattr(cfg.eval_args, "eval_chat_template", None))

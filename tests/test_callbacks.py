@@ -310,7 +310,7 @@ def test_one_run_settings_are_checked(tmp_path, tok_ds):
     with pytest.raises(SFTMixError, match="self_reference_epochs"):
         SFTMixConfig(output_dir=str(tmp_path), self_reference_epochs=1, mixup_weight=0.0, bf16=False)
     tr, _ = one_run_trainer(tok, ds, tmp_path, num_train_epochs=1, save_strategy="no")
-    with pytest.raises(SFTMixError, match="whole num_train_epochs"):
+    with pytest.raises(SFTMixError, match="num_train_epochs greater than self_reference_epochs=1"):
         tr.train()
 
 

@@ -204,7 +204,10 @@ def test_run_directory_with_another_config_is_refused(tmp_path, capsys):
     from sftmix.pipeline import write_config
 
     out = tmp_path / "r"
+    write_config(parse_config(["--config", SMOKE, "--output_dir", str(out), "--mixup_weight", "0.4"]))
+    # before any target run has started, what only the target runs read may still change (issue 25) ...
     write_config(parse_config(["--config", SMOKE, "--output_dir", str(out), "--mixup_weight", "0.5"]))
+    (out / "sftmix").mkdir()  # ... not once one has
     msg = _error(capsys, ["run", "--config", SMOKE, "--output_dir", str(out)])
     assert "another config (mixup_weight: 0.5 -> 0.2)" in msg
     # settings that do not change finished stages may change

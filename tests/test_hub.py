@@ -267,6 +267,27 @@ def test_a_list_of_card_less_hub_datasets_is_one_merged_source(repos, tmp_path):
     assert runs[0]["err"] == runs[1]["err"]
 
 
+def test_a_list_of_hub_ids_each_with_its_own_format_config_and_split(repos, tmp_path):
+    """Issue 25: a list of ids no longer has to share one format and one split: each id is ID[:CONFIG[:SPLIT]] (as
+    the evaluation sets), its format detected on its own first row; the sources record each id's split."""
+    code = ("import json\nfrom sftmix.data import load_records_with_stats\nfrom sftmix.config import RunConfig\n"
+            "from sftmix.hub import run_sources\n"
+            "recs, stats = load_records_with_stats(['org/alpaca', 'org/chat::train_sft'])\n"
+            "src = run_sources(RunConfig(data=['org/alpaca', 'org/chat::train_sft']))\n"
+            "print(json.dumps({'n': len(recs), 'format': stats['format'], 'splits': [h['split'] for h in "
+            "stats['hub']], 'sources': [(e['id'], e['split']) for e in src['data']],"
+            " 'last': recs[-1]['completion'][-1]['content']}))\n")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(repos, tmp_path / "hf_home"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["splits"] == ["train", "train_sft"]
+    assert out["sources"] == [["org/alpaca", "train"], ["org/chat", "train_sft"]]
+    assert out["format"].startswith("org/alpaca: alpaca, org/chat::train_sft: ")
+    n_chat_turns = sum(2 + i % 2 for i in range(N_CHATS))  # one example per assistant turn
+    assert out["n"] == N_ALPACA + n_chat_turns and out["last"] == f"chat {N_CHATS - 1} answer 2"
+
+
 def test_offline_with_an_uncached_id_is_one_line(repos, tmp_path):
     env = _env(repos, tmp_path / "hf_home", HF_HUB_OFFLINE="1")
     n0 = len(repos.requests)

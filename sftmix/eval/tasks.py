@@ -56,12 +56,9 @@ HUB_EVAL_SOURCES: dict[str, dict] = {}  # spec -> {id, config, split, sha} of ev
 
 def _hub_spec(path: str) -> tuple[str, str | None, str | None] | None:
     """(id, config, split) when `path` names a Hub dataset (`ID[:CONFIG[:SPLIT]]`) rather than a local file."""
-    from sftmix.hub import is_hub_id
+    from sftmix.hub import dataset_spec
 
-    repo_id, *rest = str(path).split(":")
-    if Path(path).exists() or len(rest) > 2 or not is_hub_id(repo_id, "dataset"):
-        return None
-    return repo_id, (rest[0] or None) if rest else None, (rest[1] or None) if len(rest) > 1 else None
+    return dataset_spec(path)
 
 
 def _read_hub_rows(path: str, task: str | None) -> list[dict]:
