@@ -108,11 +108,9 @@ class ConfidenceCallback(TrainerCallback):
         sched = {"steps": self.steps, "num_checkpoints": len(self.steps), "num_examples": len(self.score_dataset),
                  "run": run}
         path = self.dir / "schedule.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old = self._check_run(run, state)
         if old.get("run") == run:
             sched = {**old, **sched}  # the same run, resumed or restarted: keep what it scored
-        else:  # another run's files (or files without a fingerprint) are never kept beside this run's
-            self._replace_other_run(old, run, state.global_step, state.is_world_process_zero)
         lost = [k for k, s in enumerate(self.steps, 1) if s <= state.global_step and not self.ckpt_path(k).exists()]
         if lost:  # the weights of those steps are gone: resuming would silently leave holes in the data map
             raise SFTMixError(f"{self.dir}: checkpoint(s) {lost} (step(s) {[self.steps[k - 1] for k in lost]}) were "
@@ -122,14 +120,24 @@ class ConfidenceCallback(TrainerCallback):
         if state.is_world_process_zero:
             atomic_write_json(path, sched)
 
+    def _check_run(self, run: dict, state) -> dict:
+        """The schedule.json of dynamics/; files of another run (or without a fingerprint) are never kept beside
+        this run's (_replace_other_run)."""
+        path = self.dir / "schedule.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old.get("run") != run:
+            self._replace_other_run(old, run, state.global_step, state.is_world_process_zero)
+        return old
+
     def _replace_other_run(self, old: dict, run: dict, step: int, main: bool) -> None:
         """dynamics/ holds files of another run: remove them to rescore, unless this run resumes past one of them
         (its weights are gone, so it could only be kept, mixing the two runs)."""
         old_run = old.get("run") or {}
         diff = ", ".join(f"{k} {old_run.get(k)!r} -> {v!r}" for k, v in run.items() if old_run.get(k) != v)
         old_steps = old.get("steps") or []
-        files = sorted(self.dir.glob("ckpt_*.jsonl"))
-        stuck = [p.name for p in files if step > 0 and _ckpt_step(p, old_steps) <= step]
+        records = self.dir / "online_records.jsonl"  # one-run SFTMix's online records: never re-recorded either
+        files = sorted(self.dir.glob("ckpt_*.jsonl")) + ([records] if records.exists() else [])
+        stuck = [p.name for p in files if step > 0 and (p == records or _ckpt_step(p, old_steps) <= step)]
         if stuck:
             raise SFTMixError(f"{self.dir} holds the data map of another run ({diff or 'no fingerprint'}), and this "
                               f"one resumes at step {step}, after {', '.join(stuck)}, which it cannot rescore: resume "
@@ -267,6 +275,11 @@ class SelfReferenceCallback(ConfidenceCallback):
         if self.trainer is None:
             raise SFTMixError("SelfReferenceCallback(confidence='online') needs the trainer's online records: use it "
                               "with an SFTMix trainer (SFTMixTrainer), which binds itself as `callback.trainer`.")
+        self.steps = []  # no scoring step: the fingerprint says so
+        run = {**self.fingerprint(args, state, kwargs.get("model")), "self_confidence": "online"}
+        self._check_run(run, state)
+        if state.is_world_process_zero:
+            atomic_write_json(self.dir / "schedule.json", {"run": run})
         self.trainer.online_records.clear()
         done = min(state.global_step, self.ntp_steps)
         if done and not self.marker.exists():  # resumed inside the NTP epochs: their records so far are needed

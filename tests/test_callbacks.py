@@ -262,24 +262,38 @@ def test_one_run_resumes_across_the_switch_as_if_uninterrupted(tmp_path, tok_ds,
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
 
 
-def test_one_run_checkpoints_into_a_folder_of_another_run_rescores_and_splits_anew(tmp_path, tok_ds):
-    """SelfReferenceCallback(confidence="checkpoints") shares ConfidenceCallback's fingerprint: a second run (another
-    learning rate) into the same folder scores its own checkpoints and takes its own split, where it used to keep the
-    first run's scores and its final split (dynamics/self_split.json)."""
+@pytest.mark.parametrize("confidence", ["checkpoints", "online"])
+def test_one_run_into_a_folder_of_another_run_rescores_and_splits_anew(tmp_path, tok_ds, confidence):
+    """SelfReferenceCallback shares ConfidenceCallback's fingerprint in both modes: a second run (another learning
+    rate) into the same folder takes its own scores or records and its own split, where it used to keep the first
+    run's final split (dynamics/self_split.json); resumed past the other run's files, it is refused."""
+    from sftmix.utils import resume_checkpoint
+
     tok, ds = tok_ds
-    first, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no")
+    kw = dict(save_strategy="no", confidence=confidence)
+    first, cb = one_run_trainer(tok, ds, tmp_path, **kw)
     first.train()
     old = read_jsonl(tmp_path / "confidence.jsonl")
-    second, cb = one_run_trainer(tok, ds, tmp_path, save_strategy="no", learning_rate=1e-2)
+    second, cb = one_run_trainer(tok, ds, tmp_path, learning_rate=1e-2, **kw)
     second.train()
-    assert cb.scored == [1, 2]
-    alone, _ = one_run_trainer(tok, ds, tmp_path / "alone", save_strategy="no", learning_rate=1e-2)
+    assert cb.scored == ([1, 2] if confidence == "checkpoints" else [])
+    alone, _ = one_run_trainer(tok, ds, tmp_path / "alone", learning_rate=1e-2, **kw)
     alone.train()
     new, want = read_jsonl(tmp_path / "confidence.jsonl"), read_jsonl(tmp_path / "alone" / "confidence.jsonl")
     assert [r["guid"] for r in new] == [r["guid"] for r in want]
     for a, b in zip(new, want):
         assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
     assert any(a["confidence"] != pytest.approx(b["confidence"], abs=1e-4) for a, b in zip(new, old))
+
+    # another learning rate resumed from the first run's checkpoint cannot redo what it resumes past: refused
+    out = tmp_path / "resumed"
+    kw = dict(save_strategy="steps", save_steps=1, confidence=confidence)
+    tr, _ = one_run_trainer(tok, ds, out, [interrupt_at(3)], **kw)
+    with pytest.raises(Interrupt):
+        tr.train()
+    tr, _ = one_run_trainer(tok, ds, out, learning_rate=1e-2, **kw)
+    with pytest.raises(SFTMixError, match=r"holds the data map of another run \(.*learning_rate 0.003 -> 0.01"):
+        tr.train(resume_from_checkpoint=resume_checkpoint(out / "sftmix", "test"))
 
 
 def test_one_run_online_refuses_to_resume_without_the_records(tmp_path, tok_ds):
