@@ -42,7 +42,24 @@ log = logging.getLogger("sftmix")
 def _state():
     from accelerate import PartialState
 
+    cpu_launch()
     return PartialState()
+
+
+def cpu_launch() -> None:
+    """Under `torchrun` (or `srun`) on machines without an accelerator, tell accelerate to run on the CPU.
+
+    Why: `accelerate launch --cpu` sets ACCELERATE_USE_CPU, torchrun does not, and without it accelerate picks no
+    backend on a CPU-only machine: every process would believe it is the only one (each taking the run lock and
+    training on all the data), and the Trainer's TrainingArguments would reset the state the same way. With it, both
+    set up gloo as under `accelerate launch --cpu`. Called before the first PartialState or training config of the
+    process (sftmix.cli does so before parsing the config, which builds one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
+        return
+    import torch
+
+    if not (torch.cuda.is_available() or getattr(torch, "accelerator", None) and torch.accelerator.is_available()):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 @contextlib.contextmanager
