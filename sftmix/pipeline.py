@@ -467,6 +467,7 @@ def stage_dynamics(cfg) -> None:
             atomic_write_json(marker, {"confidence_mode": run.confidence_mode, "reference_model": spec,
                                        "n_examples": len(rows), "n_confident": n_conf,
                                        "n_unconfident": len(rows) - n_conf, "selection": selection})
+        _state().wait_for_everyone()  # the target runs of every process read the split the main one has written
         log.info("dynamics: %d confident / %d unconfident examples (%s confidence)", n_conf, len(rows) - n_conf,
                  run.confidence_mode)
 
@@ -762,7 +763,7 @@ def stage_report(cfg, force: bool = True) -> dict | None:
 
 def run(cfg, command: str, recipe: str | None = None) -> int:
     """Run `command` (run, dynamics, train, eval, report) on cfg.run_dir; returns the exit code."""
-    from sftmix.rundir import RunLock
+    from sftmix.rundir import RunLock, check_shared_run_dir
     from sftmix.validation import make_run_dir, validate
 
     t0 = time.perf_counter()
@@ -772,6 +773,7 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
     lock = RunLock(cfg.run_dir, " ".join(sys.argv) or command) if _state().is_main_process \
         else contextlib.nullcontext()
     with lock:
+        check_shared_run_dir(cfg.run_dir)  # several nodes: every process must see what the main one writes
         return _run(cfg, command, recipe, t0)
 
 
