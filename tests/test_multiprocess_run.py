@@ -25,7 +25,6 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 DIST_RUN = str(ROOT / "tests" / "dist_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
-pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -107,6 +106,7 @@ def writers(writes_dir, run_dir) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_only_the_main_process_writes(two_processes, one_process):
     run_dir = two_processes / "run"
     assert_same_run(run_dir, one_process)
@@ -117,6 +117,7 @@ def test_two_processes_equal_one_and_only_the_main_process_writes(two_processes,
     assert not list(run_dir.glob(".shared-check*")), "the shared-directory check leaves nothing behind"
 
 
+@pytest.mark.slow
 def test_kill9_of_one_rank_then_rerun_resumes(two_processes, tmp_path):
     run_dir = tmp_path / "run"
     # rank 1 is SIGKILLed at step 7 of the sftmix run (checkpoint-5 is whole); torchrun then stops rank 0
@@ -145,6 +146,7 @@ def nodes(run_dirs, writes, tmp_path):
     return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
 
 
+@pytest.mark.slow
 def test_two_nodes_share_one_run_directory(two_processes, tmp_path):
     run_dir = tmp_path / "shared" / "run"
     results = nodes([run_dir, run_dir], tmp_path / "writes", tmp_path)
@@ -154,6 +156,7 @@ def test_two_nodes_share_one_run_directory(two_processes, tmp_path):
     assert set(writers(tmp_path / "writes", run_dir)) == {0}
 
 
+@pytest.mark.slow
 def test_node_local_run_directories_are_refused_in_one_line(tmp_path):
     # the same relative --output_dir, resolved in each node's own working folder: two different directories
     results = nodes(["run", "run"], tmp_path / "writes", tmp_path)
@@ -164,3 +167,27 @@ def test_node_local_run_directories_are_refused_in_one_line(tmp_path):
         assert "--output_dir run is not shared by all processes: process 1" in errors[0]
         assert "node-local run directories are not supported" in errors[0]
     assert not (tmp_path / "node1" / "run" / "data").exists()  # refused before any stage ran
+
+
+PAPER_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem.startswith(("llama", "mistral")))
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_config_first_line_launches_on_one_node_and_on_several(path):
+    first = path.read_text().splitlines()[0]
+    one, several = first.removeprefix("# 1 node: ").split(" | N nodes: ")
+    acc = one.split()[3]
+    assert one == (f"accelerate launch --config_file {acc} -m sftmix.cli run --config configs/{path.name} "
+                   f"--output_dir runs/{path.stem}")
+    assert several == (f"sbatch --nodes N examples/slurm/sftmix.sbatch configs/{path.name} /shared/runs/{path.stem} "
+                       f"{acc}")
+    assert (ROOT / acc).is_file()
+
+
+def test_slurm_script_is_valid_bash_and_launches_every_node():
+    script = ROOT / "examples" / "slurm" / "sftmix.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for needed in ("srun", '--machine_rank "$SLURM_NODEID"', '--num_machines "$SLURM_NNODES"',
+                   '--node_rank "$SLURM_NODEID"', '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"', "--requeue"):
+        assert needed in text, needed
