@@ -93,11 +93,14 @@ def test_deepspeed_zero_trains_like_one_process(tmp_path):
     Runs on DeepSpeed's CPU accelerator when deepspeed is installed (it is not a dependency of sftmix)."""
     pytest.importorskip("deepspeed")
     save_models(tmp_path / "models")
-    single = {tied: run("single" + tied, per_device=8, **RUN) for tied in ("", "_tied")}
-    multi = torchrun(tmp_path, "zero2,zero3,zero3_tied", env={"DS_ACCELERATOR": "cpu"})
-    for mode, tied in (("zero2", ""), ("zero3", ""), ("zero3_tied", "_tied")):
+    single = {tied: run("single" + tied, per_device=8, **RUN) for tied in ("", "_tied", "_lora", "_gc")}
+    # + LoRA under ZeRO-2 / ZeRO-3 and gradient checkpointing under ZeRO-3 (issue 29: never run before)
+    multi = torchrun(tmp_path, "zero2,zero3,zero3_tied,zero2_lora,zero3_lora,zero3_gc", env={"DS_ACCELERATOR": "cpu"})
+    for mode, ref in (("zero2", ""), ("zero3", ""), ("zero3_tied", "_tied"), ("zero2_lora", "_lora"),
+                      ("zero3_lora", "_lora"), ("zero3_gc", "_gc")):
+        assert "error" not in multi[mode], (mode, multi[mode].get("error"))
         assert multi[mode]["distributed_type"] == "DistributedType.DEEPSPEED" and multi[mode]["world_size"] == 2
-        assert_same_training(multi[mode], single[tied])
+        assert_same_training(multi[mode], single[ref])
 
 
 def _medqa(path, n=23, seed=0):
