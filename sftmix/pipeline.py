@@ -768,6 +768,7 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
 
     t0 = time.perf_counter()
     validate(cfg, command)  # every setting and input file, before anything is written or trained
+    _check_deepspeed_used(cfg)
     make_run_dir(cfg.run_dir)
     # one command at a time on a run directory (the main process holds the lock for all under accelerate launch)
     lock = RunLock(cfg.run_dir, " ".join(sys.argv) or command) if _state().is_main_process \
@@ -775,6 +776,19 @@ def run(cfg, command: str, recipe: str | None = None) -> int:
     with lock:
         check_shared_run_dir(cfg.run_dir)  # several nodes: every process must see what the main one writes
         return _run(cfg, command, recipe, t0)
+
+
+def _check_deepspeed_used(cfg) -> None:
+    """Refuse `deepspeed` on several CPU processes: transformers then sets up plain DDP (its CPU branch comes before
+    DeepSpeed's) and would drop the setting without a word."""
+    from accelerate import DistributedType
+
+    state = _state()
+    if cfg.train.deepspeed and state.num_processes > 1 and state.distributed_type != DistributedType.DEEPSPEED:
+        raise SFTMixError(f"deepspeed={cfg.train.deepspeed} would be ignored: these {state.num_processes} processes "
+                          f"run on the CPU, where accelerate trains with plain DDP; remove --deepspeed (DDP is what "
+                          f"runs), or launch on GPUs (accelerate launch --config_file "
+                          f"configs/accelerate/deepspeed_zero3.yaml ...).")
 
 
 def _run(cfg, command: str, recipe: str | None, t0: float) -> int:

@@ -23,7 +23,8 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 DIST_RUN = str(ROOT / "tests" / "dist_run.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",  # this checkout first, then what was there
+       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 
 
@@ -167,6 +168,21 @@ def test_node_local_run_directories_are_refused_in_one_line(tmp_path):
         assert "--output_dir run is not shared by all processes: process 1" in errors[0]
         assert "node-local run directories are not supported" in errors[0]
     assert not (tmp_path / "node1" / "run" / "data").exists()  # refused before any stage ran
+
+
+@pytest.mark.slow
+def test_deepspeed_on_cpu_processes_is_refused_not_dropped(tmp_path):
+    # transformers' CPU branch wins over DeepSpeed's: on main the 2 processes trained as plain DDP without a word
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}))
+    proc = torchrun(tmp_path / "run", tmp_path / "writes", extra=("--deepspeed", str(ds)), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sftmix: error:")]
+    assert errors and all(e == errors[0] for e in errors), proc.stderr[-3000:]
+    assert f"deepspeed={ds} would be ignored: these 2 processes run on the CPU" in errors[0]
+    assert not (tmp_path / "run" / "data").exists()
 
 
 PAPER_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem.startswith(("llama", "mistral")))
