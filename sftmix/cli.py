@@ -86,8 +86,10 @@ def run_command(argv: list[str]) -> int:
         _parser_class()((RunConfig, SFTMixConfig, _eval_args_class()), prog=f"sftmix {command}").print_help()
         return 0
     _setup_logging()
-    cfg = parse_config(rest)
     from sftmix import pipeline
+
+    pipeline.cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
+    cfg = parse_config(rest)
 
     return pipeline.run(cfg, command, recipe=recipe)
 

@@ -488,8 +488,11 @@ def run_reference(
     each of the C scoring steps (scoring_checkpoints="always"). `records` (optional)
     give the instructions for the markdown summary. Further keyword arguments go to the SFTMixConfig (e.g.
     bf16=True, report_to="tensorboard", lr_scheduler_type="cosine")."""
+    from accelerate import PartialState
+
     out_dir = Path(out_dir)
     conf_path = out_dir / "confidence.jsonl"
+    main = PartialState().is_main_process  # several processes: each computes the rows, the main one writes the files
     if not score_checkpoints and not online:
         raise SFTMixError("score_checkpoints=False needs online=True: without checkpoint scoring the confidence can "
                           "only come from the online records.")
@@ -521,23 +524,26 @@ def run_reference(
         last = resume_checkpoint(ref_dir, "the reference run")
         result = trainer.train(resume_from_checkpoint=last)
         # The reference's own training metrics: the NTP baseline reuses this run when it is the identical run.
-        atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,
-                                                          "global_step": result.global_step,
-                                                          "n_train_examples": len(train_dataset)})
+        if main:
+            atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,
+                                                              "global_step": result.global_step,
+                                                              "n_train_examples": len(train_dataset)})
         guids = list(train_dataset["guid"])
         if score_checkpoints:
-            rows = build_confidence(out_dir, num_checkpoints, write=not (online and online_split))
-            if online:
+            rows = build_confidence(out_dir, num_checkpoints, write=main and not (online and online_split))
+            if online and main:
                 write_online_summary(out_dir, trainer.online_records, guids, rows)
             if online and online_split:
                 rows = _online_split_rows(rows, online_confidence(trainer.online_records, guids)["confidence"], guids)
-                write_jsonl(conf_path, rows)
+                if main:
+                    write_jsonl(conf_path, rows)
         else:
             n_tok = train_dataset["n_response_tokens"] if "n_response_tokens" in train_dataset.column_names else None
             rows = online_confidence_rows(trainer.online_records, guids, n_tok)
-            write_online_summary(out_dir, trainer.online_records, guids)
-            write_jsonl(conf_path, rows)
-    if plots:
+            if main:
+                write_online_summary(out_dir, trainer.online_records, guids)
+                write_jsonl(conf_path, rows)
+    if plots and main:
         from sftmix.plots import write_dynamics_plots
 
         write_dynamics_plots(out_dir, rows, records=records, dataset=train_dataset, tokenizer=tokenizer)

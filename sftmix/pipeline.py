@@ -43,7 +43,24 @@ log = logging.getLogger("sftmix")
 def _state():
     from accelerate import PartialState
 
+    cpu_launch()
     return PartialState()
+
+
+def cpu_launch() -> None:
+    """Under `torchrun` (or `srun`) on machines without an accelerator, tell accelerate to run on the CPU.
+
+    Why: `accelerate launch --cpu` sets ACCELERATE_USE_CPU, torchrun does not, and without it accelerate picks no
+    backend on a CPU-only machine: every process would believe it is the only one (each taking the run lock and
+    training on all the data), and the Trainer's TrainingArguments would reset the state the same way. With it, both
+    set up gloo as under `accelerate launch --cpu`. Called before the first PartialState or training config of the
+    process (sftmix.cli does so before parsing the config, which builds one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
+        return
+    import torch
+
+    if not (torch.cuda.is_available() or getattr(torch, "accelerator", None) and torch.accelerator.is_available()):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 @contextlib.contextmanager
@@ -458,6 +475,7 @@ def stage_dynamics(cfg) -> None:
             atomic_write_json(marker, {"confidence_mode": run.confidence_mode, "reference_model": spec,
                                        "n_examples": len(rows), "n_confident": n_conf,
                                        "n_unconfident": len(rows) - n_conf, "selection": selection})
+        _state().wait_for_everyone()  # the target runs of every process read the split the main one has written
         log.info("dynamics: %d confident / %d unconfident examples (%s confidence)", n_conf, len(rows) - n_conf,
                  run.confidence_mode)
 
@@ -814,17 +832,32 @@ def stage_report(cfg, force: bool = True) -> dict | None:
 
 def run(cfg, command: str, recipe: str | None = None) -> int:
     """Run `command` (run, dynamics, train, eval, report) on cfg.run_dir; returns the exit code."""
-    from sftmix.rundir import RunLock
+    from sftmix.rundir import RunLock, check_shared_run_dir
     from sftmix.validation import make_run_dir, validate
 
     t0 = time.perf_counter()
     validate(cfg, command)  # every setting and input file, before anything is written or trained
+    _check_deepspeed_used(cfg)
     make_run_dir(cfg.run_dir)
     # one command at a time on a run directory (the main process holds the lock for all under accelerate launch)
     lock = RunLock(cfg.run_dir, " ".join(sys.argv) or command) if _state().is_main_process \
         else contextlib.nullcontext()
     with lock:
+        check_shared_run_dir(cfg.run_dir)  # several nodes: every process must see what the main one writes
         return _run(cfg, command, recipe, t0)
+
+
+def _check_deepspeed_used(cfg) -> None:
+    """Refuse `deepspeed` on several CPU processes: transformers then sets up plain DDP (its CPU branch comes before
+    DeepSpeed's) and would drop the setting without a word."""
+    from accelerate import DistributedType
+
+    state = _state()
+    if cfg.train.deepspeed and state.num_processes > 1 and state.distributed_type != DistributedType.DEEPSPEED:
+        raise SFTMixError(f"deepspeed={cfg.train.deepspeed} would be ignored: these {state.num_processes} processes "
+                          f"run on the CPU, where accelerate trains with plain DDP; remove --deepspeed (DDP is what "
+                          f"runs), or launch on GPUs (accelerate launch --config_file "
+                          f"configs/accelerate/deepspeed_zero3.yaml ...).")
 
 
 def _run(cfg, command: str, recipe: str | None, t0: float) -> int:

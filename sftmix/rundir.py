@@ -13,6 +13,8 @@ split, confidence, model weights, evaluation files) plus any setting that may ch
 evaluation settings). A stage's fingerprint is recorded when it starts; if the inputs differ on a later invocation,
 the stage's outputs are removed (so nothing resumes from a stale checkpoint) and it runs again, saying what changed.
 File hashes are sha256, read in 1 MiB chunks, cached in the same file by (path, size, mtime) so reruns stay fast.
+Several processes or nodes: `check_shared_run_dir` refuses a run directory that not every process sees (only the
+global main process writes it; the lock and fingerprints are its alone).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import socket
 import time
 from pathlib import Path
 
-from sftmix.utils import SFTMixError, atomic_write_json
+from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sftmix")
 
@@ -105,6 +107,55 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
         return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one run directory for all processes (several nodes)
+
+SHARED_CHECK = ".shared-check"
+
+
+def check_shared_run_dir(run_dir: str | os.PathLike, wait_s: float = 10.0) -> None:
+    """Refuse a run directory that some process does not share with the main process (node-local disks, or a
+    relative --output_dir resolved in each node's own working folder). Collective: every process calls it.
+
+    Why: only the global main process writes the run directory (data split, step 1, models, fingerprints); the
+    others read what it wrote (train.jsonl, confidence.jsonl, checkpoints to resume from). On a node that does not
+    see the same folder they would read nothing or stale files, so node-local run directories are not supported.
+    The main process writes a fresh token; each process must read it back within `wait_s` (a network file system
+    may show a new file a little late); a failure anywhere is raised on every process, so that none waits forever."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1 or not dist.is_initialized():
+        return
+    path = Path(run_dir) / SHARED_CHECK
+    token = [f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}" if state.is_main_process else None]
+    if state.is_main_process:
+        atomic_write_text(path, token[0])
+    dist.broadcast_object_list(token, src=0)  # after the write: whoever reads the token may look for the file
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = path.read_text(encoding="utf-8") == token[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    views = [None] * state.num_processes
+    dist.all_gather_object(views, (seen, socket.gethostname(), str(Path(run_dir).resolve())))
+    if state.is_main_process:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    blind = [(rank, host, where) for rank, (ok, host, where) in enumerate(views) if not ok]
+    if blind:
+        rank, host, where = blind[0]
+        raise SFTMixError(f"--output_dir {run_dir} is not shared by all processes: process {rank} on {host} does not "
+                          f"see what the main process ({views[0][1]}) writes there ({len(blind)} of "
+                          f"{len(views)} processes, e.g. at {where}); put --output_dir on a file system every node "
+                          f"mounts, as an absolute path (node-local run directories are not supported).")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ Modes (several run one after the other in the same processes, results keyed by m
           FSDP1 plugin, wrapped here because accelerate only enables FSDP on GPUs; trained without gradient clipping
           (accelerate's CPU clip_grad_norm_ would norm FSDP1's plain-tensor shards per rank);
   zero3   DeepSpeed ZeRO-3 on its CPU accelerator (DS_ACCELERATOR=cpu, gloo), when deepspeed is installed.
-A `_tied` suffix (e.g. fsdp2_tied) uses the model with tied input/output embeddings (as SmolLM2), saved in DIR/tied.
+A `_tied` suffix (e.g. fsdp2_tied) uses the model with tied input/output embeddings (as SmolLM2), saved in DIR/tied;
+then `_gc` trains with gradient checkpointing and `_lora` with a LoRA adapter (r=4 on q_proj / v_proj, through the
+trainer's peft_config), e.g. fsdp2_gc, fsdp1_lora, single_gc_lora.
 `accelerate launch --cpu --num_processes 2` starts a single process unless an MPI hostfile is given, so the test
 launches with torchrun; the Trainer's Accelerator picks the gloo backend because use_cpu=True. Used by
 tests/test_distributed.py.
@@ -70,6 +72,8 @@ def save_models(model_dir):
 def run(mode, per_device=8, max_steps=6, n_examples=32, model_dir=None, max_grad_norm=1.0, mixup_weight=0.2):
     """Train in `mode`; return {"steps": [{step, loss, ntp_loss, mixup_loss}], "params": {name: [sum, abs_sum]}}."""
     tok = build_byte_tokenizer()
+    lora, mode = mode.endswith("_lora"), mode.removesuffix("_lora")
+    gc, mode = mode.endswith("_gc"), mode.removesuffix("_gc")
     tied = mode.endswith("_tied")
     mode = mode.removesuffix("_tied")
     saved = os.path.join(model_dir or "", "tied" if tied else "untied")
@@ -96,14 +100,31 @@ def run(mode, per_device=8, max_steps=6, n_examples=32, model_dir=None, max_grad
         args = SFTMixConfig(output_dir=tmp, per_device_train_batch_size=per_device, max_steps=max_steps,
                             learning_rate=1e-3, max_grad_norm=max_grad_norm, mixup_weight=mixup_weight,
                             logging_steps=1, save_strategy="no", report_to=[], bf16=False, seed=0,
-                            gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+                            gradient_checkpointing=gc, dataloader_num_workers=0, disable_tqdm=True,
                             **{"use_cpu": True, **extra})
-        trainer = SFTMixTrainer(model=model, args=args, processing_class=tok, train_dataset=tiny_dataset(n_examples))
+        peft = None
+        if lora:
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                              task_type="CAUSAL_LM")
+            torch.manual_seed(0)  # the LoRA A matrices are drawn when TRL wraps the model, before the Trainer seeds
+        try:
+            trainer = SFTMixTrainer(model=model, args=args, processing_class=tok, peft_config=peft,
+                                    train_dataset=tiny_dataset(n_examples))
+        except (SFTMixError, ValueError, RuntimeError) as e:  # an untested combination refused (or failing) here
+            if not (gc or lora):
+                raise
+            return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         wrapped = _wrap_fsdp1(trainer, mode == "fsdp1") if mode.startswith("fsdp1") else None
         try:
             trainer.train()
         except SFTMixError as e:
             return {"error": str(e)}
+        except (ValueError, RuntimeError) as e:  # an untested combination that fails inside torch / peft
+            if not (gc or lora):
+                raise
+            return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         # Collective under FSDP (gathers the shards): every process must call it.
         if mode.startswith("zero"):  # ZeRO-3 keeps each rank's partition only: gather the full weights to read them
             import deepspeed
