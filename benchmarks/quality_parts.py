@@ -34,9 +34,10 @@ runs are read back, an interrupted training resumes from its checkpoint; commit 
 Estimated cost of the default (N=104, 3 epochs, 100 validation + 100 held-out, 100 PubMedQA questions) from the
 per-run costs measured by quality.py on 2026-12-01 (2 cores, light load: NTP's target run ~540 s wall / ~990 s CPU,
 step 1 ~320 s / ~610 s, one-run SFTMix ~510 s / ~970 s; held-out NLL ~0.3 s and PubMedQA ~1 s wall per example and
-model): grid-ntp ~65 min wall (~2.1 h CPU), grid-sftmix ~40 min (~1.3 h CPU), grid-self ~60 min (~2 h CPU), seed-0
-~12 min, seed-1 and seed-2 ~65 min each (~2.1 h CPU), variants ~60 min (~2 h CPU, two variants x 3 seeds, ~10 min
-each). Not measured yet: each part file records its own wall and CPU time, and `merge` tabulates them.
+model, about 1.9 CPU s per wall s): grid-ntp ~62 min wall (~1.8 h CPU), grid-sftmix ~36 min (~1.1 h CPU), grid-self
+~58 min (~1.8 h CPU), seed-0 ~10 min (~0.3 h CPU: PubMedQA of 5 models and the start), seed-1 and seed-2 ~63 min
+each (~1.9 h CPU), variants ~60 min (~1.9 h CPU: 2 variants x 3 seeds); ~5.9 h wall in all. Estimates, not
+measurements: each part file records its own wall and CPU time, and `merge` tabulates them.
 
 Merge: the learning-rate grid's validation figures and choices; the five recipes at their chosen rates over the
 seeds found (held-out NLL token-weighted and per example, PubMedQA, cost end to end); paired differences against
@@ -78,6 +79,9 @@ RECIPES = {
 }
 # one-run SFTMix's confidence variants: the default (`sftmix_self` above) against these, on held-out NLL
 VARIANTS = {
+    "self_online_raw": ("one-run, online NLL as recorded (no step-relative correction)",
+                        ["--recipes", "sftmix", "--reference", "self", "--self_ntp_epochs", "1",
+                         "--self_confidence", "online_raw"], "sftmix"),
     "self_checkpoints": ("one-run, confidence from 2 scoring passes (checkpoints)",
                          ["--recipes", "sftmix", "--reference", "self", "--self_ntp_epochs", "1",
                           "--self_confidence", "checkpoints", "--self_num_checkpoints", "2"], "sftmix"),
@@ -201,7 +205,7 @@ def run_one(args, common: list[str], recipe: str, lr: float, seed: int, pubmedqa
 
     label, overrides, name = _recipe(recipe)
     folder = run_dir(args, common, recipe, lr, seed)
-    donors = sorted(p for p in args.work_dir.glob(f"*/*/seed{seed}") if (p / "eval" / "start.json").exists())
+    donors = sorted(p for p in args.work_dir.glob("*/*/seed*") if (p / "eval" / "start.json").exists())
     if donors:  # the untrained start model is the same for every run: evaluated once (reused by its fingerprint)
         q.reuse_start_eval(folder, donors)
     if recipe == "sftmix":  # step 1 does not depend on the target's rate: computed once per seed, then linked
@@ -489,7 +493,9 @@ def render(res: dict, args) -> str:
     lines += ["", "## Paired differences (first − second; negative: the first has the lower NLL)", "",
               "Per seed: the token-weighted held-out NLL difference. Pooled: each held-out example's difference "
               "averaged over the seeds, token-weighted and per example, with a 95% bootstrap interval over examples "
-              f"({N_BOOT} resamples, percentile). Examples each way: of the pooled per-example differences.", "",
+              f"({N_BOOT} resamples, percentile): it measures how much the result depends on which held-out examples "
+              "were drawn, not the seed-to-seed spread, which the per-seed column shows. Examples each way: of the "
+              "pooled per-example differences.", "",
               "| comparison | seeds | Δ NLL per seed | pooled Δ NLL [95% CI] | pooled Δ per-example NLL [95% CI] "
               "| examples first lower / higher | Δ PubMedQA per seed |", "|---|---|---|---|---|---|---|"]
     for key, c in res["comparisons"].items():

@@ -313,3 +313,48 @@ def test_a_seed_part_needs_the_grid_parts_first(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("quality_parts: error: part seed-1: the rates are chosen by the grid parts; run "
                                 "grid-ntp, grid-sftmix, grid-self first"), proc.stderr[-2000:]
+
+
+@needs_data
+def test_quick_part_records_every_run_and_resumes(tmp_path):
+    """`part grid-ntp --quick` with one rate: both runs recorded with per-example NLL on validation + held-out and
+    their costs; a part killed after its first run (its file holds one run) resumes with the second only."""
+    qp = load_parts()
+    argv = ["part", "grid-ntp", "--quick", "--lrs", "0.003", "--work_dir", str(tmp_path / "w"), "--results_dir",
+            str(tmp_path / "r")]
+
+    def run():
+        proc = subprocess.run([sys.executable, str(PARTS), *argv], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run()
+    args = qp.parse_args(argv)
+    path = args.parts_dir / "grid-ntp.json"
+    part = json.loads(path.read_text())
+    assert part["complete"] and part["settings"] == qp.settings(args) and part["invocations"] == 1
+    assert sorted(part["runs"]) == ["ntp_neftune|0.003|0", "ntp|0.003|0"]
+    data = qp.prepare(args)
+    for key, r in part["runs"].items():
+        assert sorted(r["examples"]) == sorted(data["val_guids"] + data["test_guids"])
+        assert all(finite(m) and m > 0 and t > 0 for m, t in r["examples"].values())
+        assert r["pubmedqa"] is None and r["costs"]["train"]["cpu_seconds"] > 0 and finite(r["train_loss"])
+    config = (Path(part["runs"]["ntp_neftune|0.003|0"]["run_dir"]) / "config.yaml").read_text()
+    assert "neftune_noise_alpha: 5.0" in config
+    assert "neftune" not in (Path(part["runs"]["ntp|0.003|0"]["run_dir"]) / "config.yaml").read_text()
+    # NEFTune changed the training: not the same model
+    assert part["runs"]["ntp|0.003|0"]["examples"] != part["runs"]["ntp_neftune|0.003|0"]["examples"]
+    assert part["cpu_seconds"] > 0
+
+    # as if killed after the first run: the second is done again from its run directory (every stage done already)
+    first = part["runs"].pop("ntp_neftune|0.003|0")
+    part["complete"] = False
+    path.write_text(json.dumps(part))
+    out = run()
+    assert "1 recorded already" in out and "[quality] ntp lr" not in out
+    assert out.count("(done already)") == 2  # ntp_neftune's train and eval
+    again = json.loads(path.read_text())
+    assert again["complete"] and again["invocations"] == 2 and len(again["runs"]) == 2
+    assert again["runs"]["ntp_neftune|0.003|0"]["examples"] == first["examples"]
+    assert again["runs"]["ntp_neftune|0.003|0"]["costs"] == first["costs"]  # the first run's costs are kept
