@@ -213,18 +213,23 @@ def run_dir_for(args, common: list[str], seed: int) -> Path:
 
 def settings_tag(common: list[str]) -> str:
     """A short hash of `sftmix run` overrides, runtime settings left out (see run_dir_for)."""
+    return hashlib.sha256("\x1f".join(without_runtime(common)).encode()).hexdigest()[:8]
+
+
+def without_runtime(overrides: list[str]) -> list[str]:
+    """`--key value` / `--key=value` overrides less those of settings that never change a result."""
     from sftmix.config import settings_of
 
     runtime = set(settings_of("runtime"))
     kept, i = [], 0
-    while i < len(common):
-        key = common[i][2:].split("=")[0] if common[i].startswith("--") else None
+    while i < len(overrides):
+        key = overrides[i][2:].split("=")[0] if overrides[i].startswith("--") else None
         if key in runtime:
-            i += 1 if "=" in common[i] else 2
+            i += 1 if "=" in overrides[i] else 2
             continue
-        kept.append(common[i])
+        kept.append(overrides[i])
         i += 1
-    return hashlib.sha256("\x1f".join(kept).encode()).hexdigest()[:8]
+    return kept
 
 
 def reuse_start_eval(run_dir: Path, done: list[Path]) -> None:

@@ -147,6 +147,7 @@ def settings(args) -> dict:
             "pubmedqa_questions", "model", "config", "extra")
     out = {k: getattr(args, k) for k in keys}
     out["config"] = Path(out["config"]).name
+    out["extra"] = q.without_runtime(out["extra"])  # a part resumed with `-- --num_threads 1` still merges
     out["data"] = Path(args.data).name
     return out
 

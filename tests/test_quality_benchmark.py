@@ -298,7 +298,9 @@ def test_merge_builds_tables_from_the_parts_present(tmp_path):
                  "| two-run SFTMix − NTP + NEFTune (alpha 5) | 0,1 |", "| variants | missing |"):
         assert text in md, text
 
-    # a part written with other settings is refused, naming the file and the setting
+    # runtime overrides (threads) do not block a merge; a part written with other settings is refused, naming the
+    # file and the setting
+    assert qp.read_part(_quick_args(qp, tmp_path, "--", "--num_threads", "2"), "seed-0")["runs"]
     other = _quick_args(qp, tmp_path, "--n_val", "6")
     with pytest.raises(qp.SFTMixError, match=r"seed-0\.json: written with other settings \(n_val: 8 there, 6 here"):
         qp.read_part(other, "seed-0")
