@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -246,7 +247,9 @@ def chosen_lrs(grid_runs: list[dict], val_guids: list[str], lrs: list[float]) ->
     out = {}
     for recipe in RECIPES:
         by_lr = {r["lr"]: nll(r["examples"], val_guids)["nll"] for r in grid_runs if r["recipe"] == recipe}
-        out[recipe] = min(lrs, key=lambda lr: by_lr[lr]) if all(lr in by_lr for lr in lrs) else None
+        # a rate that diverged (a non-finite NLL) is never chosen
+        out[recipe] = min(lrs, key=lambda lr: by_lr[lr] if math.isfinite(by_lr[lr]) else math.inf) \
+            if all(lr in by_lr for lr in lrs) else None
     return out
 
 

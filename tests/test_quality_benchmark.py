@@ -225,7 +225,7 @@ def test_paired_differences_bootstrap_and_counts():
 
 def test_learning_rate_choice_on_validation_only():
     qp = load_parts()
-    val, test = ["v1", "v2"], ["t1"]
+    val = ["v1", "v2"]
     lrs = [5e-5, 1e-4, 2e-4]
     # validation picks 2e-4 for NTP although the held-out set would pick 5e-5; the token weights decide for NEFTune
     grid = [_run("ntp", lr, 0, {"v1": [v, 10], "v2": [v, 10], "t1": [t, 5]})
@@ -234,10 +234,11 @@ def test_learning_rate_choice_on_validation_only():
              _run("ntp_neftune", 1e-4, 0, {"v1": [2.5, 1], "v2": [2.5, 99]}),  # 2.5 and 2.5
              _run("ntp_neftune", 2e-4, 0, {"v1": [2.6, 1], "v2": [2.6, 99]})]
     grid += [_run("sftmix", lr, 0, {"v1": [1.0, 1]}) for lr in lrs[:2]]  # one rate missing: no choice yet
+    # a diverged rate (NaN) is never chosen, even first in the grid
+    grid += [_run("sftmix_self", lr, 0, {"v1": [v, 1]}) for lr, v in zip(lrs, (math.nan, 3.0, 2.0))]
     choice = qp.chosen_lrs(grid, val, lrs)
-    assert choice["ntp"] == 2e-4 and choice["ntp_neftune"] == 1e-4
-    assert choice["sftmix"] is None and choice["sftmix_self"] is None
-    del test
+    assert choice["ntp"] == 2e-4 and choice["ntp_neftune"] == 1e-4 and choice["sftmix_self"] == 2e-4
+    assert choice["sftmix"] is None and choice["sftmix_self_neftune"] is None
 
 
 def _quick_args(qp, tmp_path, *more):
