@@ -208,6 +208,10 @@ def _rows_without_response(ds) -> list[int]:
     return out
 
 
+# self_confidence's online modes -> what sftmix.dynamics.online_confidence subtracts from each record's NLL
+ONLINE_DETREND = {"online": "step", "online_raw": False, "online_linear": "linear"}
+
+
 class SelfReferenceCallback(ConfidenceCallback):
     """One-run SFTMix's confidence, from the first `args.self_reference_epochs` epochs of the target's own NTP
     training; at the switch to Mixup, `self_split` writes out_dir/confidence.jsonl (paper eq. 1 and the median split
@@ -217,7 +221,8 @@ class SelfReferenceCallback(ConfidenceCallback):
     NLL from the training forward of those epochs (the trainer's `online_records`), relative to the mean of its
     optimizer step (sftmix.dynamics.online_confidence(relative=True)); the records are written to
     dynamics/online_records.jsonl before each Trainer checkpoint and restored on resume. confidence="online_raw":
-    the same records without the step-relative correction (a variant, compared in benchmarks/quality_parts.py).
+    the same records without the step-relative correction; "online_linear": less a line fitted over the steps
+    instead of each step's mean (variants, compared in benchmarks/quality_parts.py).
     confidence="checkpoints": C scoring passes spread over those epochs (checkpoint k at step ceil(k*T_E/C), T_E the
     last step of those epochs), as ConfidenceCallback scores, then sftmix.dynamics.build_confidence.
 
@@ -226,8 +231,9 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 2, batch_size: int = 16,
                  show_progress: bool = False, confidence: str = "online"):
-        if confidence not in ("online", "online_raw", "checkpoints"):
-            raise SFTMixError(f"SelfReferenceCallback confidence must be 'online', 'online_raw' or 'checkpoints'; got "
+        if confidence not in ("checkpoints", *ONLINE_DETREND):
+            raise SFTMixError(f"SelfReferenceCallback confidence must be one of checkpoints, "
+                              f"{', '.join(ONLINE_DETREND)}; got "
                               f"{confidence!r}.")
         super().__init__(score_dataset, out_dir, num_checkpoints=num_checkpoints, batch_size=batch_size,
                          show_progress=show_progress)
@@ -299,7 +305,7 @@ class SelfReferenceCallback(ConfidenceCallback):
         else:
             if self.confidence != "checkpoints":
                 records = self.trainer.online_records
-                rows = online_confidence_rows(records, guids, relative=self.confidence == "online")
+                rows = online_confidence_rows(records, guids, relative=ONLINE_DETREND[self.confidence])
                 if write:
                     write_jsonl(self.records_path, records)
                     write_jsonl(conf, rows)
@@ -339,7 +345,8 @@ def restore_self_confidence(out_dir, guids, write: bool = True) -> list[dict]:
             raise SFTMixError(f"{out_dir / 'confidence.jsonl'} and {path} are both missing, so the split of this "
                               f"one-run SFTMix cannot be rebuilt; delete {out_dir / 'sftmix'} and {ddir} and train the "
                               f"recipe again.")
-        rows = online_confidence_rows(read_jsonl(path), guids, relative=marker.get("self_confidence") != "online_raw")
+        rows = online_confidence_rows(read_jsonl(path), guids,
+                                      relative=ONLINE_DETREND[marker.get("self_confidence") or "online"])
         if write:
             write_jsonl(out_dir / "confidence.jsonl", rows)
     source = "ckpt_*.jsonl" if marker.get("self_confidence") == "checkpoints" else "online_records.jsonl"

@@ -27,9 +27,9 @@ from sftmix.utils import SFTMixError
 
 RECIPES = ("sftmix", "ntp")
 CONFIDENCE_MODES = ("checkpoints", "online")
-# one-run SFTMix may also take the online NLL as recorded (no step-relative correction): a variant that
-# benchmarks/quality_parts.py compares with the default
-SELF_CONFIDENCE_MODES = (*CONFIDENCE_MODES, "online_raw")
+# one-run SFTMix may also take the online NLL as recorded, or less a line fitted over the steps: variants that
+# benchmarks/quality_parts.py compares with the default (step-relative)
+SELF_CONFIDENCE_MODES = (*CONFIDENCE_MODES, "online_raw", "online_linear")
 REFERENCES = ("separate", "self")  # RunConfig.reference
 SELECTION_SPLITS = ("subset", "all")
 
@@ -225,7 +225,8 @@ class RunConfig:
                                  "optimizer step (so that examples seen early, by a less trained model, do not look "
                                  "worse). `checkpoints`: self_num_checkpoints scoring passes over the training data, "
                                  "as step 1 scores (each costs ~0.2 of a training epoch on a CPU; docs/analyses.md). "
-                                 "`online_raw`: as online, without the step-relative correction.",
+                                 "`online_raw`: as online, without the step-relative correction. `online_linear`: "
+                                 "less a straight line fitted to the NLL over the steps of the epoch instead.",
                                  "choices": list(SELF_CONFIDENCE_MODES)})
     self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self and self_confidence="
                                       "checkpoints: scoring passes over the training data, evenly spread over the NTP "

@@ -228,25 +228,29 @@ def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, to
         assert [by_guid[guids[i]] for i in idx] == flags
 
 
-def test_one_run_online_raw_splits_on_the_recorded_nll_without_the_step_correction(tmp_path, tok_ds):
-    """self_confidence=online_raw (issue 27's variant): the same training-forward records as `online`, the split from
-    their raw PPL; a lost confidence.jsonl is rebuilt the same way, not step-relative."""
-    from sftmix.callbacks import restore_self_confidence
+@pytest.mark.parametrize("confidence,relative", [("online_raw", False), ("online_linear", "linear")])
+def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, confidence, relative):
+    """self_confidence=online_raw / online_linear (issue 27's variants): the same training-forward records as
+    `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
+    not step-relative."""
+    from sftmix.callbacks import ONLINE_DETREND, restore_self_confidence
+    from sftmix.config import SELF_CONFIDENCE_MODES
     from sftmix.dynamics import online_confidence_rows
 
+    assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled
     tok, ds = tok_ds
-    tr, _ = one_run_trainer(tok, ds, tmp_path, confidence="online_raw", save_strategy="no")
+    tr, _ = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")
     tr.train()
     recs = read_jsonl(tmp_path / "dynamics" / "online_records.jsonl")
     guids = list(ds["guid"])
     rows = read_jsonl(tmp_path / "confidence.jsonl")
-    raw = online_confidence_rows(recs, guids, relative=False)
+    want = online_confidence_rows(recs, guids, relative=relative)
     rel = online_confidence_rows(recs, guids, relative=True)
-    assert [r["confidence"] for r in rows] == pytest.approx([r["confidence"] for r in raw])
+    assert [r["confidence"] for r in rows] == pytest.approx([r["confidence"] for r in want])
     assert [r["confidence"] for r in rows] != pytest.approx([r["confidence"] for r in rel])  # a different ranking input
-    assert [r["confident"] for r in rows] == [r["confident"] for r in raw] and sum(r["confident"] for r in rows) == 8
+    assert [r["confident"] for r in rows] == [r["confident"] for r in want] and sum(r["confident"] for r in rows) == 8
     marker = json.loads((tmp_path / "dynamics" / "self_split.json").read_text())
-    assert marker["self_confidence"] == "online_raw"
+    assert marker["self_confidence"] == confidence
     (tmp_path / "confidence.jsonl").unlink()
     assert restore_self_confidence(tmp_path, guids) == rows
 
