@@ -29,14 +29,16 @@ runs are read back, an interrupted training resumes from its checkpoint; commit 
   grid-self     seed 0: one-run SFTMix and one-run SFTMix + NEFTune at each rate (6 runs)
   seed-S        the five recipes at their chosen rates, seed S, with PubMedQA (needs the three grid parts; seed 0
                 reuses the grid's runs and adds PubMedQA only)
-  variants      one-run SFTMix's confidence variants other than the default, at one-run SFTMix's chosen rate, every
-                seed (held-out NLL only; the default's runs are those of the seed parts)
+  variants      one-run SFTMix's confidence variants other than the default (online raw, online less a fitted line,
+                2 scoring passes), at one-run SFTMix's chosen rate, every seed (held-out NLL only; the default's
+                runs are those of the seed parts)
 Estimated cost of the default (N=104, 3 epochs, 100 validation + 100 held-out, 100 PubMedQA questions) from the
 per-run costs measured by quality.py on 2026-12-01 (2 cores, light load: NTP's target run ~540 s wall / ~990 s CPU,
 step 1 ~320 s / ~610 s, one-run SFTMix ~510 s / ~970 s; held-out NLL ~0.3 s and PubMedQA ~1 s wall per example and
 model, about 1.9 CPU s per wall s): grid-ntp ~62 min wall (~1.8 h CPU), grid-sftmix ~36 min (~1.1 h CPU), grid-self
 ~58 min (~1.8 h CPU), seed-0 ~10 min (~0.3 h CPU: PubMedQA of 5 models and the start), seed-1 and seed-2 ~63 min
-each (~1.9 h CPU), variants ~60 min (~1.9 h CPU: 2 variants x 3 seeds); ~5.9 h wall in all. Estimates, not
+each (~1.9 h CPU), variants ~90 min (~2.8 h CPU: 3 variants x 3 seeds; over a session: run it as
+`part variants` twice, it resumes); ~6.4 h wall in all. Estimates, not
 measurements: each part file records its own wall and CPU time, and `merge` tabulates them.
 
 Merge: the learning-rate grid's validation figures and choices; the five recipes at their chosen rates over the
@@ -83,6 +85,9 @@ VARIANTS = {
     "self_online_raw": ("one-run, online NLL as recorded (no step-relative correction)",
                         ["--recipes", "sftmix", "--reference", "self", "--self_ntp_epochs", "1",
                          "--self_confidence", "online_raw"], "sftmix"),
+    "self_online_linear": ("one-run, online NLL less a line fitted over the steps (a smoother de-trend)",
+                           ["--recipes", "sftmix", "--reference", "self", "--self_ntp_epochs", "1",
+                            "--self_confidence", "online_linear"], "sftmix"),
     "self_checkpoints": ("one-run, confidence from 2 scoring passes (checkpoints)",
                          ["--recipes", "sftmix", "--reference", "self", "--self_ntp_epochs", "1",
                           "--self_confidence", "checkpoints", "--self_num_checkpoints", "2"], "sftmix"),
@@ -318,9 +323,9 @@ def run_part(args) -> dict:
         t0, cpu0 = t1, cpu1
         part["complete"] = len(part["runs"]) == len(plan)
         part["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        atomic_write_json(path, part)
+        atomic_write_json(path, part, indent=None)
     part["complete"] = True
-    atomic_write_json(path, part)
+    atomic_write_json(path, part, indent=None)
     print(f"[quality_parts] part {args.part} done: {part['wall_seconds']:.0f} s wall, {part['cpu_seconds']:.0f} s "
           f"CPU in all; wrote {path} (commit it)", flush=True)
     return part
