@@ -1,6 +1,6 @@
 """Does SFTMix beat what users would run instead? Tuned NTP, NTP + NEFTune and SFTMix, in parts that fit a session.
 
-    python benchmarks/quality_parts.py plan                   # the parts, what each runs, its estimated cost
+    python benchmarks/quality_parts.py plan                   # the parts: runs, command, which are done
     python benchmarks/quality_parts.py part grid-ntp          # one part (resumes where a killed one stopped)
     python benchmarks/quality_parts.py merge                  # the tables, from whatever parts exist
     python benchmarks/quality_parts.py part grid-ntp --quick  # tiny random model, seconds per run (the tests)
@@ -37,8 +37,7 @@ per-run costs measured by quality.py on 2026-12-01 (2 cores, light load: NTP's t
 step 1 ~320 s / ~610 s, one-run SFTMix ~510 s / ~970 s; held-out NLL ~0.3 s and PubMedQA ~1 s wall per example and
 model, about 1.9 CPU s per wall s): grid-ntp ~62 min wall (~1.8 h CPU), grid-sftmix ~36 min (~1.1 h CPU), grid-self
 ~58 min (~1.8 h CPU), seed-0 ~10 min (~0.3 h CPU: PubMedQA of 5 models and the start), seed-1 and seed-2 ~63 min
-each (~1.9 h CPU), variants ~90 min (~2.8 h CPU: 3 variants x 3 seeds; over a session: run it as
-`part variants` twice, it resumes); ~6.4 h wall in all. Estimates, not
+each (~1.9 h CPU), variants ~90 min (~2.8 h CPU: 3 variants x 3 seeds); ~6.4 h wall in all. Estimates, not
 measurements: each part file records its own wall and CPU time, and `merge` tabulates them.
 
 Merge: the learning-rate grid's validation figures and choices; the five recipes at their chosen rates over the
