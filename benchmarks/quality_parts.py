@@ -211,9 +211,12 @@ def run_one(args, common: list[str], recipe: str, lr: float, seed: int, pubmedqa
 
     label, overrides, name = _recipe(recipe)
     folder = run_dir(args, common, recipe, lr, seed)
-    donors = sorted(p for p in args.work_dir.glob("*/*/seed*") if (p / "eval" / "start.json").exists())
-    if donors:  # the untrained start model is the same for every run: evaluated once (reused by its fingerprint)
-        q.reuse_start_eval(folder, donors)
+    # The untrained start model is the same for every run: each of its task results is computed once and copied
+    # (sftmix.evaluate reuses a copy only if its settings fingerprint matches). From every finished run, since the
+    # grid's runs have the start's held-out NLL only and the first seed-part run adds its PubMedQA.
+    for donor in sorted(args.work_dir.glob("*/*/seed*")):
+        if donor != folder:
+            q.reuse_start_eval(folder, [donor])
     if recipe == "sftmix":  # step 1 does not depend on the target's rate: computed once per seed, then linked
         step1 = [p for p in args.work_dir.glob(f"sftmix/*/seed{seed}") if (p / "dynamics" / "split.json").exists()
                  and p.parent.name.rsplit("-", 1)[-1] == folder.parent.name.rsplit("-", 1)[-1]]
