@@ -156,9 +156,10 @@ def _write_if_changed(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, text)
 
 
-def prepare_data(args) -> dict:
-    """The fixed held-out file and the N+1-example training file (see the module docstring)."""
-    from sftmix.data import first_user_message, load_records_with_stats, split_heldout
+def data_pool(args) -> tuple[list, dict, list, list, list[int]]:
+    """(records, load stats, pool, fixed held-out, shuffled order of the pool): the training file takes the first
+    N+1 of that order (prepare_data), benchmarks/quality_parts.py's validation set its last V."""
+    from sftmix.data import load_records_with_stats, split_heldout
 
     records, stats = load_records_with_stats(args.data, on_bad="skip")
     if stats.get("n_skipped_rows"):
@@ -166,6 +167,14 @@ def prepare_data(args) -> dict:
     pool, held = split_heldout(records, args.n_heldout, seed=HELDOUT_SEED)
     order = list(range(len(pool)))
     random.Random(SHUFFLE_SEED).shuffle(order)
+    return records, stats, pool, held, order
+
+
+def prepare_data(args) -> dict:
+    """The fixed held-out file and the N+1-example training file (see the module docstring)."""
+    from sftmix.data import first_user_message
+
+    records, stats, pool, held, order = data_pool(args)
     if args.n_train + 1 > len(pool):
         raise SFTMixError(f"--n_train {args.n_train}: {args.data} has only {len(pool)} examples besides the held-out")
     train = [pool[i] for i in sorted(order[: args.n_train + 1])]
@@ -199,20 +208,28 @@ def run_dir_for(args, common: list[str], seed: int) -> Path:
     """One folder per settings (a short hash of them) and seed, so a changed setting never reuses a stale run.
     Settings that never change a result (sftmix.config.settings_of("runtime"), e.g. num_threads) are not part of the
     hash: an interrupted run can resume with `-- --num_threads 1` on a machine that got busy."""
+    return args.work_dir / f"n{args.n_train}-e{args.epochs:g}-lr{args.lr:g}-{settings_tag(common)}" / f"seed{seed}"
+
+
+def settings_tag(common: list[str]) -> str:
+    """A short hash of `sftmix run` overrides, runtime settings left out (see run_dir_for)."""
+    return hashlib.sha256("\x1f".join(without_runtime(common)).encode()).hexdigest()[:8]
+
+
+def without_runtime(overrides: list[str]) -> list[str]:
+    """`--key value` / `--key=value` overrides less those of settings that never change a result."""
     from sftmix.config import settings_of
 
     runtime = set(settings_of("runtime"))
-
     kept, i = [], 0
-    while i < len(common):
-        key = common[i][2:].split("=")[0] if common[i].startswith("--") else None
+    while i < len(overrides):
+        key = overrides[i][2:].split("=")[0] if overrides[i].startswith("--") else None
         if key in runtime:
-            i += 1 if "=" in common[i] else 2
+            i += 1 if "=" in overrides[i] else 2
             continue
-        kept.append(common[i])
+        kept.append(overrides[i])
         i += 1
-    tag = hashlib.sha256("\x1f".join(kept).encode()).hexdigest()[:8]
-    return args.work_dir / f"n{args.n_train}-e{args.epochs:g}-lr{args.lr:g}-{tag}" / f"seed{seed}"
+    return kept
 
 
 def reuse_start_eval(run_dir: Path, done: list[Path]) -> None:
@@ -254,12 +271,31 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
-    """All stages of one seed's run directory, as `sftmix run` does them; a stage finished earlier (in an interrupted
-    invocation) is skipped by the pipeline itself. Each stage's cost is kept in RUN_DIR/quality_costs.json."""
+def run_stage(cfg, name: str, command: str, recipe: str | None, costs: dict, costs_path: Path, label: str) -> None:
+    """One pipeline command on cfg.run_dir, timed; a stage that really ran now (was not done already) has its wall
+    and CPU seconds kept in `costs` (saved to costs_path), so that they survive a resume."""
     import gc
 
     from sftmix import pipeline
+
+    timings_before = _json(cfg.run_dir / "timings.json") or {}
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    pipeline.run(cfg, command, recipe=recipe)
+    gc.collect()
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    timings_after = _json(cfg.run_dir / "timings.json") or {}
+    ran = [k for k in timings_after if timings_after[k] != timings_before.get(k) and k != "data"]
+    if ran and not name.startswith("report"):
+        costs[name] = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "stages": ran,
+                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(costs_path, costs)
+    skipped = " (done already)" if not ran else ""  # `sftmix report` always rewrites the (cheap) report
+    print(f"[quality] {label} {name}: {wall:.0f}s wall, {cpu:.0f}s CPU{skipped}", flush=True)
+
+
+def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
+    """All stages of one seed's run directory, as `sftmix run` does them; a stage finished earlier (in an interrupted
+    invocation) is skipped by the pipeline itself. Each stage's cost is kept in RUN_DIR/quality_costs.json."""
     from sftmix.config import parse_config
 
     run_dir = run_dir_for(args, common, seed)
@@ -272,23 +308,9 @@ def run_seed(args, common: list[str], seed: int, done: list[Path]) -> dict:
     print(f"[quality] seed {seed}: {run_dir}", flush=True)
     plan = [(cfg, *c) for c in STAGE_COMMANDS] + [(self_cfg, *c) for c in SELF_STAGE_COMMANDS]
     for cfg, name, command, recipe in plan:
-        run_dir = cfg.run_dir
         if name == "train:sftmix_self":
-            reuse_start_eval(run_dir, [plan[0][0].run_dir])  # the same start model, evaluated once
-        timings_before = _json(run_dir / "timings.json") or {}
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        pipeline.run(cfg, command, recipe=recipe)
-        gc.collect()
-        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-        timings_after = _json(run_dir / "timings.json") or {}
-        ran = [k for k in timings_after if timings_after[k] != timings_before.get(k) and k != "data"]
-        # it really ran now (was not done already): keep its cost across resumes
-        if ran and not name.startswith("report"):
-            costs[name] = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "stages": ran,
-                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            atomic_write_json(costs_path, costs)
-        skipped = " (done already)" if not ran else ""  # `sftmix report` always rewrites the (cheap) report
-        print(f"[quality] seed {seed} {name}: {wall:.0f}s wall, {cpu:.0f}s CPU{skipped}", flush=True)
+            reuse_start_eval(cfg.run_dir, [plan[0][0].run_dir])  # the same start model, evaluated once
+        run_stage(cfg, name, command, recipe, costs, costs_path, f"seed {seed}")
     return {"seed": seed, "run_dir": str(plan[0][0].run_dir), "self_run_dir": str(self_dir), "stage_costs": costs}
 
 

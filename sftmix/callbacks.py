@@ -217,6 +217,10 @@ def _rows_without_response(ds) -> list[int]:
     return out
 
 
+# self_confidence's online modes -> what sftmix.dynamics.online_confidence subtracts from each record's NLL
+ONLINE_DETREND = {"online": "step", "online_raw": False, "online_linear": "linear"}
+
+
 class SelfReferenceCallback(ConfidenceCallback):
     """One-run SFTMix's confidence, from the first `args.self_reference_epochs` epochs of the target's own NTP
     training; at the switch to Mixup, `self_split` writes out_dir/confidence.jsonl (paper eq. 1 and the median split
@@ -225,7 +229,9 @@ class SelfReferenceCallback(ConfidenceCallback):
     confidence="online" (free; needs record_online_dynamics=True in the training arguments): each example's response
     NLL from the training forward of those epochs (the trainer's `online_records`), relative to the mean of its
     optimizer step (sftmix.dynamics.online_confidence(relative=True)); the records are written to
-    dynamics/online_records.jsonl before each Trainer checkpoint and restored on resume.
+    dynamics/online_records.jsonl before each Trainer checkpoint and restored on resume. confidence="online_raw":
+    the same records without the step-relative correction; "online_linear": less a line fitted over the steps
+    instead of each step's mean (variants, compared in benchmarks/quality_parts.py).
     confidence="checkpoints": C scoring passes spread over those epochs (checkpoint k at step ceil(k*T_E/C), T_E the
     last step of those epochs), as ConfidenceCallback scores, then sftmix.dynamics.build_confidence.
 
@@ -234,8 +240,9 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 2, batch_size: int = 16,
                  show_progress: bool = False, confidence: str = "online"):
-        if confidence not in ("online", "checkpoints"):
-            raise SFTMixError(f"SelfReferenceCallback confidence must be 'online' or 'checkpoints'; got "
+        if confidence not in ("checkpoints", *ONLINE_DETREND):
+            raise SFTMixError(f"SelfReferenceCallback confidence must be one of checkpoints, "
+                              f"{', '.join(ONLINE_DETREND)}; got "
                               f"{confidence!r}.")
         super().__init__(score_dataset, out_dir, num_checkpoints=num_checkpoints, batch_size=batch_size,
                          show_progress=show_progress)
@@ -292,7 +299,7 @@ class SelfReferenceCallback(ConfidenceCallback):
         self._save_records_before_checkpoint(state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.confidence == "online":  # save_strategy="epoch" decides to save here
+        if self.confidence != "checkpoints":  # save_strategy="epoch" decides to save here
             self._save_records_before_checkpoint(state, control)
 
     def _save_records_before_checkpoint(self, state, control):
@@ -308,13 +315,13 @@ class SelfReferenceCallback(ConfidenceCallback):
         if self.marker.exists():  # the split was taken (a resumed run): read it, or rebuild it from what was kept
             rows = read_jsonl(conf) if conf.exists() else restore_self_confidence(self.out_dir, guids, write=write)
         else:
-            if self.confidence == "online":
+            if self.confidence != "checkpoints":
                 records = self.trainer.online_records
-                rows = online_confidence_rows(records, guids, relative=True)
+                rows = online_confidence_rows(records, guids, relative=ONLINE_DETREND[self.confidence])
                 if write:
                     write_jsonl(self.records_path, records)
                     write_jsonl(conf, rows)
-                marker = {"confidence_source": "self", "self_confidence": "online", "steps": self.ntp_steps,
+                marker = {"confidence_source": "self", "self_confidence": self.confidence, "steps": self.ntp_steps,
                           "n_records": len(records)}
             else:
                 rows = build_confidence(self.out_dir, len(self.steps) or self.num_checkpoints, write=write)
@@ -350,7 +357,8 @@ def restore_self_confidence(out_dir, guids, write: bool = True) -> list[dict]:
             raise SFTMixError(f"{out_dir / 'confidence.jsonl'} and {path} are both missing, so the split of this "
                               f"one-run SFTMix cannot be rebuilt; delete {out_dir / 'sftmix'} and {ddir} and train the "
                               f"recipe again.")
-        rows = online_confidence_rows(read_jsonl(path), guids, relative=True)
+        rows = online_confidence_rows(read_jsonl(path), guids,
+                                      relative=ONLINE_DETREND[marker.get("self_confidence") or "online"])
         if write:
             write_jsonl(out_dir / "confidence.jsonl", rows)
     source = "ckpt_*.jsonl" if marker.get("self_confidence") == "checkpoints" else "online_records.jsonl"

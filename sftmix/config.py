@@ -29,6 +29,9 @@ from sftmix.utils import SFTMixError
 
 RECIPES = ("sftmix", "ntp")
 CONFIDENCE_MODES = ("checkpoints", "online")
+# one-run SFTMix may also take the online NLL as recorded, or less a line fitted over the steps: variants that
+# benchmarks/quality_parts.py compares with the default (step-relative)
+SELF_CONFIDENCE_MODES = (*CONFIDENCE_MODES, "online_raw", "online_linear")
 REFERENCES = ("separate", "self")  # RunConfig.reference
 SELECTION_SPLITS = ("subset", "all")
 
@@ -226,8 +229,10 @@ class RunConfig:
                                  "training forward, taken relative to the mean NLL of the examples of the same "
                                  "optimizer step (so that examples seen early, by a less trained model, do not look "
                                  "worse). `checkpoints`: self_num_checkpoints scoring passes over the training data, "
-                                 "as step 1 scores (each costs ~0.2 of a training epoch on a CPU; docs/analyses.md).",
-                                 "choices": list(CONFIDENCE_MODES)})
+                                 "as step 1 scores (each costs ~0.2 of a training epoch on a CPU; docs/analyses.md). "
+                                 "`online_raw`: as online, without the step-relative correction. `online_linear`: "
+                                 "less a straight line fitted to the NLL over the steps of the epoch instead.",
+                                 "choices": list(SELF_CONFIDENCE_MODES)})
     self_num_checkpoints: int = field(default=2, metadata={"help": "With reference=self and self_confidence="
                                       "checkpoints: scoring passes over the training data, evenly spread over the NTP "
                                       "epochs (the last at their end)."})
@@ -283,8 +288,9 @@ class RunConfig:
             raise SFTMixError(f"reference_epochs must be > 0; got {self.reference_epochs}.")
         if self.reference not in REFERENCES:
             raise SFTMixError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}.")
-        if self.self_confidence not in CONFIDENCE_MODES:
-            raise SFTMixError(f"self_confidence={self.self_confidence!r} is not one of {', '.join(CONFIDENCE_MODES)}.")
+        if self.self_confidence not in SELF_CONFIDENCE_MODES:
+            raise SFTMixError(f"self_confidence={self.self_confidence!r} is not one of "
+                              f"{', '.join(SELF_CONFIDENCE_MODES)}.")
         if self.self_ntp_epochs < 1 or self.self_num_checkpoints < 1:
             raise SFTMixError(f"self_ntp_epochs and self_num_checkpoints must be >= 1; got {self.self_ntp_epochs}, "
                               f"{self.self_num_checkpoints}.")

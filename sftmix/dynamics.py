@@ -317,15 +317,16 @@ def join_confidence(records_or_dataset, confidence_rows, missing: str = "error")
 # Online mode: NLL from the reference's own training forward passes
 
 
-def online_confidence(online_records, guids, epochs: str = "all", relative: bool = False) -> dict:
+def online_confidence(online_records, guids, epochs: str = "all", relative: bool | str = False) -> dict:
     """Trainer `online_records` ({example_idx, global_step, epoch, nll_mean, n_tokens}) -> per-example confidence.
 
     confidence_i = -mean over example i's occurrences of exp(nll_mean) (epochs="all"), or over its occurrences in
     the last epoch it was seen in (epochs="last"). relative=True replaces nll_mean by nll_mean minus the mean
     nll_mean of all records of the same optimizer step (global_step): every example of a step was scored by the same
     weights, so this removes the drift of the model over the epoch (examples visited early would otherwise look
-    unconfident for being early). Returns {"confidence": [N] (nan where never seen), "occurrences": [N] int,
-    "unseen": count}."""
+    unconfident for being early). relative="linear" subtracts a straight line fitted to nll_mean over global_step
+    within each epoch instead: the same drift removed, without the noise of a mean over one small batch.
+    Returns {"confidence": [N] (nan where never seen), "occurrences": [N] int, "unseen": count}."""
     if epochs not in ("all", "last"):
         raise SFTMixError(f"epochs must be 'all' or 'last', got {epochs!r}.")
     n = len(guids)
@@ -342,7 +343,7 @@ def online_confidence(online_records, guids, epochs: str = "all", relative: bool
             i = int(r["example_idx"])
             last[i] = max(last.get(i, -1), epoch_index(r))
         recs = [r for r in recs if epoch_index(r) == last[int(r["example_idx"])]]
-    offset = _step_mean_nll(recs) if relative else {}
+    offset = _nll_offsets(recs, relative)
     ppl_sum, count = np.zeros(n), np.zeros(n, dtype=np.int64)
     for r in recs:
         i = int(r["example_idx"])
@@ -363,7 +364,28 @@ def _step_mean_nll(records) -> dict:
     return {k: s / c for k, (s, c) in total.items()}
 
 
-def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool = False) -> list[dict]:
+def _nll_offsets(records, relative: bool | str) -> dict:
+    """{global_step: what online_confidence subtracts}: nothing (False), the step's mean (True or "step"), or a least-
+    squares line of nll_mean over global_step, one per epoch ("linear")."""
+    if relative in (False, None):
+        return {}
+    if relative in (True, "step"):
+        return _step_mean_nll(records)
+    if relative != "linear":
+        raise SFTMixError(f"relative must be False, True, 'step' or 'linear'; got {relative!r}.")
+    by_epoch: dict = {}
+    for r in records:
+        by_epoch.setdefault(epoch_index(r), []).append(r)
+    out = {}
+    for recs in by_epoch.values():
+        x = np.array([float(r["global_step"]) for r in recs])
+        y = np.array([float(r["nll_mean"]) for r in recs])
+        slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+        out.update({r["global_step"]: float(intercept + slope * float(r["global_step"])) for r in recs})
+    return out
+
+
+def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool | str = False) -> list[dict]:
     """confidence.jsonl rows from online records alone (online-only mode): guid, n_tokens, confidence (-mean ppl
     over all occurrences; relative=True: of the step-relative ppl, see `online_confidence`), variability (std of
     those ppl), ppl_1..ppl_E (mean ppl in epoch e, as recorded), confident."""
@@ -374,7 +396,7 @@ def online_confidence_rows(online_records, guids, n_tokens=None, relative: bool 
             f"online confidence: {oc['unseen']} of {len(guids)} examples were never seen in the reference's training "
             f"(e.g. guid {guids[i]!r}); train the reference for at least one full epoch."
         )
-    offset = _step_mean_nll(online_records) if relative else {}
+    offset = _nll_offsets(online_records, relative)
     by_example: dict[int, list[tuple[int, float, float]]] = {}
     for r in online_records:
         nll = float(r["nll_mean"])

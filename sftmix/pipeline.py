@@ -510,7 +510,7 @@ def stage_train(cfg, recipe: str) -> None:
         if one_run:  # the split comes from this run's own NTP epochs (sftmix.callbacks.SelfReferenceCallback)
             from sftmix.callbacks import SelfReferenceCallback
 
-            online = cfg.run.self_confidence == "online"
+            online = cfg.run.self_confidence != "checkpoints"  # any online mode (online, online_raw, online_linear)
             args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs,
                                    record_online_dynamics=online)
             callbacks.append(SelfReferenceCallback(ds, cfg.run_dir, num_checkpoints=cfg.run.self_num_checkpoints,

@@ -315,8 +315,9 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     if c:
         if c.get("confidence_source") != "self":
             source = f"-mean PPL over {c['num_checkpoints']} reference checkpoints"
-        elif c["mode"] == "online":
-            source = ("-mean step-relative PPL from the training forward of the target's own NTP epochs, one run "
+        elif c["mode"] in ("online", "online_raw", "online_linear"):
+            kind = {"online": "step-relative ", "online_linear": "linearly de-trended "}.get(c["mode"], "")
+            source = (f"-mean {kind}PPL from the training forward of the target's own NTP epochs, one run "
                       "(confidence_source self)")
         else:
             source = (f"-mean PPL over {c['num_checkpoints']} checkpoints of the target's own NTP epochs, one run "

@@ -1,5 +1,6 @@
 """sftmix.callbacks: ConfidenceCallback on a plain transformers.Trainer; one-run SFTMix (switch, balance, resume)."""
 
+import json
 import random
 from pathlib import Path
 
@@ -172,8 +173,8 @@ def one_run_trainer(tok, ds, out, extra_callbacks=(), confidence="checkpoints", 
     from sftmix import SFTMixConfig, SFTMixTrainer
     from sftmix.callbacks import SelfReferenceCallback
 
-    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": confidence == "online",
-                                                           **kw})
+    online = confidence != "checkpoints"
+    args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": online, **kw})
     cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8, confidence=confidence)
     return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[cb, *extra_callbacks]), cb
@@ -225,6 +226,33 @@ def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, to
     for _, idx, flags in mix:  # [c, c, u, u]: the i-th confident row paired with the i-th unconfident one
         assert flags == [True, True, False, False]
         assert [by_guid[guids[i]] for i in idx] == flags
+
+
+@pytest.mark.parametrize("confidence,relative", [("online_raw", False), ("online_linear", "linear")])
+def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, confidence, relative):
+    """self_confidence=online_raw / online_linear (issue 27's variants): the same training-forward records as
+    `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
+    not step-relative."""
+    from sftmix.callbacks import ONLINE_DETREND, restore_self_confidence
+    from sftmix.config import SELF_CONFIDENCE_MODES
+    from sftmix.dynamics import online_confidence_rows
+
+    assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled
+    tok, ds = tok_ds
+    tr, _ = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")
+    tr.train()
+    recs = read_jsonl(tmp_path / "dynamics" / "online_records.jsonl")
+    guids = list(ds["guid"])
+    rows = read_jsonl(tmp_path / "confidence.jsonl")
+    want = online_confidence_rows(recs, guids, relative=relative)
+    rel = online_confidence_rows(recs, guids, relative=True)
+    assert [r["confidence"] for r in rows] == pytest.approx([r["confidence"] for r in want])
+    assert [r["confidence"] for r in rows] != pytest.approx([r["confidence"] for r in rel])  # a different ranking input
+    assert [r["confident"] for r in rows] == [r["confident"] for r in want] and sum(r["confident"] for r in rows) == 8
+    marker = json.loads((tmp_path / "dynamics" / "self_split.json").read_text())
+    assert marker["self_confidence"] == confidence
+    (tmp_path / "confidence.jsonl").unlink()
+    assert restore_self_confidence(tmp_path, guids) == rows
 
 
 @pytest.mark.parametrize("confidence,lose_confidence", [("checkpoints", False), ("online", False), ("online", True)])

@@ -326,6 +326,30 @@ def test_relative_online_confidence_removes_the_drift_of_the_model_over_the_epoc
     assert [r["confident"] for r in rows] == [True, False] * 3
     assert [r["n_tokens"] for r in rows] == [5, 6] * 3 and rows[1]["ppl_1"] == pytest.approx(32.0)
 
+
+def test_linear_online_confidence_removes_the_drift_without_the_noise_of_one_step():
+    """relative="linear" (self_confidence=online_linear, issue 27): a line fitted over the steps removes a steady
+    drift, and unlike the step's mean it does not erase what a step's examples share: here each step holds two
+    examples of the same kind (steps alternate hard, easy), which the step-relative PPL makes all alike."""
+    guids = [f"g{i}" for i in range(16)]
+    hard = [s % 2 == 0 for s in range(8)]
+    recs = [{"example_idx": 2 * s + j, "global_step": s, "epoch": s / 8,
+             "nll_mean": 3.0 - 0.4 * s + (1.0 if hard[s] else 0.0), "n_tokens": 5} for s in range(8) for j in range(2)]
+    rel = online_confidence(recs, guids, relative=True)["confidence"]
+    np.testing.assert_allclose(rel, -1.0)  # every example at its step's mean: no information left
+    lin = online_confidence(recs, guids, relative="linear")["confidence"]
+    rows = online_confidence_rows(recs, guids, relative="linear")
+    assert [r["confident"] for r in rows] == [not hard[i // 2] for i in range(16)]
+    assert [r["confidence"] for r in rows] == pytest.approx(lin.tolist())
+    raw = online_confidence(recs, guids)["confidence"]
+    assert [bool(x) for x in raw > np.median(raw)] != [not hard[i // 2] for i in range(16)]  # the drift misleads raw
+    # two epochs: one line each (the second epoch's lower NLL is not read as every example being easier)
+    two = recs + [{**r, "global_step": r["global_step"] + 8, "epoch": 1 + r["epoch"],
+                   "nll_mean": r["nll_mean"] - 1.5} for r in recs]
+    np.testing.assert_allclose(online_confidence(two, guids, relative="linear")["confidence"], lin)
+    with pytest.raises(SFTMixError, match="relative must be False, True, 'step' or 'linear'; got 'cubic'"):
+        online_confidence(recs, guids, relative="cubic")
+
 # -- the whole reference step ------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ resumes without redoing a stage, and keeps the held-out split fixed across N."""
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,198 @@ def test_spread_kinds_and_config():
     assert getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type) == "cosine"
     assert cfg.run.num_checkpoints == 5 and cfg.run.model == "smollm2"
     assert cfg.eval_args.num_shots == 3
+
+
+# ------------------------------------------------------------------------------------ benchmarks/quality_parts.py
+
+PARTS = ROOT / "benchmarks" / "quality_parts.py"
+
+
+def load_parts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("quality_parts_benchmark", PARTS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(recipe, lr, seed, examples, pubmedqa=None, train_cost=10.0, step1_cost=None):
+    costs = {"train": {"wall_seconds": train_cost, "cpu_seconds": 2 * train_cost}}
+    if step1_cost is not None:
+        costs["dynamics"] = {"wall_seconds": step1_cost, "cpu_seconds": 2 * step1_cost}
+    return {"recipe": recipe, "label": recipe, "lr": lr, "seed": seed, "run_dir": "x", "examples": examples,
+            "pubmedqa": pubmedqa, "train_loss": 1.0, "train_steps": 4, "costs": costs}
+
+
+def test_paired_differences_bootstrap_and_counts():
+    qp = load_parts()
+    guids = [f"g{i}" for i in range(6)]
+    tokens = [10, 20, 30, 40, 5, 60]
+    # per example (seed 0 and seed 1) a - b: -0.1, -0.1, -0.1, -0.1, +0.2, 0 on average over the seeds
+    d = {0: [-0.1, -0.2, 0.0, -0.1, 0.3, 0.0], 1: [-0.1, 0.0, -0.2, -0.1, 0.1, 0.0]}
+    runs_b = [_run("ntp", 1e-4, s, {g: [2.0 + i / 10, t] for i, (g, t) in enumerate(zip(guids, tokens))},
+                   pubmedqa={"1": True, "2": False, "3": True}) for s in (0, 1)]
+    runs_a = [_run("sftmix", 1e-4, s, {g: [2.0 + i / 10 + d[s][i], t] for i, (g, t) in enumerate(zip(guids, tokens))},
+                   pubmedqa={"1": True, "2": True, "3": False}) for s in (0, 1)]
+    runs_a.append(_run("sftmix", 1e-4, 2, runs_a[0]["examples"]))  # a seed the baseline lacks is left out
+    c = qp.paired(runs_a, runs_b, guids)
+    assert c["seeds"] == [0, 1] and c["n_examples"] == 6
+    mean_d = [sum(d[s][i] for s in (0, 1)) / 2 for i in range(6)]
+    assert math.isclose(c["pooled_nll_example_mean"], sum(mean_d) / 6)
+    assert math.isclose(c["pooled_nll"], sum(x * t for x, t in zip(mean_d, tokens)) / sum(tokens))
+    assert (c["examples_lower"], c["examples_higher"]) == (4, 1)  # the tie counts neither way
+    s0 = c["per_seed"][0]
+    assert (s0["examples_lower"], s0["examples_higher"]) == (3, 1)
+    assert math.isclose(s0["nll"], sum(x * t for x, t in zip(d[0], tokens)) / sum(tokens), abs_tol=1e-12)
+    assert s0["pubmedqa"] == {"accuracy": 0.0, "n": 3, "only_first_right": 1, "only_second_right": 1}
+    assert math.isclose(c["nll"]["mean"], statistics.fmean(x["nll"] for x in c["per_seed"]))
+    for key in ("pooled_nll", "pooled_nll_example_mean"):
+        lo, hi = c[f"{key}_ci95"]
+        assert min(mean_d) - 1e-9 <= lo < c[key] < hi <= max(mean_d) + 1e-9, (key, lo, c[key], hi)
+    assert c["pooled_nll_ci95"] == qp.paired(runs_a, runs_b, guids)["pooled_nll_ci95"]  # a fixed bootstrap seed
+    # a constant difference has a zero-width interval
+    shifted = [_run("sftmix", 1e-4, s, {g: [v - 0.05, t] for g, (v, t) in r["examples"].items()})
+               for s, r in zip((0, 1), runs_b)]
+    c = qp.paired(shifted, runs_b, guids)
+    assert all(math.isclose(x, -0.05) for x in (c["pooled_nll"], *c["pooled_nll_ci95"]))
+    assert qp.paired(shifted, [], guids) is None
+
+
+def test_learning_rate_choice_on_validation_only():
+    qp = load_parts()
+    val = ["v1", "v2"]
+    lrs = [5e-5, 1e-4, 2e-4]
+    # validation picks 2e-4 for NTP although the held-out set would pick 5e-5; the token weights decide for NEFTune
+    grid = [_run("ntp", lr, 0, {"v1": [v, 10], "v2": [v, 10], "t1": [t, 5]})
+            for lr, v, t in ((5e-5, 2.0, 1.0), (1e-4, 1.9, 3.0), (2e-4, 1.8, 3.0))]
+    grid += [_run("ntp_neftune", 5e-5, 0, {"v1": [1.0, 1], "v2": [3.0, 99]}),  # token-weighted 2.98, mean 2.0
+             _run("ntp_neftune", 1e-4, 0, {"v1": [2.5, 1], "v2": [2.5, 99]}),  # 2.5 and 2.5
+             _run("ntp_neftune", 2e-4, 0, {"v1": [2.6, 1], "v2": [2.6, 99]})]
+    grid += [_run("sftmix", lr, 0, {"v1": [1.0, 1]}) for lr in lrs[:2]]  # one rate missing: no choice yet
+    # a diverged rate (NaN) is never chosen, even first in the grid
+    grid += [_run("sftmix_self", lr, 0, {"v1": [v, 1]}) for lr, v in zip(lrs, (math.nan, 3.0, 2.0))]
+    choice = qp.chosen_lrs(grid, val, lrs)
+    assert choice["ntp"] == 2e-4 and choice["ntp_neftune"] == 1e-4 and choice["sftmix_self"] == 2e-4
+    assert choice["sftmix"] is None and choice["sftmix_self_neftune"] is None
+
+
+def _quick_args(qp, tmp_path, *more):
+    return qp.parse_args(["merge", "--quick", "--work_dir", str(tmp_path / "work"), "--results_dir",
+                          str(tmp_path / "results"), *more])
+
+
+@needs_data
+def test_merge_builds_tables_from_the_parts_present(tmp_path):
+    qp = load_parts()
+    args = _quick_args(qp, tmp_path)
+    data = qp.prepare(args)
+    val, test = data["val_guids"], data["test_guids"]
+    assert len(val) == 8 and len(test) == 8 and not set(val) & set(test)
+    train = {json.loads(line)["guid"] for line in Path(data["train_file"]).read_text().splitlines()}
+    assert not train & (set(val) | set(test))
+    assert Path(data["eval_file"]).read_text().count("\n") == 16
+
+    def examples(v_nll, t_nll):
+        return {**{g: [v_nll, 10] for g in val}, **{g: [t_nll, 10] for g in test}}
+
+    offset = {"ntp": 0.0, "ntp_neftune": -0.01, "sftmix": -0.03, "sftmix_self": -0.02, "sftmix_self_neftune": -0.04}
+    best = {"ntp": 3e-3, "ntp_neftune": 1e-3, "sftmix": 3e-3, "sftmix_self": 1e-3, "sftmix_self_neftune": 3e-3}
+
+    def write(name, runs, complete=True):
+        part = {"part": name, "settings": qp.settings(args), "complete": complete, "cpu_seconds": 12.0,
+                "wall_seconds": 7.0, "invocations": 1, "updated": "now",
+                "runs": {f"{r['recipe']}|{r['lr']:g}|{r['seed']}": r for r in runs}}
+        args.parts_dir.mkdir(parents=True, exist_ok=True)
+        (args.parts_dir / f"{name}.json").write_text(json.dumps(part))
+
+    for name, recipes in qp.GRID_PARTS.items():
+        write(name, [_run(r, lr, 0, examples(2.0 - 0.1 * (lr == best[r]), 2.0 + offset[r]),
+                          step1_cost=5.0 if r == "sftmix" else None) for r in recipes for lr in args.lrs])
+    for s in (0, 1):
+        runs = [_run(r, best[r], s, examples(1.9, 2.0 + offset[r] + 0.001 * s), pubmedqa={"a": s == 0, "b": True},
+                     step1_cost=5.0 if r == "sftmix" and s == 1 else None) for r in qp.RECIPES]
+        runs.append(_run("sftmix", 1e-3, s, {}))  # a run at another rate is not reported
+        write(f"seed-{s}", runs, complete=s == 0)
+    res = qp.merge(args)
+
+    assert res["missing_parts"] == ["variants"] and res["unfinished_parts"] == ["seed-1"]
+    assert res["chosen_lr"] == best
+    assert math.isclose(res["lr_grid"]["ntp"]["0.003"]["nll"], 1.9)
+    for r, t in res["recipes"].items():
+        assert t["seeds"] == [0, 1] and math.isclose(t["nll"]["mean"], 2.0 + offset[r] + 0.0005)
+        assert math.isclose(t["pubmedqa_accuracy"]["mean"], 0.75)
+    # two-run SFTMix's cost includes step 1 (5 s wall), found in the grid for seed 0 and in seed-1's own run
+    assert res["recipes"]["sftmix"]["cost_wall_seconds"]["mean"] == 15.0
+    assert res["recipes"]["ntp"]["cost_cpu_seconds"]["mean"] == 20.0
+    assert set(res["comparisons"]) == {f"{r}-ntp" for r in qp.RECIPES if r != "ntp"} | {
+        f"{r}-ntp_neftune" for r in ("sftmix", "sftmix_self", "sftmix_self_neftune")}
+    c = res["comparisons"]["sftmix-ntp_neftune"]
+    assert math.isclose(c["pooled_nll"], -0.02) and c["examples_lower"] == 8 and c["examples_higher"] == 0
+    assert res["variants"]["self_checkpoints"]["minus_default"] is None
+    md = (tmp_path / "results" / "quality_parts_quick.md").read_text()
+    for text in ("**Missing parts: variants**", "**Unfinished: seed-1.**", "| NTP + NEFTune (alpha 5) |",
+                 "| two-run SFTMix − NTP + NEFTune (alpha 5) | 0,1 |", "| variants | missing |"):
+        assert text in md, text
+
+    # runtime overrides (threads) do not block a merge; a part written with other settings is refused, naming the
+    # file and the setting
+    assert qp.read_part(_quick_args(qp, tmp_path, "--", "--num_threads", "2"), "seed-0")["runs"]
+    other = _quick_args(qp, tmp_path, "--n_val", "6")
+    with pytest.raises(qp.SFTMixError, match=r"seed-0\.json: written with other settings \(n_val: 8 there, 6 here"):
+        qp.read_part(other, "seed-0")
+
+
+@needs_data
+def test_a_seed_part_needs_the_grid_parts_first(tmp_path):
+    proc = subprocess.run([sys.executable, str(PARTS), "part", "seed-1", "--quick", "--work_dir", str(tmp_path / "w"),
+                           "--results_dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("quality_parts: error: part seed-1: the rates are chosen by the grid parts; run "
+                                "grid-ntp, grid-sftmix, grid-self first"), proc.stderr[-2000:]
+
+
+@needs_data
+def test_quick_part_records_every_run_and_resumes(tmp_path):
+    """`part grid-ntp --quick` with one rate: both runs recorded with per-example NLL on validation + held-out and
+    their costs; a part killed after its first run (its file holds one run) resumes with the second only."""
+    qp = load_parts()
+    argv = ["part", "grid-ntp", "--quick", "--lrs", "0.003", "--work_dir", str(tmp_path / "w"), "--results_dir",
+            str(tmp_path / "r")]
+
+    def run():
+        proc = subprocess.run([sys.executable, str(PARTS), *argv], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run()
+    args = qp.parse_args(argv)
+    path = args.parts_dir / "grid-ntp.json"
+    part = json.loads(path.read_text())
+    assert part["complete"] and part["settings"] == qp.settings(args) and part["invocations"] == 1
+    assert sorted(part["runs"]) == ["ntp_neftune|0.003|0", "ntp|0.003|0"]
+    data = qp.prepare(args)
+    for key, r in part["runs"].items():
+        assert sorted(r["examples"]) == sorted(data["val_guids"] + data["test_guids"])
+        assert all(finite(m) and m > 0 and t > 0 for m, t in r["examples"].values())
+        assert r["pubmedqa"] is None and r["costs"]["train"]["cpu_seconds"] > 0 and finite(r["train_loss"])
+    config = (Path(part["runs"]["ntp_neftune|0.003|0"]["run_dir"]) / "config.yaml").read_text()
+    assert "neftune_noise_alpha: 5.0" in config
+    assert "neftune" not in (Path(part["runs"]["ntp|0.003|0"]["run_dir"]) / "config.yaml").read_text()
+    # NEFTune changed the training: not the same model
+    assert part["runs"]["ntp|0.003|0"]["examples"] != part["runs"]["ntp_neftune|0.003|0"]["examples"]
+    assert part["cpu_seconds"] > 0
+
+    # as if killed after the first run: the second is done again from its run directory (every stage done already)
+    first = part["runs"].pop("ntp_neftune|0.003|0")
+    part["complete"] = False
+    path.write_text(json.dumps(part))
+    out = run()
+    assert "1 recorded already" in out and "[quality] ntp lr" not in out
+    assert out.count("(done already)") == 2  # ntp_neftune's train and eval
+    again = json.loads(path.read_text())
+    assert again["complete"] and again["invocations"] == 2 and len(again["runs"]) == 2
+    assert again["runs"]["ntp_neftune|0.003|0"]["examples"] == first["examples"]
+    assert again["runs"]["ntp_neftune|0.003|0"]["costs"] == first["costs"]  # the first run's costs are kept
