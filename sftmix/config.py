@@ -479,6 +479,30 @@ def packaged_config(name: str) -> Path:
     raise SFTMixError(f"the packaged config {name} is missing from {here / 'configs'}; reinstall sftmix.")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped in the package by name: `smoke`, `llama3.1-8b_alpaca`, `ablations/baseline`,
+    `accelerate/fsdp` ... (the path under sftmix/configs without `.yaml`)."""
+    # not .resolve(): in a checkout sftmix/configs is a symlink to configs/, and the names are the same either way
+    root = Path(__file__).parent / "configs"
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def resolve_config_path(value: str, setting: str = "--config") -> Path:
+    """A config given as a file path, else as the name of a shipped config (`--config smoke`)."""
+    path = Path(value)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    name = value[:-5] if value.endswith(".yaml") else value
+    if name.startswith("configs/"):  # the repository's path of a shipped config (README's commands), outside it
+        name = name[len("configs/"):]
+    if name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`?" if close else "`sftmix configs` lists the shipped configs."
+    raise SFTMixError(f"{setting} {value}: no such file and no shipped config of that name; {hint}")
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
@@ -534,7 +558,10 @@ def parse_config(argv: list[str]) -> Config:
     pre.add_argument("--output_dir")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        config_path, source = Path(known.config), known.config
+        config_path, source = resolve_config_path(known.config), known.config
+        if str(config_path) != known.config:  # a shipped config by name: TrlParser reads the --config value itself
+            argv = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+            argv = ["--config", str(config_path), *argv]
     elif known.output_dir and (Path(known.output_dir) / "config.yaml").is_file():
         config_path = Path(known.output_dir) / "config.yaml"
         source = str(config_path)

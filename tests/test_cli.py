@@ -235,6 +235,43 @@ def test_default_config_is_the_packaged_demo(tmp_path, monkeypatch):
     assert "demo.yaml" in cfg.source
 
 
+def test_shipped_configs_by_name_list_and_copy(tmp_path, monkeypatch, capsys):
+    """The package ships every config of configs/ (sftmix/configs is one copy of them): `--config NAME` reads one by
+    name from any directory, `sftmix configs` lists them, `configs copy` writes them out for accelerate and globs."""
+    from sftmix.config import shipped_configs
+    from sftmix.sweep import _shipped_or_files
+
+    shipped = shipped_configs()
+    assert set(shipped) == {p.relative_to(ROOT / "configs").with_suffix("").as_posix()
+                            for p in (ROOT / "configs").rglob("*.yaml")}
+    assert {"smoke", "demo", "llama3.1-8b_alpaca", "ablations/baseline", "accelerate/fsdp"} <= set(shipped)
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    cfg = parse_config(["--config", "smoke", "--output_dir", "out", "--mixup_weight", "0.3"])
+    assert cfg.run.model == "tiny-random:0" and cfg.train.mixup_weight == 0.3
+    assert Path(cfg.run.data).is_file()  # data/smoke.jsonl found beside the shipped config
+    # README's repository paths work outside the repository, and so does an unexpanded glob or a folder in a sweep
+    assert parse_config(["--config=configs/ablations/baseline.yaml", "--output_dir", "o2"]).run.recipes
+    assert len(_shipped_or_files(["configs/ablations/*.yaml"])) == len(_shipped_or_files(["ablations"])) == len(
+        list((ROOT / "configs" / "ablations").glob("*.yaml")))
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--config", "smok", "--output_dir", "o3"])
+    assert e.value.code == 2 and "did you mean `smoke`?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["configs"])
+    listing = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"  {n} " in listing for n in shipped)
+    with pytest.raises(SystemExit) as e:
+        main(["configs", "copy", "accelerate/fsdp", "smoke"])
+    assert e.value.code == 0
+    assert (tmp_path / "configs" / "accelerate" / "fsdp.yaml").read_bytes() == shipped["accelerate/fsdp"].read_bytes()
+    assert (tmp_path / "configs" / "data" / "smoke.jsonl").is_file()  # what smoke.yaml reads comes along
+    (tmp_path / "configs" / "smoke.yaml").write_text("model: mine\n")
+    with pytest.raises(SystemExit) as e:
+        main(["configs", "copy", "smoke"])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err  # a user's edited copy is never overwritten
+    assert (tmp_path / "configs" / "smoke.yaml").read_text() == "model: mine\n"
+
+
 def _sftmix_configs():
     return sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
 
