@@ -74,6 +74,7 @@ _STAGE_OF = {name: stage for stage, names in SETTING_STAGES.items() for name in 
 # its `<task>_file`. Fields named nowhere here (batch sizes, judge timeouts, ...) change how, not what.
 EVAL_TASK_FIELDS = {
     "heldout": ("heldout_file", "max_length", "chat_template"),
+    "answers": ("heldout_file", "answers", "answers_max_new_tokens", "chat_template"),
     "mc": ("num_shots", "mc_chat_template", "mc_score", "mc_limit", "max_length", "medmcqa_cop_base"),
     "gen": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
             "judge_base_url", "judge_prompt_dir"),
@@ -83,8 +84,8 @@ EVAL_TASK_FIELDS = {
 def eval_task_fields(task: str) -> list[str]:
     """The EvalConfig fields whose values a task's result depends on (`heldout`, an MC task, `mtbench`,
     `alpacaeval`)."""
-    if task == "heldout":
-        return list(EVAL_TASK_FIELDS["heldout"])
+    if task in ("heldout", "answers"):
+        return list(EVAL_TASK_FIELDS[task])
     if task in MC_TASKS:
         return [*EVAL_TASK_FIELDS["mc"], f"{task}_file", f"{task}_shots_file"]
     if task in ("mtbench", "alpacaeval"):
@@ -382,6 +383,11 @@ class EvalConfig:
         "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Recompute tasks whose <task>.json already exists with the same settings.")})
+    answers: int = field(default=8, metadata={"help": (
+        "Held-out prompts (the first N by guid: a fixed sample) that every model answers greedily, for the report's "
+        "side-by-side answers table (eval/<model>/answers.json); 0: none.")})
+    answers_max_new_tokens: int = field(default=128, metadata={"help": (
+        "Length cap (new tokens) of each answer of `answers`.")})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -512,7 +512,8 @@ def run_reference(
         # The reference's own training metrics: the NTP baseline reuses this run when it is the identical run.
         atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,
                                                           "global_step": result.global_step,
-                                                          "n_train_examples": len(train_dataset)})
+                                                          "n_train_examples": len(train_dataset),
+                                                          "log_history": trainer.state.log_history})
         guids = list(train_dataset["guid"])
         if score_checkpoints:
             rows = build_confidence(out_dir, num_checkpoints, write=not (online and online_split))

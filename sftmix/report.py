@@ -111,6 +111,7 @@ def collect(cfg) -> dict:
     summary["models"] = models
     summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
     summary["timings"] = _json(d / "timings.json") or {}
+    summary.update(collect_curves_and_answers(cfg))
     return summary
 
 
@@ -169,6 +170,95 @@ def comparison_rows(models: dict, min_valid_fraction: float = 0.9) -> list[dict]
         row["train_seconds"] = tr.get("train_runtime")
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training curves and side-by-side answers (what a reader of a tracker's report looks at first)
+
+CURVE_PLOT = "loss_curves.png"
+EXTRA_CAPTIONS = {CURVE_PLOT: "NTP (solid) and Mixup (dashed) loss per step of each recipe and of the reference"}
+ANSWER_CHARS = 700  # per table cell: answers are capped in tokens already; prompts can be long
+
+
+def collect_curves_and_answers(cfg) -> dict:
+    """The loss curves of each run (from its train_result.json log_history; plots/loss_curves.png) and the answers
+    of every model to the fixed held-out sample (the evaluation task `answers`, eval/<model>.json)."""
+    d = cfg.run_dir
+    recipes = [r for r in ("ntp", "sftmix") if r in cfg.run.recipes]
+    results = {name: _json(d / name / "train_result.json") for name in ("reference", *recipes)}
+    reused = (results.get("ntp") or {}).get("reused_reference_checkpoint")
+    curves = {}
+    for name, tr in results.items():
+        if name == "reference" and reused:
+            continue  # the NTP run is the reference run: one curve, labelled NTP
+        hist = (tr or {}).get("log_history") or []
+        c = {k: [(h["step"], h[k]) for h in hist if "step" in h and isinstance(h.get(k), (int, float))]
+             for k in ("ntp_loss", "mixup_loss")}
+        if any(c.values()):
+            curves["reference (step 1)" if name == "reference" else MODEL_LABELS.get(name, name)] = c
+    switch = None
+    self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix: NTP epochs, then Mixup
+    if self_split and self_split.get("steps"):
+        steps = self_split["steps"]
+        switch = int(steps if isinstance(steps, int) else max(steps))
+    plot = None
+    if curves:
+        from sftmix.plots import plot_loss_curves
+
+        plot_loss_curves(curves, d / "plots" / CURVE_PLOT, switch)
+        plot = CURVE_PLOT
+    answers = {}
+    for name in ["start", *recipes]:
+        found = ((_json(d / "eval" / f"{name}.json") or {}).get("results") or {}).get("answers")
+        if found:
+            answers[name] = found
+    return {"curves": {"runs": curves, "switch_step": switch, "plot": plot}, "answers": answers}
+
+
+def _cell(text, n=ANSWER_CHARS) -> str:
+    return _short(" ".join(str(text or "").split()), n) if text else "–"
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    turns = list(prompt or [])
+    if len(turns) == 1:
+        return turns[0].get("content", "")
+    return " / ".join(f"{t.get('role')}: {t.get('content', '')}" for t in turns)
+
+
+def _curves_and_answers_sections(summary) -> list[tuple[str, str, list]]:
+    out = []
+    curves = summary.get("curves") or {}
+    if curves.get("plot"):
+        text = ("NTP loss (solid) and Mixup loss (dashed) per optimizer step, as logged (each point is the mean over "
+                "`logging_steps` steps); numbers in each run's train_result.json (log_history).")
+        if curves.get("switch_step") is not None:
+            text += (f" Dotted line: one-run SFTMix switched from its NTP epochs to Mixup at step "
+                     f"{curves['switch_step']}.")
+        out.append(("Training curves", text, [("plots", [curves["plot"]])]))
+    answers = summary.get("answers") or {}
+    if answers:
+        first = next(iter(answers.values()))
+        by_model = {name: {it["guid"]: it for it in a.get("items", [])} for name, a in answers.items()}
+
+        def answer(name, guid):
+            it = by_model[name].get(guid)
+            if it is None:
+                return "–"
+            return _cell(it["answer"]) + ("" if it.get("finished", True) else " [cut at the cap]")
+
+        body = [[_cell(_prompt_text(it["prompt"])), _cell(it["reference"])] +
+                [answer(name, it["guid"]) for name in answers] for it in first.get("items", [])]
+        cut = {MODEL_LABELS.get(n, n): a.get("n_cut") for n, a in answers.items()}
+        text = (f"Greedy answers of every model to the same {first.get('n')} held-out prompts (the first "
+                f"{first.get('n')} of {first.get('n_heldout')} by guid), at most {first.get('max_new_tokens')} new "
+                f"tokens each (cut at that cap: {', '.join(f'{k} {v}' for k, v in cut.items())}). Long cells are "
+                f"shortened here; the full text is in eval/<model>/answers.json.")
+        header = ["prompt", "reference answer"] + [MODEL_LABELS.get(n, n) for n in answers]
+        out.append(("Answers to held-out prompts", text, [("table", (header, body))]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,6 +331,7 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     note = (f"Lower is better. Best held-out NLL: **{best['label']}**. NLL is the token-weighted mean response NLL "
             f"of the held-out examples, PPL = exp(NLL).") if best else "No evaluation yet (run `sftmix eval`)."
     out.append(("NTP vs SFTMix on the held-out examples", note, [("table", (header, body))]))
+    out += _curves_and_answers_sections(summary)
 
     data = summary["data"]
     load = data.get("load") or {}
@@ -338,7 +429,7 @@ def render_html(summary, run_dir: Path) -> str:
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["bold"] = lambda text: markupsafe.Markup(
         re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(markupsafe.escape(text))))
-    captions = dict(PLOTS)
+    captions = {**dict(PLOTS), **EXTRA_CAPTIONS}
     sections = [(title, text, [(kind, [(captions.get(name, name),
                                         base64.b64encode((run_dir / "plots" / name).read_bytes()).decode("ascii"))
                                        for name in payload] if kind == "plots" else payload)
