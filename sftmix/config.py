@@ -506,7 +506,7 @@ def resolve_config_path(value: str, setting: str = "--config") -> Path:
         return shipped[name]
     close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
     hint = f"did you mean `{close[0]}`?" if close else "`sftmix configs` lists the shipped configs."
-    raise SFTMixError(f"{setting} {value}: no such file and no shipped config of that name; {hint}")
+    raise SFTMixError(f"config file {value} ({setting}): no such file, nor a shipped config of that name; {hint}")
 
 
 def _read_yaml(path: Path) -> dict:
