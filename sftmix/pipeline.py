@@ -502,7 +502,8 @@ def stage_train(cfg, recipe: str) -> None:
             args = training_config(cfg, out, drop=settings_of("mixup"), mixup_weight=0.0, selection="none")
         resume = resume_checkpoint(out, f"train:{recipe}")
         with tracking.stage_env(cfg, recipe) as names:  # report_to: one tracker run per recipe
-            args.run_name = names["run_name"]
+            for key, value in names.items():  # run_name (and trackio's project): set on the built config
+                setattr(args, key, value)
             trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                     peft_config=lora_config(cfg.run), callbacks=callbacks)
             result = trainer.train(resume_from_checkpoint=resume)

@@ -8,7 +8,8 @@ module only names the runs and adds what no Trainer logs: step 1's scoring point
 results, through the same integrations (so whatever `report_to` names receives them).
 
 Stable names, one run per stage, grouped per run directory:
-- run name `<run_name or DIR name>/<stage>` (stage: reference, sftmix, ntp, start); W&B group: the same prefix
+- run name `<run_name or DIR name>/<stage>` (stage: reference, sftmix, ntp, start); trackio project (unless
+  `project` is set) and W&B group: the same prefix
   (WANDB_RUN_GROUP, unless set) and a run id derived from the run directory and stage, so the evaluation results join
   the recipe's own run (resumed) instead of opening a new one;
 - TensorBoard: DIR/<stage>/tensorboard (cleared with the stage's outputs when it reruns);
@@ -58,10 +59,13 @@ def stage_env(cfg, stage: str):
         key = f"{cfg.run_dir.resolve()}/{stage}"
         env.update(WANDB_RUN_ID=hashlib.sha256(key.encode()).hexdigest()[:16], WANDB_RESUME="allow")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP") or run_name(cfg, "").rstrip("/")
+    forced = {"run_name": run_name(cfg, stage)}
+    if "trackio" in names and "project" not in cfg.train_values:  # trackio groups runs by project
+        forced["project"] = run_name(cfg, "").rstrip("/")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield {"run_name": run_name(cfg, stage)}
+        yield forced
     finally:
         for k, v in saved.items():
             if v is None:

@@ -52,3 +52,27 @@ def test_tensorboard_events_of_a_smoke_run_hold_each_recipes_losses(tmp_path):
     assert [s for s, _ in ref["train/step1_mean_ppl"]] == steps
     assert ref["train/step1_n_confident"] == [(steps[-1], 20.0)] and ref["train/step1_n_unconfident"][0][1] == 20.0
     assert runs["eval/start/tensorboard"]["eval/heldout_nll"][0][0] == 0
+
+
+@pytest.mark.slow
+def test_trackio_offline_gets_one_run_per_stage_with_the_losses(tmp_path):
+    """trackio (local, no account) where it is installed: its SQLite file holds a run per stage, the eval results in
+    the recipe's own run (resumed by name)."""
+    pytest.importorskip("trackio")
+    import sqlite3
+
+    out = tmp_path / "trk"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sftmix", "run", "--config", "smoke", "--output_dir", str(out),
+                           "--report_to", "trackio"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "trackio" / "trk.db")  # the project: the run directory's name
+    logged = {}
+    for run, metrics in db.execute("select run_name, metrics from metrics"):
+        for key in json.loads(metrics):
+            logged.setdefault(run, set()).add(key)
+    assert {"trk/reference", "trk/sftmix", "trk/ntp", "trk/start"} <= set(logged)
+    assert {"train/ntp_loss", "train/mixup_loss", "eval/heldout_nll"} <= logged["trk/sftmix"]
+    assert "train/ntp_loss" in logged["trk/ntp"] and "train/mixup_loss" not in logged["trk/ntp"]
+    assert "train/step1_mean_ppl" in logged["trk/reference"] and "eval/heldout_nll" in logged["trk/start"]
