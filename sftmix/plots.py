@@ -132,7 +132,7 @@ def plot_loss_curves(curves: dict[str, dict], path, switch: int | None = None) -
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over the logging interval)")
     ax.set_title("Training curves")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     return _save(fig, path)
 
 
