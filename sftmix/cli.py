@@ -103,10 +103,10 @@ def run_command(argv: list[str]) -> int:
 def configs_command(argv: list[str]) -> int:
     """`sftmix configs`: the shipped configs by name; `copy [NAME ...] [--to DIR]` writes them (default: all, with the
     smoke data they read) under DIR keeping their folders, so that README's `configs/...` paths work verbatim there."""
-    import shutil
     from pathlib import Path
 
     from sftmix.config import resolve_config_path, shipped_configs
+    from sftmix.utils import atomic_write_bytes
 
     p = argparse.ArgumentParser(prog="sftmix configs", allow_abbrev=False, description=configs_command.__doc__)
     p.add_argument("action", nargs="?", choices=["list", "copy", "path"], default="list")
@@ -148,8 +148,7 @@ def configs_command(argv: list[str]) -> int:
         if target.exists() and target.read_bytes() != src.read_bytes() and not args.force:
             raise SFTMixError(f"configs copy: {target} exists and differs from the shipped {rel}; move it away or "
                               "add --force.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
+        atomic_write_bytes(target, src.read_bytes())
         print(target)
     return 0
 
