@@ -216,7 +216,9 @@ def collect_curves_and_answers(cfg) -> dict:
 
 
 def _cell(text, n=ANSWER_CHARS) -> str:
-    return _short(" ".join(str(text or "").split()), n) if text else "–"
+    """Spaces collapsed, line breaks kept (answers are often lists): <br> in report.md, pre-line in report.html."""
+    lines = [" ".join(line.split()) for line in str(text or "").splitlines()]
+    return _short("\n".join(line for line in lines if line), n) if text else "–"
 
 
 def _prompt_text(prompt) -> str:
@@ -303,7 +305,7 @@ def _with_n(row: dict, key: str) -> str:
 
 
 def _md_table(header, body) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731  (a line break inside a cell)
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
     return "\n".join(lines)
