@@ -121,7 +121,7 @@ def plot_loss_curves(curves: dict[str, dict], path, switch: int | None = None) -
     fig, ax = _figure((7.5, 4.5))
     colors = {"SFTMix": UNCONFIDENT_COLOR, "NTP": CONFIDENT_COLOR, "reference (step 1)": "#7f7f7f"}
     for i, (label, c) in enumerate(curves.items()):
-        color = colors.get(label, f"C{i + 2}")
+        color = colors.get(label.split(" (=")[0], f"C{i + 2}")
         if c.get("ntp_loss"):
             ax.plot(*zip(*c["ntp_loss"]), color=color, lw=1.5, marker="." if len(c["ntp_loss"]) < 30 else None,
                     label=f"{label}: NTP loss")

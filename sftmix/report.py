@@ -195,7 +195,8 @@ def collect_curves_and_answers(cfg) -> dict:
         c = {k: [(h["step"], h[k]) for h in hist if "step" in h and isinstance(h.get(k), (int, float))]
              for k in ("ntp_loss", "mixup_loss")}
         if any(c.values()):
-            curves["reference (step 1)" if name == "reference" else MODEL_LABELS.get(name, name)] = c
+            label = "reference (step 1)" if name == "reference" else MODEL_LABELS.get(name, name)
+            curves[f"{label} (= the reference run)" if name == "ntp" and reused else label] = c
     switch = None
     self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix: NTP epochs, then Mixup
     if self_split and self_split.get("steps"):
