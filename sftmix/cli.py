@@ -7,7 +7,12 @@
     sftmix train --recipe ntp --output_dir runs/x          # one target run (sftmix or ntp)
     sftmix eval --output_dir runs/x ;  sftmix report --output_dir runs/x
     sftmix sweep configs/ablations/*.yaml --output_dir runs/abl   # several configs, one merged table (sftmix.sweep)
+    sftmix configs ;  sftmix configs copy [NAME ...] [--to configs]    # the shipped configs: list, copy out
     accelerate launch --config_file configs/accelerate/ddp.yaml -m sftmix.cli run --config configs/...yaml
+
+`--config` takes a file or the name of a shipped config (`--config smoke`, `--config ablations/baseline`; a
+`configs/...yaml` path that does not exist here is read from the package), so the paper's commands work from an
+installed wheel; `sftmix configs copy` writes them all to ./configs for `accelerate launch --config_file` and globs.
 
 Configuration (YAML + `--key value` overrides, which config file is read): sftmix.config; `sftmix run -h` lists every
 setting with its help. The resolved config is written to DIR/config.yaml before anything runs.
@@ -41,6 +46,7 @@ COMMANDS = {
     "eval": "evaluate the start model and every trained recipe (held-out NLL; multiple choice/judge if set)",
     "report": "write report.md, report.json and report.html from what the run directory holds",
     "sweep": "run several configs (`sftmix run` each) and merge their reports into one table (see sftmix.sweep)",
+    "configs": "list the shipped configs (paper, ablations, accelerate); `copy [NAME ...] [--to DIR]` copies them out",
 }
 
 
@@ -71,6 +77,8 @@ def run_command(argv: list[str]) -> int:
         raise SFTMixError(f"unknown command {argv[0]!r}" + (f"; did you mean `{close[0]}`?" if close else
                                                               f"; use one of {', '.join(COMMANDS)}."))
     command, rest = argv[0], argv[1:]
+    if command == "configs":
+        return configs_command(rest)
     if command == "sweep":  # several configs and its own options: sftmix.sweep parses them
         from sftmix import sweep
 
@@ -92,6 +100,59 @@ def run_command(argv: list[str]) -> int:
     cfg = parse_config(rest)
 
     return pipeline.run(cfg, command, recipe=recipe)
+
+
+def configs_command(argv: list[str]) -> int:
+    """`sftmix configs`: the shipped configs by name; `copy [NAME ...] [--to DIR]` writes them (default: all, with the
+    smoke data they read) under DIR keeping their folders, so that README's `configs/...` paths work verbatim there."""
+    from pathlib import Path
+
+    from sftmix.config import resolve_config_path, shipped_configs
+    from sftmix.utils import atomic_write_bytes
+
+    p = argparse.ArgumentParser(prog="sftmix configs", allow_abbrev=False, description=configs_command.__doc__)
+    p.add_argument("action", nargs="?", choices=["list", "copy", "path"], default="list")
+    p.add_argument("names", nargs="*", help="shipped config names (see `sftmix configs`); copy: default all")
+    p.add_argument("--to", default="configs", help="copy: the folder to write into (default ./configs)")
+    p.add_argument("--force", action="store_true", help="copy: overwrite files that differ")
+    p.error = lambda message: (_ for _ in ()).throw(SFTMixError(f"configs: {message}"))
+    args = p.parse_args(argv)
+    shipped = shipped_configs()
+    if not shipped:
+        raise SFTMixError("configs: the package ships no configs (a broken install?); reinstall sftmix.")
+    root = next(iter(shipped.values())).parent
+    while root.name != "configs":
+        root = root.parent
+    if args.action == "list":
+        print(f"shipped configs ({root}); use as `--config NAME`, or `sftmix configs copy [NAME ...]`:")
+        for name, path in shipped.items():
+            comments = [ln.lstrip("# ") for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("#")]
+            # the first line of prose (most configs open with their launch command, which names the launcher)
+            prose = next((c for c in comments if not c.startswith(("sftmix ", "accelerate "))), "")
+            launch = next((c.split()[3] for c in comments[:1] if c.startswith("accelerate launch --config_file")), "")
+            text = f"[{Path(launch).stem} launch] {prose}" if launch else prose
+            print(f"  {name:<34} {text[:84]}")
+        return 0
+    paths = [resolve_config_path(n, "sftmix configs") for n in args.names]
+    if args.action == "path":
+        print("\n".join(str(x) for x in paths))
+        return 0
+    files = paths or [*shipped.values(), *sorted((root / "data").glob("*"))]
+    if not paths or any(x.name == "smoke.yaml" for x in paths):  # the smoke configs read data/ beside them
+        files += [f for f in sorted((root / "data").glob("*")) if f not in files]
+    dest = Path(args.to)
+    for src in files:
+        try:
+            rel = src.relative_to(root)
+        except ValueError:  # a file path given as NAME: copied flat
+            rel = Path(src.name)
+        target = dest / rel
+        if target.exists() and target.read_bytes() != src.read_bytes() and not args.force:
+            raise SFTMixError(f"configs copy: {target} exists and differs from the shipped {rel}; move it away or "
+                              "add --force.")
+        atomic_write_bytes(target, src.read_bytes())
+        print(target)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,6 +79,7 @@ _STAGE_OF = {name: stage for stage, names in SETTING_STAGES.items() for name in 
 # its `<task>_file`. Fields named nowhere here (batch sizes, judge timeouts, ...) change how, not what.
 EVAL_TASK_FIELDS = {
     "heldout": ("heldout_file", "max_length", "chat_template"),
+    "answers": ("heldout_file", "answers", "answers_max_new_tokens", "chat_template"),
     "mc": ("num_shots", "mc_chat_template", "mc_score", "mc_limit", "max_length", "medmcqa_cop_base"),
     # read by the biomistral protocol only (its per-question shot sets are drawn with `seed`, one round per seed);
     # kept out of the lm-eval protocol's fingerprint so that its stored results stay as they were
@@ -89,10 +90,10 @@ EVAL_TASK_FIELDS = {
 
 
 def eval_task_fields(task: str, mc_protocol: str = "lm-eval") -> list[str]:
-    """The EvalConfig fields whose values a task's result depends on (`heldout`, an MC task under `mc_protocol`,
-    `mtbench`, `alpacaeval`)."""
-    if task == "heldout":
-        return list(EVAL_TASK_FIELDS["heldout"])
+    """The EvalConfig fields whose values a task's result depends on (`heldout`, `answers`, an MC task under
+    `mc_protocol`, `mtbench`, `alpacaeval`)."""
+    if task in ("heldout", "answers"):
+        return list(EVAL_TASK_FIELDS[task])
     if task in MC_TASKS:
         extra = EVAL_TASK_FIELDS["mc_biomistral"] if mc_protocol == "biomistral" else ()
         return [*EVAL_TASK_FIELDS["mc"], *extra, f"{task}_file", f"{task}_shots_file"]
@@ -409,6 +410,11 @@ class EvalConfig:
         "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Recompute tasks whose <task>.json already exists with the same settings.")})
+    answers: int = field(default=8, metadata={"help": (
+        "Held-out prompts (the first N by guid: a fixed sample) that every model answers greedily, for the report's "
+        "side-by-side answers table (eval/<model>/answers.json); 0: none.")})
+    answers_max_new_tokens: int = field(default=128, metadata={"help": (
+        "Length cap (new tokens) of each answer of `answers`.")})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,6 +533,30 @@ def _yaml_loader():
             return super().construct_mapping(node, deep=deep)
 
     return Loader
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped in the package by name: `smoke`, `llama3.1-8b_alpaca`, `ablations/baseline`,
+    `accelerate/fsdp` ... (the path under sftmix/configs without `.yaml`)."""
+    # not .resolve(): in a checkout sftmix/configs is a symlink to configs/, and the names are the same either way
+    root = Path(__file__).parent / "configs"
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def resolve_config_path(value: str, setting: str = "--config") -> Path:
+    """A config given as a file path, else as the name of a shipped config (`--config smoke`)."""
+    path = Path(value)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    name = value[:-5] if value.endswith(".yaml") else value
+    if name.startswith("configs/"):  # the repository's path of a shipped config (README's commands), outside it
+        name = name[len("configs/"):]
+    if name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`?" if close else "`sftmix configs` lists the shipped configs."
+    raise SFTMixError(f"config file {value} ({setting}): no such file, nor a shipped config of that name; {hint}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -689,7 +719,10 @@ def parse_config(argv: list[str]) -> Config:
     pre.add_argument("--output_dir")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        config_path, source = Path(known.config), known.config
+        config_path, source = resolve_config_path(known.config), known.config
+        if str(config_path) != known.config:  # a shipped config by name: TrlParser reads the --config value itself
+            argv = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+            argv = ["--config", str(config_path), *argv]
     elif known.output_dir and (Path(known.output_dir) / "config.yaml").is_file():
         config_path = Path(known.output_dir) / "config.yaml"
         source = str(config_path)

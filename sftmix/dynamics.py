@@ -549,7 +549,8 @@ def run_reference(
         if main:
             atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,
                                                               "global_step": result.global_step,
-                                                              "n_train_examples": len(train_dataset)})
+                                                              "n_train_examples": len(train_dataset),
+                                                              "log_history": trainer.state.log_history})
         guids = list(train_dataset["guid"])
         if score_checkpoints:
             rows = build_confidence(out_dir, num_checkpoints, write=main and not (online and online_split))

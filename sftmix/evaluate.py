@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from sftmix.config import MC_TASKS, EvalConfig, eval_task_fields
-from sftmix.eval.generation import generate
+from sftmix.eval.generation import generate, heldout_answers
 from sftmix.eval.judged import eval_alpaca_eval, eval_mt_bench, make_judge
 from sftmix.eval.mc import eval_multiple_choice, score_choice_ids, score_choices, wilson_interval
 from sftmix.eval.rounds import run_rounds
@@ -61,7 +61,8 @@ from sftmix.utils import SFTMixError, atomic_write_json, write_jsonl
 
 # The evaluation API, importable from here as before the tasks moved to sftmix.eval.*
 __all__ = ["EvalConfig", "MC_TASKS", "HUB_EVAL_SOURCES", "MCItem", "build_prompt", "eval_alpaca_eval",
-           "eval_multiple_choice", "eval_mt_bench", "generate", "heldout_nll", "load_mc", "load_medmcqa", "load_medqa",
+           "eval_multiple_choice", "eval_mt_bench", "generate", "heldout_answers", "heldout_nll", "load_mc",
+           "load_medmcqa", "load_medqa",
            "load_mt_bench", "load_pubmedqa", "make_judge", "pick_shots", "run_eval", "score_choice_ids",
            "score_choices", "split_shots", "wilson_interval", "_need", "_read_rows"]
 
@@ -131,6 +132,8 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
     jobs = []
     if cfg.heldout_file:
         jobs.append(("heldout", eval_task_fields("heldout"), [cfg.heldout_file]))
+        if cfg.answers:
+            jobs.append(("answers", eval_task_fields("answers"), [cfg.heldout_file]))
     for t in MC_TASKS:
         if getattr(cfg, f"{t}_file"):
             jobs.append((t, eval_task_fields(t, cfg.mc_protocol),
@@ -163,6 +166,12 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
                                         cfg.max_length, source=cfg.heldout_file, return_rows=True)
             metrics["file"] = cfg.heldout_file
             write_jsonl(out / "heldout_examples.jsonl", rows)
+        elif task == "answers":
+            from sftmix.data import ensure_chat_template, load_records
+
+            ensure_chat_template(tokenizer, cfg.chat_template)
+            metrics = heldout_answers(model, tokenizer, load_records(cfg.heldout_file), cfg.answers,
+                                      cfg.answers_max_new_tokens, cfg.gen_batch_size)
         elif task in MC_TASKS:
             metrics = eval_mc_task(model, tokenizer, task, cfg, out, fp)
         else:

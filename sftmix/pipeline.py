@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from sftmix import tracking
 from sftmix.config import RECIPES, settings_of, unaffected_settings
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text, read_jsonl, resume_checkpoint
 
@@ -463,13 +464,16 @@ def stage_dynamics(cfg) -> None:
         if run.scoring_checkpoints == "trainer":  # the effective values (a default one is not in train_values)
             extra.update(save_strategy=train.save_strategy, save_steps=train.save_steps,
                          save_total_limit=train.save_total_limit)
-        rows = run_reference(
-            model, tok, ds, cfg.run_dir, num_checkpoints=run.num_checkpoints, num_train_epochs=run.reference_epochs,
-            per_device_train_batch_size=train.per_device_train_batch_size,
-            gradient_accumulation_steps=train.gradient_accumulation_steps,
-            learning_rate=run.reference_learning_rate or train.learning_rate, seed=train.seed,
-            score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints, online=online,
-            online_split=online, records=records, show_progress=not train.disable_tqdm, **extra)
+        with tracking.stage_env(cfg, "reference") as names:  # report_to: the reference's own tracker run
+            rows = run_reference(
+                model, tok, ds, cfg.run_dir, num_checkpoints=run.num_checkpoints,
+                num_train_epochs=run.reference_epochs, per_device_train_batch_size=train.per_device_train_batch_size,
+                gradient_accumulation_steps=train.gradient_accumulation_steps,
+                learning_rate=run.reference_learning_rate or train.learning_rate, seed=train.seed,
+                score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints, online=online,
+                online_split=online, records=records, show_progress=not train.disable_tqdm, **{**extra, **names})
+        if _state().is_main_process:  # step 1's scoring points and split, in the same tracker run
+            tracking.log_points(cfg, "reference", tracking.step1_points(cfg.run_dir))
         n_conf = sum(bool(r["confident"]) for r in rows)
         if _state().is_main_process:
             atomic_write_json(marker, {"confidence_mode": run.confidence_mode, "reference_model": spec,
@@ -499,6 +503,9 @@ def stage_train(cfg, recipe: str) -> None:
             return
         state = _state()
         if recipe == "ntp" and _reuse_reference_as_ntp(cfg, out):
+            if state.is_main_process:  # no Trainer ran: the reference's curves become the ntp tracker run's
+                history = json.loads((out / "train_result.json").read_text())["log_history"]
+                tracking.log_points(cfg, "ntp", tracking.history_points(history))
             return
         records = train_records(cfg)
         model, tok = load_model(cfg, cfg.run.model)
@@ -525,10 +532,13 @@ def stage_train(cfg, recipe: str) -> None:
         else:
             args = training_config(cfg, out, drop=settings_of("mixup"), mixup_weight=0.0, selection="none")
         callbacks.append(_training_clock()())
-        trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                peft_config=lora_config(cfg.run), callbacks=callbacks)
         resume = resume_checkpoint(out, f"train:{recipe}")
-        result = trainer.train(resume_from_checkpoint=resume)
+        with tracking.stage_env(cfg, recipe) as names:  # report_to: one tracker run per recipe
+            for key, value in names.items():  # run_name (and trackio's project): set on the built config
+                setattr(args, key, value)
+            trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                    peft_config=lora_config(cfg.run), callbacks=callbacks)
+            result = trainer.train(resume_from_checkpoint=resume)
         metrics = _whole_run_metrics(trainer, result.metrics, resume)
         if one_run and state.is_main_process:
             from sftmix.plots import write_dynamics_plots
@@ -811,6 +821,10 @@ def stage_eval(cfg) -> None:
             model, tok = load_model(cfg, spec)
             results = run_eval(model, tok, ecfg, cfg.run_dir / "eval" / name)
             atomic_write_json(marker, {"model": name, "spec": spec, "results": results})
+            # the results join the recipe's tracker run at its last step (the start model: a run of its own, step 0)
+            step = 0 if name == "start" else json.loads(
+                (cfg.run_dir / name / "train_result.json").read_text()).get("global_step") or 0
+            tracking.log_points(cfg, name, tracking.eval_points(results, step))
             del model
     state.wait_for_everyone()
 

@@ -4,9 +4,11 @@
     paths = write_dynamics_plots("run/", confidence_rows, records=records)
     # -> run/plots/confidence_hist.png, data_map.png, hidden_map.png, confidence_summary.md
 
-- confidence_hist.png: the confidence histogram with the split threshold.
-- data_map.png: variability vs confidence per example (dataset cartography, Swayamdipta et al. 2020), coloured by
-  the confident / unconfident split.
+- confidence_hist.png: the histogram of the mean PPL (confidence = -mean PPL) on a log axis, with the split.
+- data_map.png: variability vs mean PPL per example (dataset cartography, Swayamdipta et al. 2020) on log axes,
+  coloured by the confident / unconfident split. Perplexity is heavy-tailed: on linear axes a few outliers squeeze
+  the bulk of the data into one corner.
+- loss_curves.png (written by sftmix.report): NTP and Mixup loss per step of each recipe and the reference.
 - hidden_map.png: a 2-D map (PCA, or t-SNE) of each example's hidden state at its last response token from the
   final reference checkpoint, coloured by confidence: the paper's Figure 1 (from dynamics/hidden_final.npz).
 - confidence_summary.md: the most and least confident instructions (first user message), to compare with the
@@ -49,17 +51,46 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
+def _positive(x: np.ndarray) -> np.ndarray:
+    """Values for a log axis: non-positive ones (a PPL std of 0, a step-relative PPL) raised to the smallest positive
+    value (or 1e-6), so that no point is dropped."""
+    pos = x[x > 0]
+    return np.maximum(x, pos.min() if pos.size else 1e-6)
+
+
+def _log_axis(ax, which: str) -> None:
+    """A log axis with plain tick labels (120, 200, not 1.2x10^2): PPL ranges are often within one decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+
+    def minor(v, _):  # every minor tick within one decade; over several, only 2x and 5x (else they overlap)
+        lo, hi = sorted(axis.get_view_interval())
+        lead = round(v / 10 ** np.floor(np.log10(v)))
+        return f"{v:g}" if hi / max(lo, 1e-12) < 10 or lead in (2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
 def plot_confidence_histogram(confidence, confident, path, bins: int = 40) -> Path:
-    """Histogram of confidence (= -mean ppl) for each half, with the split line."""
+    """Histogram of the mean PPL (confidence = -mean PPL) for each half on a log axis, with the split line."""
     confidence, confident = np.asarray(confidence, float), np.asarray(confident, bool)
+    ppl = _positive(-confidence)
     fig, ax = _figure()
-    edges = np.histogram_bin_edges(confidence, bins=bins)
-    ax.hist(confidence[confident], bins=edges, color=CONFIDENT_COLOR, alpha=0.8, label=f"confident ({confident.sum()})")
-    ax.hist(confidence[~confident], bins=edges, color=UNCONFIDENT_COLOR, alpha=0.8,
+    lo, hi = ppl.min(), ppl.max()
+    edges = np.geomspace(lo, hi if hi > lo else lo * 1.01, bins + 1)  # equal widths on the log axis
+    ax.hist(ppl[confident], bins=edges, color=CONFIDENT_COLOR, alpha=0.8, label=f"confident ({confident.sum()})")
+    ax.hist(ppl[~confident], bins=edges, color=UNCONFIDENT_COLOR, alpha=0.8,
             label=f"unconfident ({(~confident).sum()})")
-    ax.axvline(split_threshold(confidence, confident), color="k", ls="--", lw=1, label="split")
-    ax.set_xlabel("confidence = -mean PPL over reference checkpoints")
+    split = -split_threshold(confidence, confident)
+    if split > 0:
+        ax.axvline(split, color="k", ls="--", lw=1, label=f"split (PPL {split:.3g})")
+    _log_axis(ax, "x")
+    ax.set_xlabel("mean PPL over reference checkpoints (log scale)\nconfidence = -mean PPL: left = confident")
     ax.set_ylabel("examples")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title("Reference-model confidence")
     ax.legend()
     return _save(fig, path)
@@ -70,13 +101,38 @@ def plot_data_map(confidence, variability, confident, path) -> Path:
     confidence, variability = np.asarray(confidence, float), np.asarray(variability, float)
     confident = np.asarray(confident, bool)
     fig, ax = _figure()
+    ppl, var = _positive(-confidence), _positive(variability)
     halves = ((confident, CONFIDENT_COLOR, "confident"), (~confident, UNCONFIDENT_COLOR, "unconfident"))
     for mask, color, name in halves:
-        ax.scatter(variability[mask], confidence[mask], s=8, alpha=0.6, color=color, label=name, linewidths=0)
-    ax.set_xlabel("variability = std of PPL over checkpoints")
-    ax.set_ylabel("confidence = -mean PPL")
+        ax.scatter(var[mask], ppl[mask], s=8, alpha=0.6, color=color, label=f"{name} ({mask.sum()})", linewidths=0)
+    _log_axis(ax, "x")
+    _log_axis(ax, "y")
+    ax.invert_yaxis()  # low PPL (confident) at the top, as confidence = -mean PPL would be
+    ax.set_xlabel("variability = std of PPL over checkpoints (log scale)")
+    ax.set_ylabel("mean PPL (log scale; top = confident)")
     ax.set_title("Data map")
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_loss_curves(curves: dict[str, dict], path, switch: int | None = None) -> Path:
+    """NTP loss (solid) and Mixup loss (dashed) per optimizer step of each run (label -> {"step", "ntp_loss",
+    "mixup_loss"} lists); `switch`: the step where one-run SFTMix switched from NTP to Mixup (a vertical line)."""
+    fig, ax = _figure((7.5, 4.5))
+    colors = {"SFTMix": UNCONFIDENT_COLOR, "NTP": CONFIDENT_COLOR, "reference (step 1)": "#7f7f7f"}
+    for i, (label, c) in enumerate(curves.items()):
+        color = colors.get(label.split(" (=")[0], f"C{i + 2}")
+        if c.get("ntp_loss"):
+            ax.plot(*zip(*c["ntp_loss"]), color=color, lw=1.5, marker="." if len(c["ntp_loss"]) < 30 else None,
+                    label=f"{label}: NTP loss")
+        if c.get("mixup_loss"):
+            ax.plot(*zip(*c["mixup_loss"]), color=color, lw=1.2, ls="--", label=f"{label}: Mixup loss")
+    if switch is not None:
+        ax.axvline(switch, color="k", ls=":", lw=1, label=f"one-run switch to Mixup (step {switch})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over the logging interval)")
+    ax.set_title("Training curves")
+    ax.legend(fontsize=9)
     return _save(fig, path)
 
 

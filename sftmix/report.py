@@ -113,6 +113,7 @@ def collect(cfg) -> dict:
     summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
     summary["medical"] = medical_table(models)
     summary["timings"] = _json(d / "timings.json") or {}
+    summary.update(collect_curves_and_answers(cfg))
     return summary
 
 
@@ -205,6 +206,98 @@ def medical_table(models: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# training curves and side-by-side answers (what a reader of a tracker's report looks at first)
+
+CURVE_PLOT = "loss_curves.png"
+EXTRA_CAPTIONS = {CURVE_PLOT: "NTP (solid) and Mixup (dashed) loss per step of each recipe and of the reference"}
+ANSWER_CHARS = 700  # per table cell: answers are capped in tokens already; prompts can be long
+
+
+def collect_curves_and_answers(cfg) -> dict:
+    """The loss curves of each run (from its train_result.json log_history; plots/loss_curves.png) and the answers
+    of every model to the fixed held-out sample (the evaluation task `answers`, eval/<model>.json)."""
+    d = cfg.run_dir
+    recipes = [r for r in ("ntp", "sftmix") if r in cfg.run.recipes]
+    results = {name: _json(d / name / "train_result.json") for name in ("reference", *recipes)}
+    reused = (results.get("ntp") or {}).get("reused_reference_checkpoint")
+    curves = {}
+    for name, tr in results.items():
+        if name == "reference" and reused:
+            continue  # the NTP run is the reference run: one curve, labelled NTP
+        hist = (tr or {}).get("log_history") or []
+        c = {k: [(h["step"], h[k]) for h in hist if "step" in h and isinstance(h.get(k), (int, float))]
+             for k in ("ntp_loss", "mixup_loss")}
+        if any(c.values()):
+            label = "reference (step 1)" if name == "reference" else MODEL_LABELS.get(name, name)
+            curves[f"{label} (= the reference run)" if name == "ntp" and reused else label] = c
+    switch = None
+    self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix: NTP epochs, then Mixup
+    if self_split and self_split.get("steps"):
+        steps = self_split["steps"]
+        switch = int(steps if isinstance(steps, int) else max(steps))
+    plot = None
+    if curves:
+        from sftmix.plots import plot_loss_curves
+
+        plot_loss_curves(curves, d / "plots" / CURVE_PLOT, switch)
+        plot = CURVE_PLOT
+    answers = {}
+    for name in ["start", *recipes]:
+        found = ((_json(d / "eval" / f"{name}.json") or {}).get("results") or {}).get("answers")
+        if found:
+            answers[name] = found
+    return {"curves": {"runs": curves, "switch_step": switch, "plot": plot}, "answers": answers}
+
+
+def _cell(text, n=ANSWER_CHARS) -> str:
+    """Spaces collapsed, line breaks kept (answers are often lists): <br> in report.md, pre-line in report.html."""
+    lines = [" ".join(line.split()) for line in str(text or "").splitlines()]
+    return _short("\n".join(line for line in lines if line), n) if text else "–"
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    turns = list(prompt or [])
+    if len(turns) == 1:
+        return turns[0].get("content", "")
+    return " / ".join(f"{t.get('role')}: {t.get('content', '')}" for t in turns)
+
+
+def _curves_and_answers_sections(summary) -> list[tuple[str, str, list]]:
+    out = []
+    curves = summary.get("curves") or {}
+    if curves.get("plot"):
+        text = ("NTP loss (solid) and Mixup loss (dashed) per optimizer step, as logged (each point is the mean over "
+                "`logging_steps` steps); numbers in each run's train_result.json (log_history).")
+        if curves.get("switch_step") is not None:
+            text += (f" Dotted line: one-run SFTMix switched from its NTP epochs to Mixup at step "
+                     f"{curves['switch_step']}.")
+        out.append(("Training curves", text, [("plots", [curves["plot"]])]))
+    answers = summary.get("answers") or {}
+    if answers:
+        first = next(iter(answers.values()))
+        by_model = {name: {it["guid"]: it for it in a.get("items", [])} for name, a in answers.items()}
+
+        def answer(name, guid):
+            it = by_model[name].get(guid)
+            if it is None:
+                return "–"
+            return _cell(it["answer"]) + ("" if it.get("finished", True) else " [cut at the cap]")
+
+        body = [[_cell(_prompt_text(it["prompt"])), _cell(it["reference"])] +
+                [answer(name, it["guid"]) for name in answers] for it in first.get("items", [])]
+        cut = {MODEL_LABELS.get(n, n): a.get("n_cut") for n, a in answers.items()}
+        text = (f"Greedy answers of every model to the same {first.get('n')} held-out prompts (the first "
+                f"{first.get('n')} of {first.get('n_heldout')} by guid), at most {first.get('max_new_tokens')} new "
+                f"tokens each (cut at that cap: {', '.join(f'{k} {v}' for k, v in cut.items())}). Long cells are "
+                f"shortened here; the full text is in eval/<model>/answers.json.")
+        header = ["prompt", "reference answer"] + [MODEL_LABELS.get(n, n) for n in answers]
+        out.append(("Answers to held-out prompts", text, [("table", (header, body))]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # rendering
 
 
@@ -262,7 +355,7 @@ def _medical_section(med: dict) -> tuple[str, str, list]:
 
 
 def _md_table(header, body) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731  (a line break inside a cell)
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
     return "\n".join(lines)
@@ -293,6 +386,7 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     med = summary.get("medical")
     if med:
         out.append(_medical_section(med))
+    out += _curves_and_answers_sections(summary)
 
     data = summary["data"]
     load = data.get("load") or {}
@@ -391,7 +485,7 @@ def render_html(summary, run_dir: Path) -> str:
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["bold"] = lambda text: markupsafe.Markup(
         re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(markupsafe.escape(text))))
-    captions = dict(PLOTS)
+    captions = {**dict(PLOTS), **EXTRA_CAPTIONS}
     sections = [(title, text, [(kind, [(captions.get(name, name),
                                         base64.b64encode((run_dir / "plots" / name).read_bytes()).decode("ascii"))
                                        for name in payload] if kind == "plots" else payload)

@@ -28,6 +28,7 @@ evaluated), the difference to the baseline row (default: the NTP recipe of the f
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from sftmix.config import resolve_config_path, shipped_configs
 from sftmix.report import _fmt  # one number format for run reports and the sweep table
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 from sftmix.validation import validate_settings
@@ -378,6 +380,19 @@ def print_table(summary: dict) -> None:
 # command
 
 
+def _shipped_or_files(values: list[str]) -> list[str]:
+    """Config files, names of shipped configs, or a shipped folder (`ablations`: every config directly in it), so that
+    a sweep runs from an installed wheel without the repository."""
+    out = []
+    for v in values:
+        folder = v.strip("/").removeprefix("configs/")
+        # a shipped folder, or a glob the shell left unexpanded (no such files here)
+        inside = [str(p) for n, p in shipped_configs().items() if n.rpartition("/")[0] == folder or
+                  ("*" in folder and n.count("/") == folder.count("/") and fnmatch.fnmatchcase(n + ".yaml", folder))]
+        out += inside if inside and not Path(v).exists() else [str(resolve_config_path(v, "sweep"))]
+    return out
+
+
 def main(argv: list[str]) -> int:
     """`sftmix sweep ...`; returns the exit code (1 when a run failed; the table still holds the others)."""
     args, extra = _parser().parse_known_args(argv)
@@ -385,6 +400,7 @@ def main(argv: list[str]) -> int:
     if stray:
         raise SFTMixError(f"sweep: {stray[0]} comes after an option; give the configs first, then the options.")
     out_dir = Path(args.output_dir)
+    args.configs = _shipped_or_files(args.configs)
     stems = [Path(c).stem for c in args.configs] or None
     if args.merge_only:
         runs = None
@@ -392,7 +408,8 @@ def main(argv: list[str]) -> int:
         if not args.configs:
             raise SFTMixError("sweep: give the configs to run (or --merge_only to merge what DIR holds).")
         launcher = shlex.split(args.launcher) if args.launcher else None
-        runs = run_sweep([Path(c) for c in args.configs], out_dir, Path(args.overrides) if args.overrides else None,
+        overrides = resolve_config_path(args.overrides, "sweep --overrides") if args.overrides else None
+        runs = run_sweep([Path(c) for c in args.configs], out_dir, overrides,
                          extra, reuse=not args.no_reuse, launcher=launcher)
     summary = merge(out_dir, stems, args.baseline, runs)
     print_table(summary)

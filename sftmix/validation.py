@@ -89,6 +89,8 @@ def validate_settings(cfg) -> None:
     _num("batch_size", ev.batch_size, low=1, integer=True)
     _num("gen_batch_size", ev.gen_batch_size, low=1, integer=True)
     _num("max_new_tokens", ev.max_new_tokens, low=1, integer=True)
+    _num("answers", ev.answers, low=0, integer=True)
+    _num("answers_max_new_tokens", ev.answers_max_new_tokens, low=1, integer=True)
     _num("eval_max_length", getattr(ev, "eval_max_length", None), low=1, integer=True, allow_none=True)
     _num("mc_limit", ev.mc_limit, low=1, integer=True, allow_none=True)
     _num("eval_seed", getattr(ev, "eval_seed", None), low=0, high=2**32 - 1, integer=True, allow_none=True)

@@ -73,7 +73,8 @@ def test_smoke_run_writes_report_confidence_and_both_recipes(smoke_run):
     assert report["models"]["ntp"]["train"]["mixup_weight"] == 0
 
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(report["confidence"]["plots"]) >= 2
+    # step 1's plots and the training curves, inlined
+    assert html.count("data:image/png;base64,") == len(report["confidence"]["plots"]) + 1 >= 3
     assert "SFTMix" in html and "NTP" in html and "src='plots/" not in html  # self-contained
     assert set(report["timings"]) >= {"data", "dynamics", "train:sftmix", "train:ntp", "eval:start", "eval:ntp"}
     assert "Held-out comparison" in proc.stdout and "SFTMix" in proc.stdout  # the printed table
@@ -236,6 +237,43 @@ def test_default_config_is_the_packaged_demo(tmp_path, monkeypatch):
     assert cfg.run.model == "smollm2" and cfg.run.data.startswith("sharegpt:") and set(cfg.run.recipes) == {
         "sftmix", "ntp"}
     assert "demo.yaml" in cfg.source
+
+
+def test_shipped_configs_by_name_list_and_copy(tmp_path, monkeypatch, capsys):
+    """The package ships every config of configs/ (sftmix/configs is one copy of them): `--config NAME` reads one by
+    name from any directory, `sftmix configs` lists them, `configs copy` writes them out for accelerate and globs."""
+    from sftmix.config import shipped_configs
+    from sftmix.sweep import _shipped_or_files
+
+    shipped = shipped_configs()
+    assert set(shipped) == {p.relative_to(ROOT / "configs").with_suffix("").as_posix()
+                            for p in (ROOT / "configs").rglob("*.yaml")}
+    assert {"smoke", "demo", "llama3.1-8b_alpaca", "ablations/baseline", "accelerate/fsdp"} <= set(shipped)
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    cfg = parse_config(["--config", "smoke", "--output_dir", "out", "--mixup_weight", "0.3"])
+    assert cfg.run.model == "tiny-random:0" and cfg.train.mixup_weight == 0.3
+    assert Path(cfg.run.data).is_file()  # data/smoke.jsonl found beside the shipped config
+    # README's repository paths work outside the repository, and so does an unexpanded glob or a folder in a sweep
+    assert parse_config(["--config=configs/ablations/baseline.yaml", "--output_dir", "o2"]).run.recipes
+    assert len(_shipped_or_files(["configs/ablations/*.yaml"])) == len(_shipped_or_files(["ablations"])) == len(
+        list((ROOT / "configs" / "ablations").glob("*.yaml")))
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--config", "smok", "--output_dir", "o3"])
+    assert e.value.code == 2 and "did you mean `smoke`?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["configs"])
+    listing = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"  {n} " in listing for n in shipped)
+    with pytest.raises(SystemExit) as e:
+        main(["configs", "copy", "accelerate/fsdp", "smoke"])
+    assert e.value.code == 0
+    assert (tmp_path / "configs" / "accelerate" / "fsdp.yaml").read_bytes() == shipped["accelerate/fsdp"].read_bytes()
+    assert (tmp_path / "configs" / "data" / "smoke.jsonl").is_file()  # what smoke.yaml reads comes along
+    (tmp_path / "configs" / "smoke.yaml").write_text("model: mine\n")
+    with pytest.raises(SystemExit) as e:
+        main(["configs", "copy", "smoke"])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err  # a user's edited copy is never overwritten
+    assert (tmp_path / "configs" / "smoke.yaml").read_text() == "model: mine\n"
 
 
 def _sftmix_configs():

@@ -2,6 +2,7 @@
 
     from sftmix.eval.generation import generate
     answers = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=64)
+    sample = heldout_answers(model, tokenizer, heldout_records, n=8, max_new_tokens=128)   # the report's answers
 """
 
 from __future__ import annotations
@@ -61,3 +62,24 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def heldout_answers(model, tokenizer, records: list[dict], n: int = 8, max_new_tokens: int = 128,
+                    batch_size: int = 8) -> dict:
+    """Greedy answers to a fixed sample of held-out prompts: the first `n` records by guid (a content hash) with
+    distinct prompts, so every model of a run, and every rerun, answers the same prompts. For the report's
+    side-by-side table; the sample and the settings are recorded with the answers."""
+    sample, seen = [], set()
+    for r in sorted(records, key=lambda r: r["guid"]):  # one row per distinct prompt (records may share a prompt)
+        key = repr(r["prompt"])
+        if key not in seen and len(sample) < n:
+            seen.add(key)
+            sample.append(r)
+    answers = generate(model, tokenizer, [r["prompt"] for r in sample], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, do_sample=False, show_progress=False)
+    items = [{"guid": r["guid"], "prompt": r["prompt"], "reference": r["completion"][-1]["content"] if r["completion"]
+              else "", "answer": a["text"], "n_tokens": a["n_tokens"], "finished": a["finished"]}
+             for r, a in zip(sample, answers)]
+    return {"n": len(items), "n_heldout": len(records),
+            "sample": "the first n held-out records by guid, distinct prompts", "decoding": "greedy",
+            "max_new_tokens": max_new_tokens, "n_cut": sum(not a["finished"] for a in items), "items": items}
