@@ -126,6 +126,8 @@ def test_heldout_zero_needs_a_heldout_file_to_evaluate(tmp_path):
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
     cfg = parse_config(["--config", smoke, "--output_dir", str(tmp_path / "run"), "--heldout", "0"])
     assert cfg.run.n_heldout == 0
+    (tmp_path / "run").mkdir()  # `sftmix eval` reads an existing run directory (sftmix.validation.check_existing_run)
+    (tmp_path / "run" / "config.yaml").write_text("")
     for command in ("run", "eval"):
         with pytest.raises(SFTMixError, match="heldout: 0 holds no examples out.*set heldout_file"):
             validate(cfg, command)
