@@ -397,6 +397,9 @@ class EvalConfig:
     judge_max_tokens: int = field(default=1024, metadata={"help": "max_tokens of each judge reply."})
     judge_cache_file: str | None = field(default=None, metadata={"help": (
         "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl.")})
+    judge_retry_failed: bool = field(default=False, metadata={"help": (
+        "Ask the judge again for judgments that failed deterministically before (the same reply without a verdict "
+        "twice, or an HTTP 4xx); by default they stay failed and a rerun sends no request for them.")})
     judge_prompt_dir: str | None = field(default=None, metadata={"help": (
         "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
     overwrite: bool = field(default=False, metadata={"help": (

@@ -143,17 +143,26 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
     if not jobs:
         raise SFTMixError("nothing to evaluate: set at least one of heldout_file, pubmedqa_file, medqa_file, "
                           "medqa5_file, medmcqa_file, mtbench_file, alpacaeval_file")
-    judge = make_judge(cfg, out) if any(t in ("mtbench", "alpacaeval") for t, _, _ in jobs) else None
-    results = {}
+    results, todo = {}, []
     for task, names, files in jobs:
         path = out / f"{task}.json"
         fp = _fingerprint(cfg, model, names, files)
         if path.exists() and not cfg.overwrite:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("settings") == fp and not old.get("n_failed"):  # failed judgments are asked again
+            if old.get("settings") == fp and not _judgments_to_retry(old, cfg.judge_retry_failed):
                 log.info("%s: %s exists with the same settings; reusing it (overwrite=True to redo)", task, path)
                 results[task] = old
                 continue
+        todo.append((task, fp))
+    judged = [t for t, _ in todo if t in ("mtbench", "alpacaeval")]
+    judge = make_judge(cfg, out) if judged else None
+    if judge is not None:  # a judge that cannot work fails here, in one line, before any answer is generated
+        from sftmix.judge import preflight_item
+
+        for task in judged:
+            judge.preflight(*preflight_item(task, cfg.judge_prompt_dir))
+    for task, fp in todo:
+        path = out / f"{task}.json"
         t0 = time.perf_counter()
         if task == "heldout":
             from sftmix.data import ensure_chat_template, load_records
@@ -177,6 +186,14 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
         results[task] = metrics
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _judgments_to_retry(stored: dict, retry_failed: bool) -> int:
+    """Failed judgments a stored judged result should ask again: the transient ones (a result written before
+    failures had kinds counts every failure as one), every failure with judge_retry_failed."""
+    if retry_failed:
+        return stored.get("n_failed") or 0
+    return stored.get("n_failed_retryable", stored.get("n_failed")) or 0
 
 
 def mc_rounds(cfg: EvalConfig) -> int:

@@ -14,8 +14,15 @@ exponential backoff (backoff * 2**attempt seconds); other HTTP 4xx fail at once.
 text holds no parseable rating/verdict, is returned with failed=True and is never counted as a win, a loss or a score.
 Cache: every usable completion (one holding a rating / verdict) is appended (one write per line, under a lock) to a
 JSONL file keyed by sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the
-answer, so a rerun of the same evaluation makes no HTTP call. Failures (HTTP errors and replies without a rating /
-verdict) are not cached, so a rerun retries them; sftmix.pipeline reruns an evaluation that had failed judgments.
+answer, so a rerun of the same evaluation makes no HTTP call.
+Failures come in two kinds. A deterministic one (the same request got the same reply without a rating / verdict twice
+in a row, or an HTTP 4xx other than 408/409/425/429) would fail the same way again: it is cached as failed
+({"failed": true, "error", "text"}) and a rerun reports it without asking (`retry_failed=True`, the setting
+`judge_retry_failed`, asks again). A transient one (transport errors, timeouts, 429/5xx, malformed JSON, retries
+exhausted on differing replies) is not cached: a rerun asks again. Rows carry `retryable` to tell them apart.
+Pre-flight (`preflight`): one request on a fixed item before any answer is generated, failing in one line on an
+unreachable endpoint, a refused model name or key, or a reply without a parseable verdict.
+Progress: `map` logs a line every 10% of the items with the running count of failed judgments.
 
 Prompts are text files in sftmix/judge_prompts/ (or `prompt_dir`): system.txt, single_turn1.txt, single_turn2.txt
 and their *_ref.txt variants (used when a question has reference answers, as MT-Bench does for math, reasoning and
@@ -53,6 +60,7 @@ from sftmix.utils import SFTMixError
 log = logging.getLogger(__name__)
 
 RETRYABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
+_PREFLIGHT_OK: dict[tuple, str] = {}  # (url, model, request key) -> the reply of a passed pre-flight
 
 
 class JudgeClient:
@@ -61,7 +69,7 @@ class JudgeClient:
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, cache_path: str | None = None,
-                 max_tokens: int = 1024, temperature: float = 0.0):
+                 max_tokens: int = 1024, temperature: float = 0.0, retry_failed: bool = False):
         if not base_url or not model:
             raise SFTMixError("the judge needs a base URL and a model name (judge_base_url, judge_model); e.g. "
                               "judge_base_url=http://127.0.0.1:8000/v1 for a local vLLM or llama.cpp server")
@@ -72,8 +80,10 @@ class JudgeClient:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.max_tokens, self.temperature = max_tokens, temperature
         self.cache_path = Path(cache_path) if cache_path else None
+        self.retry_failed = retry_failed
         self.n_requests = 0
         self._lock = threading.Lock()
+        self._failed: dict[str, dict] = {}  # deterministic failures: key -> {"text", "error"}
         self._cache = self._load_cache()
 
     # --------------------------------------------------------------------------------------------------- cache
@@ -86,8 +96,12 @@ class JudgeClient:
             for line in f:
                 try:
                     row = json.loads(line)
-                    cache[row["key"]] = row["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if row.get("failed"):
+                        self._failed[row["key"]] = {"text": row.get("text"), "error": row["error"]}
+                    else:
+                        cache[row["key"]] = row["text"]
+                        self._failed.pop(row["key"], None)  # a later success (judge_retry_failed) wins
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     bad += 1  # a line torn by a killed run: that judgment is simply asked again
         if bad:
             log.warning("%s: ignored %d unreadable line(s); those judgments will be requested again",
@@ -99,13 +113,19 @@ class JudgeClient:
                            "max_tokens": self.max_tokens}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
-    def _store(self, key: str, text: str) -> None:
+    def _store(self, key: str, text: str | None, error: str | None = None) -> None:
+        """Append a usable reply, or (error set) a deterministic failure, to the cache."""
         with self._lock:
-            self._cache[key] = text
+            row = {"key": key, "model": self.model, "text": text}
+            if error is None:
+                self._cache[key] = text
+            else:
+                self._failed[key] = {"text": text, "error": error}
+                row.update(failed=True, error=error)
             if self.cache_path is None:
                 return
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"key": key, "model": self.model, "text": text}, ensure_ascii=False) + "\n"
+            line = json.dumps(row, ensure_ascii=False) + "\n"
             # one O_APPEND write per line: concurrent writers never interleave inside a line
             fd = os.open(self.cache_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -116,20 +136,32 @@ class JudgeClient:
 
     # ---------------------------------------------------------------------------------------------------- HTTP
     def complete(self, messages: list[dict], valid=None) -> dict:
-        """{"text": str | None, "error": str | None, "cached": bool, "attempts": int}; never raises for HTTP trouble.
+        """{"text", "error", "cached", "attempts", "retryable"}; never raises for HTTP trouble.
 
-        `valid(text)` (optional) tells a usable reply (one with a verdict / rating): an unusable one is returned but
-        never cached, so a later run asks again (one cached by an older version too)."""
+        `valid(text)` (optional) tells a usable reply (one with a verdict / rating). An unusable reply is asked again
+        (within max_retries); the same unusable reply twice in a row is a deterministic failure, cached as failed (see
+        the module doc), as is a non-retryable HTTP 4xx. Other failures are `retryable`: not cached, asked next run."""
         key = self.key(messages)
         with self._lock:
             if key in self._cache and (valid is None or valid(self._cache[key])):
-                return {"text": self._cache[key], "error": None, "cached": True, "attempts": 0}
+                return {"text": self._cache[key], "error": None, "cached": True, "attempts": 0, "retryable": False}
+            if key in self._failed and not self.retry_failed:
+                f = self._failed[key]
+                return {"text": f["text"], "error": f["error"], "cached": True, "attempts": 0, "retryable": False}
+        res = self._post(messages, valid)
+        if res["error"] is None:
+            self._store(key, res["text"])
+        elif not res["retryable"]:
+            self._store(key, res["text"], res["error"])
+        return res
+
+    def _post(self, messages: list[dict], valid=None) -> dict:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        error, text = None, None
+        error, text, previous = None, None, None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 60.0))
@@ -140,12 +172,14 @@ class JudgeClient:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}: {_snippet(e.read())}"
+                error, text = f"HTTP {e.code}: {_snippet(e.read())}", None
                 if e.code not in RETRYABLE_HTTP:
-                    break  # a bad request or a bad key does not get better by asking again
+                    # a bad request, model name or key does not get better by asking again
+                    return {"text": None, "error": error, "cached": False, "attempts": attempt + 1,
+                            "retryable": False}
                 continue
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError, socket.timeout, OSError) as e:
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                error, text = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
                 continue
             try:
                 text = json.loads(raw)["choices"][0]["message"]["content"]
@@ -155,18 +189,59 @@ class JudgeClient:
                 error, text = f"bad response ({type(e).__name__}): {_snippet(raw)}", None
                 continue
             if valid is None or valid(text):
-                self._store(key, text)  # a reply without a verdict is returned but not cached: a rerun asks again
-            return {"text": text, "error": None, "cached": False, "attempts": attempt + 1}
-        return {"text": text, "error": error, "cached": False, "attempts": attempt + 1}
+                return {"text": text, "error": None, "cached": False, "attempts": attempt + 1, "retryable": False}
+            error = "no parseable verdict in the judge's reply"
+            if text == previous:  # the same request, the same unusable reply: asking again will not help
+                return {"text": text, "error": error, "cached": False, "attempts": attempt + 1, "retryable": False}
+            previous = text
+        return {"text": text, "error": error, "cached": False, "attempts": attempt + 1, "retryable": True}
+
+    def preflight(self, messages: list[dict], valid, what: str) -> str:
+        """One request on a fixed item (never cached), before any answer is generated: raises SFTMixError in one
+        line when the endpoint is unreachable, refuses the model name or key, or replies without a verdict."""
+        memo = (self.url, self.model, self.key(messages))
+        if memo in _PREFLIGHT_OK:  # once per process and judge: `sftmix run` evaluates several models in a row
+            return _PREFLIGHT_OK[memo]
+        res = self._post(messages, valid)
+        where = f"judge_model={self.model!r} at judge_base_url={self.url.rsplit('/chat/completions', 1)[0]}"
+        if res["text"] is None:
+            raise SFTMixError(f"judge pre-flight failed before any answer was generated: {where}: {res['error']}; "
+                              f"check judge_base_url, judge_model and the API key (judge_api_key_env)")
+        if res["error"] is not None:
+            raise SFTMixError(f"judge pre-flight failed before any answer was generated: {where} replied without "
+                              f"a parseable {what} ({_snippet(res['text'], 80)!r}); use a judge that follows the "
+                              f"prompt's format or adapt the prompts (judge_prompt_dir)")
+        _PREFLIGHT_OK[memo] = res["text"]
+        return res["text"]
 
     def map(self, messages_list: list[list[dict]], concurrency: int = 4, desc: str = "judging",
             valid=None) -> list[dict]:
-        """complete() over many prompts with a thread pool (the work is waiting on the server), in order."""
+        """complete() over many prompts with a thread pool (the work is waiting on the server), in order; a log line
+        every 10% of the items with the running count of failed judgments, so a failing judge shows early."""
         from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(tqdm(pool.map(lambda m: self.complete(m, valid), messages_list), total=len(messages_list),
-                             desc=desc, leave=False))
+        n, done, failed = len(messages_list), 0, 0
+        step = max(1, n // 10)
+        bar = tqdm(total=n, desc=desc, leave=False)
+
+        def one(m):
+            nonlocal done, failed
+            res = self.complete(m, valid)
+            with self._lock:
+                done += 1
+                failed += res["error"] is not None
+                bar.update(1)
+                bar.set_postfix(failed=failed, refresh=False)
+                if done % step == 0 or done == n:
+                    log.info("%s: %d/%d judged, %d failed%s", desc, done, n, failed,
+                             f" (last error: {res['error'][:120]})" if res["error"] and failed else "")
+            return res
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                return list(pool.map(one, messages_list))
+        finally:
+            bar.close()
 
 
 def _snippet(raw: bytes | str, n: int = 200) -> str:
@@ -238,9 +313,10 @@ def judge_mt_bench(client: JudgeClient, questions: list[dict], answers: list[lis
     replies = client.map(jobs, concurrency, desc="judging MT-Bench", valid=lambda t: parse_rating(t) is not None)
     for m, res in zip(meta, replies):
         rating = parse_rating(res["text"])
-        error = res["error"] or (None if rating is not None else "no [[rating]] in 1..10 in the judge's reply")
+        error = None if rating is not None else res["error"] if res["text"] is None \
+            else "no [[rating]] in 1..10 in the judge's reply"
         rows.append({**m, "rating": rating, "failed": rating is None, "error": error, "judgment": res["text"],
-                     "cached": res["cached"]})
+                     "cached": res["cached"], "retryable": rating is None and res["retryable"]})
     return rows
 
 
@@ -251,7 +327,8 @@ def mt_bench_summary(rows: list[dict]) -> dict:
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
 
-    out = {"n_judgments": len(rows), "n_failed": len(rows) - len(ok), "score": mean([r["rating"] for r in ok])}
+    out = {"n_judgments": len(rows), "n_failed": len(rows) - len(ok),
+           "n_failed_retryable": sum(bool(r.get("retryable")) for r in rows), "score": mean([r["rating"] for r in ok])}
     for t in sorted({r["turn"] for r in rows}):
         out[f"score_turn{t}"] = mean([r["rating"] for r in ok if r["turn"] == t])
     cats = sorted({r["category"] for r in rows if r.get("category")})
@@ -284,10 +361,11 @@ def judge_pairwise(client: JudgeClient, instructions: list[str], outputs: list[s
     for i, (res, b) in enumerate(zip(replies, swaps)):
         v = parse_verdict(res["text"])
         winner = None if v is None else "tie" if v == "tie" else "model" if (v == "B") == b else "reference"
-        error = res["error"] or (None if v is not None else "no single [[A]]/[[B]]/[[C]] verdict in the judge's reply")
+        error = None if v is not None else "no single [[A]]/[[B]]/[[C]] verdict in the judge's reply" \
+            if res["text"] is not None else res["error"]
         rows.append({"index": i, "winner": winner, "failed": winner is None, "error": error, "model_is_b": b,
                      "len_model": len(outputs[i]), "len_reference": len(references[i]), "judgment": res["text"],
-                     "cached": res["cached"]})
+                     "cached": res["cached"], "retryable": winner is None and res["retryable"]})
     return rows
 
 
@@ -298,7 +376,8 @@ def win_rate(rows: list[dict]) -> dict:
     wins = sum(r["winner"] == "model" for r in ok)
     losses = sum(r["winner"] == "reference" for r in ok)
     ties = sum(r["winner"] == "tie" for r in ok)
-    out = {"n": len(rows), "n_valid": len(ok), "n_failed": len(rows) - len(ok), "wins": wins, "losses": losses,
+    out = {"n": len(rows), "n_valid": len(ok), "n_failed": len(rows) - len(ok),
+           "n_failed_retryable": sum(bool(r.get("retryable")) for r in rows), "wins": wins, "losses": losses,
            "ties": ties, "win_rate": None, "win_rate_se": None, "lc_win_rate": None, "lc_note": None}
     if not ok:
         out["lc_note"] = "no successful judgment"
@@ -336,3 +415,15 @@ def length_controlled_win_rate(ok: list[dict]) -> tuple[float | None, str | None
         return None, "every judgment went the same way: the regression is not identified"
     lr = LogisticRegression(C=1e4).fit(np.array(X), np.array(y), sample_weight=np.array(w))
     return float(1 / (1 + math.exp(-lr.intercept_[0]))), None
+
+
+# --------------------------------------------------------------------------------------------------- pre-flight
+
+def preflight_item(task: str, prompt_dir: str | None = None) -> tuple[list[dict], object, str]:
+    """The fixed item JudgeClient.preflight sends for `task` (mtbench, alpacaeval), through the prompts the task
+    itself uses: (messages, valid, what the reply must hold)."""
+    if task == "mtbench":
+        return (_messages("single_turn1", prompt_dir, question_1="What is 2 + 2?", answer_1="2 + 2 = 4."),
+                lambda t: parse_rating(t) is not None, "[[rating]]")
+    return (_messages("pairwise", prompt_dir, instruction="What is 2 + 2?", output_a="2 + 2 = 4.",
+                      output_b="2 + 2 = 5."), lambda t: parse_verdict(t) is not None, "[[A]]/[[B]]/[[C]] verdict")

@@ -25,6 +25,7 @@ class _Stub(BaseHTTPRequestHandler):
 
     calls: list = []
     flaky_seen: set = set()
+    never_verdict = False  # a judge that writes a verdict for the pre-flight item only
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -40,6 +41,13 @@ class _Stub(BaseHTTPRequestHandler):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = req["messages"][-1]["content"]
         type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "user": user})
+        if req["model"] == "wrong-model":  # what vLLM / OpenAI answer for a model they do not serve
+            return self._reply(404, b'{"error": {"message": "The model `wrong-model` does not exist."}}')
+        if "What is 2 + 2?" in user and "MODE:preflight-fails" not in user:  # the fixed pre-flight item
+            text = "Rating: [[8]]" if "[[A]]" not in user else "[[A]]"
+            return self._reply(200, json.dumps({"choices": [{"message": {"content": text}}]}).encode())
+        if "MODE:noverdict" in user or type(self).never_verdict:  # a judge that never writes a verdict
+            return self._reply(200, json.dumps({"choices": [{"message": {"content": "Nice."}}]}).encode())
         if "MODE:badjson" in user:
             return self._reply(200, b'{"choices": [ not json')
         if "MODE:timeout" in user:
@@ -70,7 +78,10 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    _Stub.calls, _Stub.flaky_seen = [], set()
+    import sftmix.judge
+
+    _Stub.calls, _Stub.flaky_seen, _Stub.never_verdict = [], set(), False
+    getattr(sftmix.judge, "_PREFLIGHT_OK", {}).clear()  # a pre-flight passed on a reused port must not count
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     srv.daemon_threads = True
     t = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -150,17 +161,25 @@ def test_mt_bench_failures_are_not_scored_and_cache_avoids_http(server, tmp_path
     s = mt_bench_summary(rows)
     assert s["n_judgments"] == 5 and s["n_failed"] == 2
     assert s["score"] == pytest.approx(6.0) and s["score_turn1"] == 7 and s["score_turn2"] == 4
+    assert not by[(3, 1)]["retryable"] and by[(4, 1)]["retryable"]
+    assert s["n_failed_retryable"] == 1
     first = c.n_requests
-    assert first == 1 + 1 + 1 + 1 + 3  # four good or unparseable replies, one bad-JSON reply retried twice
+    # three good replies; the reply without a rating asked twice (the same reply twice: deterministic); one bad-JSON
+    # reply retried twice
+    assert first == 1 + 1 + 1 + 2 + 3
 
     again = _client(tmp_path=tmp_path, url=server)  # a fresh process: the cache is read back from disk
     rows2 = judge_mt_bench(again, questions, answers)
     ok = {(r["question_id"], r["turn"]) for r in rows if not r["failed"]}  # usable judgments are cached
-    # the failed judgments are asked again (neither is cached): the reply without a rating once, the bad-JSON one with
-    # its retries
-    assert again.n_requests == 1 + 3
+    # the deterministic failure is read back as failed without a request; the transient one is asked again
+    assert again.n_requests == 3
     assert all(r["cached"] for r in rows2 if (r["question_id"], r["turn"]) in ok)
     assert [r["rating"] for r in rows2] == [r["rating"] for r in rows]
+    assert [r["failed"] for r in rows2] == [r["failed"] for r in rows]
+    # the explicit setting asks the deterministic failure again
+    retry = _client(tmp_path=tmp_path, url=server, retry_failed=True)
+    judge_mt_bench(retry, questions, answers)
+    assert retry.n_requests == 2 + 3
 
 
 def test_cache_survives_a_torn_last_line(server, tmp_path):
@@ -222,3 +241,81 @@ def test_prompts_ship_and_fill():
         assert text.strip()
     assert "<reference_2>" in load_prompt("single_turn2_ref").format_map(fields)
     assert "[[rating]]" in load_prompt("single_turn1") and "[[C]]" in load_prompt("pairwise")
+
+
+# --------------------------------------------------------------------------------------------- judge operations
+
+def test_preflight_fails_in_one_line(server):
+    from sftmix.judge import preflight_item
+    from sftmix.utils import SFTMixError
+
+    msgs, valid, what = preflight_item("mtbench")
+    assert _client(server).preflight(msgs, valid, what) == "Rating: [[8]]"
+    with pytest.raises(SFTMixError) as e:
+        JudgeClient(server, "wrong-model", timeout=0.3, max_retries=2, backoff=0.01).preflight(msgs, valid, what)
+    msg = str(e.value)
+    assert "\n" not in msg and "judge_model='wrong-model'" in msg and "HTTP 404" in msg and "does not exist" in msg
+    assert len(_Stub.calls) == 2  # a refused model name is not retried
+    with pytest.raises(SFTMixError, match="parseable \\[\\[rating\\]\\]") as e:
+        msgs2 = [dict(m) for m in msgs]
+        msgs2[-1]["content"] += " MODE:preflight-fails MODE:noverdict"
+        _client(server).preflight(msgs2, valid, what)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SFTMixError, match="URLError|ConnectionRefused"):
+        JudgeClient("http://127.0.0.1:9/v1", "x", timeout=0.2, max_retries=0).preflight(msgs, valid, what)
+
+
+def test_progress_line_counts_failures(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sftmix")
+    c = _client(server)
+    c.map([_msg(f"q{i}") for i in range(8)] + [_msg("MODE:noverdict x"), _msg("MODE:noverdict y")], concurrency=1,
+          desc="judging test", valid=lambda t: parse_rating(t) is not None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judging test:")]
+    assert lines[0].startswith("judging test: 1/10 judged, 0 failed")
+    assert lines[-1].startswith("judging test: 10/10 judged, 2 failed (last error: no parseable verdict")
+
+
+def _mtbench_file(path, n=3):
+    rows = [{"question_id": 81 + i, "category": "writing", "turns": [f"Write about item {i}.", "Shorter."]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_run_eval_preflight_before_generation_and_deterministic_failures_not_reasked(server, tmp_path, monkeypatch):
+    import sftmix.eval.judged as judged
+    from sftmix.evaluate import EvalConfig, run_eval
+    from sftmix.models import build_byte_tokenizer, build_tiny_model
+    from sftmix.utils import SFTMixError
+
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    kw = {"mtbench_file": _mtbench_file(tmp_path / "q.jsonl"), "judge_base_url": server, "max_new_tokens": 4,
+          "judge_max_retries": 2, "judge_backoff": 0.01, "judge_timeout": 2.0}
+    real_generate = judged.generate
+    monkeypatch.setattr(judged, "generate", lambda *a, **k: pytest.fail("an answer was generated"))
+    with pytest.raises(SFTMixError, match="wrong-model.*HTTP 404"):
+        run_eval(model, tok, EvalConfig(judge_model="wrong-model", **kw), tmp_path / "eval")
+    assert len(_Stub.calls) == 1 and not (tmp_path / "eval" / "mtbench_answers.jsonl").exists()
+
+    monkeypatch.setattr(judged, "generate", real_generate)
+    monkeypatch.setattr(_Stub, "calls", [])
+    cfg = EvalConfig(judge_model="stub-judge", **kw)
+    import sftmix.judge as judge_mod
+
+    _Stub.never_verdict = True
+    res = run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]
+    assert res["n_judgments"] == 6 and res["n_failed"] == 6 and res["n_failed_retryable"] == 0
+    assert len(_Stub.calls) == 1 + 6 * 2  # the pre-flight, then each judgment asked twice (the same reply twice)
+    monkeypatch.setattr(_Stub, "calls", [])
+    again = run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]  # stored, deterministic failures: no request
+    assert _Stub.calls == [] and again["n_failed"] == 6
+    monkeypatch.setattr(judge_mod.JudgeClient, "_post", lambda *a, **k: pytest.fail("asked the judge"))
+    assert run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]["n_failed"] == 6
+    monkeypatch.undo()
+    _Stub.never_verdict, _Stub.calls = False, []
+    redo = run_eval(model, tok, EvalConfig(judge_model="stub-judge", judge_retry_failed=True, **kw),
+                    tmp_path / "eval")["mtbench"]
+    assert redo["n_failed"] == 0 and len(_Stub.calls) == 6  # (the pre-flight passed once in this process)

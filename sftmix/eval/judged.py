@@ -33,7 +33,7 @@ def make_judge(cfg: EvalConfig, output_dir: str | os.PathLike):
                        api_key_env=cfg.judge_api_key_env, timeout=cfg.judge_timeout,
                        max_retries=cfg.judge_max_retries, backoff=cfg.judge_backoff,
                        cache_path=cfg.judge_cache_file or Path(output_dir) / "judge_cache.jsonl",
-                       max_tokens=cfg.judge_max_tokens)
+                       max_tokens=cfg.judge_max_tokens, retry_failed=cfg.judge_retry_failed)
 
 
 def _gen_kwargs(cfg: EvalConfig) -> dict:
