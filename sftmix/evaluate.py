@@ -137,9 +137,15 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
                          [getattr(cfg, f"{t}_file"), getattr(cfg, f"{t}_shots_file")]))
         elif getattr(cfg, f"{t}_shots_file"):
             raise SFTMixError(f"{t}_shots_file is set but {t}_file is not; give the file to evaluate")
-    for t in ("mtbench", "alpacaeval"):
-        if getattr(cfg, f"{t}_file"):
-            jobs.append((t, eval_task_fields(t), [getattr(cfg, f"{t}_file")]))
+    mt = None
+    if cfg.mtbench_file:  # FastChat's three files (questions, GPT-4's references, judge templates), maybe by Hub id
+        from sftmix.eval.tasks import load_mt_bench_set
+
+        mt = load_mt_bench_set(cfg.mtbench_file, cfg.mtbench_reference_file, cfg.mtbench_judge_prompts_file)
+        jobs.append(("mtbench", eval_task_fields("mtbench"),
+                     [mt["files"][k] for k in ("questions", "references", "judge_prompts")]))
+    if cfg.alpacaeval_file:
+        jobs.append(("alpacaeval", eval_task_fields("alpacaeval"), [cfg.alpacaeval_file]))
     if not jobs:
         raise SFTMixError("nothing to evaluate: set at least one of heldout_file, pubmedqa_file, medqa_file, "
                           "medqa5_file, medmcqa_file, mtbench_file, alpacaeval_file")
@@ -160,7 +166,7 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
         from sftmix.judge import preflight_item
 
         for task in judged:
-            judge.preflight(*preflight_item(task, cfg.judge_prompt_dir))
+            judge.preflight(*preflight_item(task, cfg.judge_prompt_dir, mt and mt["templates"]))
     for task, fp in todo:
         path = out / f"{task}.json"
         t0 = time.perf_counter()
@@ -178,8 +184,10 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
             from sftmix.data import ensure_chat_template
 
             ensure_chat_template(tokenizer, cfg.chat_template)
-            fn = eval_mt_bench if task == "mtbench" else eval_alpaca_eval
-            metrics = fn(model, tokenizer, getattr(cfg, f"{task}_file"), judge, cfg, out)
+            if task == "mtbench":
+                metrics = eval_mt_bench(model, tokenizer, cfg.mtbench_file, judge, cfg, out, fp, mt)
+            else:
+                metrics = eval_alpaca_eval(model, tokenizer, cfg.alpacaeval_file, judge, cfg, out)
         metrics["seconds"] = time.perf_counter() - t0
         metrics["settings"] = fp
         atomic_write_json(path, metrics)
@@ -202,7 +210,8 @@ def mc_rounds(cfg: EvalConfig) -> int:
     n = cfg.eval_rounds if cfg.eval_rounds is not None else 3 if cfg.mc_protocol == "biomistral" else 1
     if n < 1:
         raise SFTMixError(f"eval_rounds={n}: at least one round is needed; set eval_rounds to 1 or more")
-    if n > 1 and cfg.mc_protocol != "biomistral":
+    has_mc = any(getattr(cfg, f"{t}_file") for t in MC_TASKS)  # eval_rounds may be for MT-Bench / AlpacaEval only
+    if n > 1 and cfg.mc_protocol != "biomistral" and has_mc:
         raise SFTMixError(f"eval_rounds={n} with mc_protocol=lm-eval: its shots are fixed, so every round would be "
                           f"the same; set eval_rounds 1 or mc_protocol biomistral")
     return n

@@ -3,8 +3,9 @@
     from sftmix.judge import JudgeClient, judge_mt_bench, mt_bench_summary, judge_pairwise, win_rate
     client = JudgeClient("http://127.0.0.1:8000/v1", model="judge", api_key_env="OPENAI_API_KEY",
                          cache_path="run/eval/judge_cache.jsonl")
-    rows = judge_mt_bench(client, questions, answers)      # one rating 1-10 per (question, turn), MT-Bench style
-    print(mt_bench_summary(rows))                           # mean score per turn, failures counted apart
+    mt = sftmix.eval.tasks.load_mt_bench_set("lmsys/mt-bench")    # FastChat's questions, references, templates
+    rows = judge_mt_bench(client, mt["questions"], answers, mt["templates"], mt["references"])
+    print(mt_bench_summary(rows))                           # mean score per turn and category, failures apart
     rows = judge_pairwise(client, instructions, outputs, references)   # AlpacaEval style, model vs reference
     print(win_rate(rows))                                   # win rate, standard error, length-controlled win rate
 
@@ -24,10 +25,12 @@ Pre-flight (`preflight`): one request on a fixed item before any answer is gener
 unreachable endpoint, a refused model name or key, or a reply without a parseable verdict.
 Progress: `map` logs a line every 10% of the items with the running count of failed judgments.
 
-Prompts are text files in sftmix/judge_prompts/ (or `prompt_dir`): system.txt, single_turn1.txt, single_turn2.txt
-and their *_ref.txt variants (used when a question has reference answers, as MT-Bench does for math, reasoning and
-coding), and pairwise.txt. Placeholders are {question_1}, {answer_1}, {question_2}, {answer_2}, {reference_1},
-{reference_2}, {instruction}, {output_a}, {output_b}.
+MT-Bench is graded as FastChat's llm_judge does (fschat 0.2.36, fastchat/llm_judge/common.py run_judge_single):
+FastChat's own templates from its judge_prompts.jsonl (single-v1, single-math-v1 and their -multi-turn forms, each
+with its own system prompt), GPT-4's reference answers for the reference categories only (math, reasoning, coding),
+FastChat's rating parser (the first [[x]], else the first [x]); tests/test_mtbench.py checks the messages and the
+parser against FastChat's own code. The pairwise prompt (AlpacaEval style) is a text file in sftmix/judge_prompts/
+(or `prompt_dir`): system.txt and pairwise.txt, with {instruction}, {output_a}, {output_b}.
 
 Pairwise order: the model's output is shown as A or B depending on a hash of the instruction (deterministic, about
 half each), which cancels the judge's position bias on average. Ties count half a win (as in AlpacaEval).
@@ -266,17 +269,17 @@ def _messages(name: str, prompt_dir: str | None, **fields) -> list[dict]:
     return [{"role": "system", "content": load_prompt("system", prompt_dir).strip()}, {"role": "user", "content": user}]
 
 
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+# FastChat's rating patterns (fastchat/llm_judge/common.py: one_score_pattern, one_score_pattern_backup)
+_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
 def parse_rating(text: str | None) -> float | None:
-    """The last "[[x]]" rating in the judge's text if it lies in 1..10, else None (a failed judgment)."""
-    found = _RATING.findall(text or "")
-    if not found:
-        return None
-    r = float(found[-1])
-    return r if 1 <= r <= 10 else None
+    """FastChat's parsing: the first "[[x]]", else the first "[x]", as a number; None (FastChat's -1: a failed
+    judgment) when neither is there."""
+    m = _RATING.search(text or "") or _RATING_BACKUP.search(text or "")
+    return float(m.group(1)) if m else None
 
 
 def parse_verdict(text: str | None) -> str | None:
@@ -290,31 +293,48 @@ def parse_verdict(text: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------------------------------- MT-Bench
 
-def judge_mt_bench(client: JudgeClient, questions: list[dict], answers: list[list[str]], prompt_dir: str | None = None,
-                   concurrency: int = 4) -> list[dict]:
-    """Single-answer grading, one judgment per turn (turn 2 sees turn 1 as context, as in MT-Bench).
+def mt_bench_messages(question: dict, answers: list[str], turn: int, templates: dict,
+                      reference: list[str] | None = None) -> list[dict]:
+    """The judge's messages for one (question, turn) as FastChat's run_judge_single builds them: single-v1, or
+    single-math-v1 with GPT-4's reference answers for the reference categories (NEED_REF_CATS), their -multi-turn forms
+    for turn 2; the template's own system prompt (none when empty, as Conversation.to_openai_api_messages does)."""
+    from sftmix.eval.tasks import NEED_REF_CATS
 
-    questions: {"question_id", "category"?, "turns": [q1, q2?], "reference": [r1, r2?]?}; answers: per question, the
-    model's answer per turn. Returns rows {question_id, category, turn, rating, failed, error, judgment, cached}."""
+    math = question.get("category") in NEED_REF_CATS
+    t = templates[("single-math-v1" if math else "single-v1") + ("-multi-turn" if turn == 2 else "")]
+    kw = {}
+    if math:
+        kw["ref_answer_1"] = reference[0]
+        if turn == 2:
+            kw["ref_answer_2"] = reference[1]
+    if turn == 2:
+        user = t["prompt_template"].format(question_1=question["turns"][0], question_2=question["turns"][1],
+                                           answer_1=answers[0], answer_2=answers[1], **kw)
+    else:
+        user = t["prompt_template"].format(question=question["turns"][0], answer=answers[0], **kw)
+    system = [{"role": "system", "content": t["system_prompt"]}] if t["system_prompt"] != "" else []
+    return system + [{"role": "user", "content": user}]
+
+
+def judge_mt_bench(client: JudgeClient, questions: list[dict], answers: list[list[str]], templates: dict,
+                   references: dict | None = None, concurrency: int = 4) -> list[dict]:
+    """FastChat's single-answer grading, one judgment per turn (turn 2 sees the whole conversation).
+
+    questions: FastChat's {"question_id", "category", "turns"}; answers: per question, the model's answer per turn;
+    templates: FastChat's judge_prompts.jsonl by name; references: {question_id: GPT-4's answer per turn} for the
+    reference categories. Returns rows {question_id, category, turn, rating, failed, error, judgment, cached,
+    retryable}."""
     jobs, meta = [], []
     for q, ans in zip(questions, answers, strict=True):
-        ref = q.get("reference") or []
-        for t in range(len(q["turns"])):
-            fields = {"question_1": q["turns"][0], "answer_1": ans[0]}
-            if t == 1:
-                fields.update(question_2=q["turns"][1], answer_2=ans[1])
-            name = f"single_turn{t + 1}"
-            if len(ref) > t and ref[t]:
-                name += "_ref"
-                fields.update({f"reference_{i + 1}": r for i, r in enumerate(ref)})
-            jobs.append(_messages(name, prompt_dir, **fields))
-            meta.append({"question_id": q["question_id"], "category": q.get("category"), "turn": t + 1})
+        for t in range(1, len(q["turns"]) + 1):
+            jobs.append(mt_bench_messages(q, ans, t, templates, (references or {}).get(q["question_id"])))
+            meta.append({"question_id": q["question_id"], "category": q.get("category"), "turn": t})
     rows = []
     replies = client.map(jobs, concurrency, desc="judging MT-Bench", valid=lambda t: parse_rating(t) is not None)
     for m, res in zip(meta, replies):
         rating = parse_rating(res["text"])
         error = None if rating is not None else res["error"] if res["text"] is None \
-            else "no [[rating]] in 1..10 in the judge's reply"
+            else "no [[rating]] in the judge's reply"
         rows.append({**m, "rating": rating, "failed": rating is None, "error": error, "judgment": res["text"],
                      "cached": res["cached"], "retryable": rating is None and res["retryable"]})
     return rows
@@ -419,11 +439,13 @@ def length_controlled_win_rate(ok: list[dict]) -> tuple[float | None, str | None
 
 # --------------------------------------------------------------------------------------------------- pre-flight
 
-def preflight_item(task: str, prompt_dir: str | None = None) -> tuple[list[dict], object, str]:
+def preflight_item(task: str, prompt_dir: str | None = None, templates: dict | None = None
+                   ) -> tuple[list[dict], object, str]:
     """The fixed item JudgeClient.preflight sends for `task` (mtbench, alpacaeval), through the prompts the task
-    itself uses: (messages, valid, what the reply must hold)."""
+    itself uses (MT-Bench: FastChat's `templates`): (messages, valid, what the reply must hold)."""
     if task == "mtbench":
-        return (_messages("single_turn1", prompt_dir, question_1="What is 2 + 2?", answer_1="2 + 2 = 4."),
-                lambda t: parse_rating(t) is not None, "[[rating]]")
+        q = {"question_id": 0, "category": "writing", "turns": ["What is 2 + 2?"]}
+        return (mt_bench_messages(q, ["2 + 2 = 4."], 1, templates), lambda t: parse_rating(t) is not None,
+                "[[rating]]")
     return (_messages("pairwise", prompt_dir, instruction="What is 2 + 2?", output_a="2 + 2 = 4.",
                       output_b="2 + 2 = 5."), lambda t: parse_verdict(t) is not None, "[[A]]/[[B]]/[[C]] verdict")

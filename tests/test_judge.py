@@ -6,6 +6,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hub_stub import MT_TEMPLATES, write_mt_bench
 
 from sftmix.judge import (
     JudgeClient,
@@ -18,6 +19,8 @@ from sftmix.judge import (
     parse_verdict,
     win_rate,
 )
+
+TEMPLATES = {t["name"]: t for t in MT_TEMPLATES}  # FastChat's judge_prompts.jsonl layout (tests/hub_stub.py)
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -59,7 +62,7 @@ class _Stub(BaseHTTPRequestHandler):
             return self._reply(503, b'{"error": "try again"}')
         if "MODE:400" in user:
             return self._reply(400, b'{"error": "bad request"}')
-        if "[Instruction]" in user:  # pairwise: the answer containing GOOD wins
+        if "[The Start of Assistant A's Answer]" in user:  # pairwise: the answer containing GOOD wins
             a = user.split("[The Start of Assistant A's Answer]")[1].split("[The End of Assistant A's Answer]")[0]
             b = user.split("[The Start of Assistant B's Answer]")[1].split("[The End of Assistant B's Answer]")[0]
             if "BROKEN" in user:
@@ -145,13 +148,13 @@ def test_unreachable_server_fails_cleanly():
 def test_mt_bench_failures_are_not_scored_and_cache_avoids_http(server, tmp_path):
     questions = [
         {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Now a second one."]},
-        {"question_id": 2, "category": "math", "turns": ["2+2?"], "reference": ["4"]},
+        {"question_id": 2, "category": "math", "turns": ["2+2?"]},
         {"question_id": 3, "category": "writing", "turns": ["MODE:norating"]},
         {"question_id": 4, "category": "writing", "turns": ["MODE:badjson"]},
     ]
     answers = [["A poem.", "Another."], ["4"], ["x"], ["y"]]
     c = _client(tmp_path=tmp_path, url=server)
-    rows = judge_mt_bench(c, questions, answers)
+    rows = judge_mt_bench(c, questions, answers, TEMPLATES, {2: ["4"]})
     by = {(r["question_id"], r["turn"]): r for r in rows}
     assert by[(1, 1)]["rating"] == 7 and by[(1, 2)]["rating"] == 4 and by[(2, 1)]["rating"] == 7
     assert by[(3, 1)]["failed"] and "rating" in by[(3, 1)]["error"]
@@ -169,7 +172,7 @@ def test_mt_bench_failures_are_not_scored_and_cache_avoids_http(server, tmp_path
     assert first == 1 + 1 + 1 + 2 + 3
 
     again = _client(tmp_path=tmp_path, url=server)  # a fresh process: the cache is read back from disk
-    rows2 = judge_mt_bench(again, questions, answers)
+    rows2 = judge_mt_bench(again, questions, answers, TEMPLATES, {2: ["4"]})
     ok = {(r["question_id"], r["turn"]) for r in rows if not r["failed"]}  # usable judgments are cached
     # the deterministic failure is read back as failed without a request; the transient one is asked again
     assert again.n_requests == 3
@@ -178,7 +181,7 @@ def test_mt_bench_failures_are_not_scored_and_cache_avoids_http(server, tmp_path
     assert [r["failed"] for r in rows2] == [r["failed"] for r in rows]
     # the explicit setting asks the deterministic failure again
     retry = _client(tmp_path=tmp_path, url=server, retry_failed=True)
-    judge_mt_bench(retry, questions, answers)
+    judge_mt_bench(retry, questions, answers, TEMPLATES, {2: ["4"]})
     assert retry.n_requests == 2 + 3
 
 
@@ -228,19 +231,16 @@ def test_length_controlled_win_rate_discounts_length():
 
 def test_parsers():
     assert parse_rating("Rating: [[7.5]]") == 7.5 and parse_rating("[[ 3 ]] then [[9]]") == 9
-    assert parse_rating("[[11]]") is None and parse_rating("Rating: 7") is None and parse_rating(None) is None
+    assert parse_rating("Rating: [8]") == 8 and parse_rating("Rating: 7") is None and parse_rating(None) is None
     assert parse_verdict("so [[A]]") == "A" and parse_verdict("[[C]]") == "tie"
     assert parse_verdict("[[A]] or maybe [[B]]") is None and parse_verdict("") is None
 
 
 def test_prompts_ship_and_fill():
-    fields = {k: f"<{k}>" for k in ("question_1", "answer_1", "question_2", "answer_2", "reference_1",
-                                     "reference_2", "instruction", "output_a", "output_b")}
-    for name in ("system", "single_turn1", "single_turn2", "single_turn1_ref", "single_turn2_ref", "pairwise"):
-        text = load_prompt(name).format_map(fields)
-        assert text.strip()
-    assert "<reference_2>" in load_prompt("single_turn2_ref").format_map(fields)
-    assert "[[rating]]" in load_prompt("single_turn1") and "[[C]]" in load_prompt("pairwise")
+    fields = {k: f"<{k}>" for k in ("instruction", "output_a", "output_b")}
+    for name in ("system", "pairwise"):
+        assert load_prompt(name).format_map(fields).strip()
+    assert "[[C]]" in load_prompt("pairwise")
 
 
 # --------------------------------------------------------------------------------------------- judge operations
@@ -249,7 +249,7 @@ def test_preflight_fails_in_one_line(server):
     from sftmix.judge import preflight_item
     from sftmix.utils import SFTMixError
 
-    msgs, valid, what = preflight_item("mtbench")
+    msgs, valid, what = preflight_item("mtbench", templates=TEMPLATES)
     assert _client(server).preflight(msgs, valid, what) == "Rating: [[8]]"
     with pytest.raises(SFTMixError) as e:
         JudgeClient(server, "wrong-model", timeout=0.3, max_retries=2, backoff=0.01).preflight(msgs, valid, what)
@@ -277,13 +277,6 @@ def test_progress_line_counts_failures(server, caplog):
     assert lines[-1].startswith("judging test: 10/10 judged, 2 failed (last error: no parseable verdict")
 
 
-def _mtbench_file(path, n=3):
-    rows = [{"question_id": 81 + i, "category": "writing", "turns": [f"Write about item {i}.", "Shorter."]}
-            for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def test_run_eval_preflight_before_generation_and_deterministic_failures_not_reasked(server, tmp_path, monkeypatch):
     import sftmix.eval.judged as judged
     from sftmix.evaluate import EvalConfig, run_eval
@@ -292,8 +285,9 @@ def test_run_eval_preflight_before_generation_and_deterministic_failures_not_rea
 
     tok = build_byte_tokenizer()
     model = build_tiny_model(tok, seed=0)
-    kw = {"mtbench_file": _mtbench_file(tmp_path / "q.jsonl"), "judge_base_url": server, "max_new_tokens": 4,
-          "judge_max_retries": 2, "judge_backoff": 0.01, "judge_timeout": 2.0}
+    write_mt_bench(tmp_path / "fc")  # FastChat's layout: 5 questions of 2 turns, references, judge templates
+    kw = {"mtbench_file": str(tmp_path / "fc" / "data" / "mt_bench" / "question.jsonl"), "judge_base_url": server,
+          "max_new_tokens": 4, "judge_max_retries": 2, "judge_backoff": 0.01, "judge_timeout": 2.0, "eval_rounds": 1}
     real_generate = judged.generate
     monkeypatch.setattr(judged, "generate", lambda *a, **k: pytest.fail("an answer was generated"))
     with pytest.raises(SFTMixError, match="wrong-model.*HTTP 404"):
@@ -307,15 +301,15 @@ def test_run_eval_preflight_before_generation_and_deterministic_failures_not_rea
 
     _Stub.never_verdict = True
     res = run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]
-    assert res["n_judgments"] == 6 and res["n_failed"] == 6 and res["n_failed_retryable"] == 0
-    assert len(_Stub.calls) == 1 + 6 * 2  # the pre-flight, then each judgment asked twice (the same reply twice)
+    assert res["n_judgments"] == 10 and res["n_failed"] == 10 and res["n_failed_retryable"] == 0
+    assert len(_Stub.calls) == 1 + 10 * 2  # the pre-flight, then each judgment asked twice (the same reply twice)
     monkeypatch.setattr(_Stub, "calls", [])
     again = run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]  # stored, deterministic failures: no request
-    assert _Stub.calls == [] and again["n_failed"] == 6
+    assert _Stub.calls == [] and again["n_failed"] == 10
     monkeypatch.setattr(judge_mod.JudgeClient, "_post", lambda *a, **k: pytest.fail("asked the judge"))
-    assert run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]["n_failed"] == 6
+    assert run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]["n_failed"] == 10
     monkeypatch.undo()
     _Stub.never_verdict, _Stub.calls = False, []
     redo = run_eval(model, tok, EvalConfig(judge_model="stub-judge", judge_retry_failed=True, **kw),
                     tmp_path / "eval")["mtbench"]
-    assert redo["n_failed"] == 0 and len(_Stub.calls) == 6  # (the pre-flight passed once in this process)
+    assert redo["n_failed"] == 0 and len(_Stub.calls) == 10  # (the pre-flight passed once in this process)

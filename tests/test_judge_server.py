@@ -19,12 +19,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
+from hub_stub import MT_TEMPLATES  # noqa: E402
+
 from sftmix.judge import JudgeClient, judge_mt_bench, mt_bench_summary, preflight_item  # noqa: E402
 from sftmix.utils import SFTMixError  # noqa: E402
 
+TEMPLATES = {t["name"]: t for t in MT_TEMPLATES}  # FastChat's judge_prompts.jsonl layout
+REFERENCES = {111: ["21"]}
+
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
-    {"question_id": 111, "category": "math", "turns": ["What is 3 * 7?"], "reference": ["21"]},
+    {"question_id": 111, "category": "math", "turns": ["What is 3 * 7?"]},
 ]
 ANSWERS = [["Rain on the roof.", "Rain again, my friend."], ["21"]]
 TARGET = "Rating: [[7]]"
@@ -47,8 +52,8 @@ def _train_judge(path):
             return [{"text": TARGET, "error": None, "cached": False, "retryable": False} for _ in jobs]
 
     rec = Recorder()
-    judge_mt_bench(rec, QUESTIONS, ANSWERS)
-    prompts = [preflight_item("mtbench")[0]] + rec.jobs
+    judge_mt_bench(rec, QUESTIONS, ANSWERS, TEMPLATES, REFERENCES)
+    prompts = [preflight_item("mtbench", templates=TEMPLATES)[0]] + rec.jobs
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(40 * len(prompts)):
@@ -104,7 +109,7 @@ def _client(url, model, tmp_path, **kw):
 
 def test_preflight_against_a_real_server(served, tmp_path):
     url, model = served
-    msgs, valid, what = preflight_item("mtbench")
+    msgs, valid, what = preflight_item("mtbench", templates=TEMPLATES)
     assert "[[7]]" in _client(url, model, tmp_path).preflight(msgs, valid, what)
     with pytest.raises(SFTMixError) as e:
         _client(url, "gpt-4-typo", tmp_path).preflight(msgs, valid, what)
@@ -114,12 +119,12 @@ def test_preflight_against_a_real_server(served, tmp_path):
 def test_mt_bench_judged_by_a_real_server_then_cached(served, tmp_path):
     url, model = served
     c = _client(url, model, tmp_path)
-    rows = judge_mt_bench(c, QUESTIONS, ANSWERS, concurrency=2)
+    rows = judge_mt_bench(c, QUESTIONS, ANSWERS, TEMPLATES, REFERENCES, concurrency=2)
     s = mt_bench_summary(rows)
     assert s["n_judgments"] == 3 and s["n_failed"] == 0 and s["score"] == 7.0, json.dumps(rows)[:2000]
     assert c.n_requests == 3
     again = _client(url, model, tmp_path)
-    assert [r["rating"] for r in judge_mt_bench(again, QUESTIONS, ANSWERS)] == [7.0] * 3
+    assert [r["rating"] for r in judge_mt_bench(again, QUESTIONS, ANSWERS, TEMPLATES, REFERENCES)] == [7.0] * 3
     assert again.n_requests == 0
 
 

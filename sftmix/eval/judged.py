@@ -1,12 +1,14 @@
-"""Judged instruction following: MT-Bench grading and AlpacaEval win rates through an LLM judge (sftmix.judge).
+"""Judged instruction following: MT-Bench as FastChat runs it and AlpacaEval win rates, through an LLM judge
+(sftmix.judge), over evaluation rounds (sftmix.eval.rounds).
 
     from sftmix.eval.judged import make_judge, eval_mt_bench
-    metrics = eval_mt_bench(model, tokenizer, "question.jsonl", make_judge(cfg, "out"), cfg, "out")
+    metrics = eval_mt_bench(model, tokenizer, "lmsys/mt-bench", make_judge(cfg, "out"), cfg, "out")
 
-Instruction following: answers are generated (batched, left padded, greedy unless `do_sample`, the model's chat
-template) and judged by an LLM through an OpenAI-compatible endpoint (sftmix.judge): MT-Bench-style 1-10 grading of
-both turns (`mtbench_file`: FastChat's question.jsonl, {question_id, category, turns, reference?}) and AlpacaEval-style
-pairwise win rate against reference outputs (`alpacaeval_file`: JSON/JSONL of {instruction, output}).
+MT-Bench (`mtbench_file`: FastChat's question.jsonl or a Hub repo in FastChat's data/ layout, sftmix.eval.tasks):
+both turns are answered (batched, left padded, the model's chat template) with FastChat's sampling temperature per
+category (`mtbench_temperature`), each round with its own seed, and graded 1-10 per turn with FastChat's templates;
+reported are the score overall, per turn and per category, mean +- sd over the rounds with every round's value.
+AlpacaEval (`alpacaeval_file`: JSON/JSONL of {instruction, output}): pairwise win rate against the reference outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from sftmix.config import EvalConfig
 from sftmix.eval.generation import generate
-from sftmix.eval.tasks import _need, _read_rows, load_mt_bench
+from sftmix.eval.tasks import _need, _read_rows
 from sftmix.utils import SFTMixError, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -46,27 +48,107 @@ def _gen_summary(gens: list[dict]) -> dict:
             "mean_answer_tokens": sum(g["n_tokens"] for g in gens) / max(len(gens), 1)}
 
 
-def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike) -> dict:
-    """Generate both turns (the second sees the model's own first answer), then grade each turn 1-10."""
+def judged_rounds(cfg: EvalConfig) -> int:
+    """Rounds of MT-Bench and AlpacaEval: eval_rounds, else the paper's 5."""
+    n = cfg.eval_rounds if cfg.eval_rounds is not None else 5
+    if n < 1:
+        raise SFTMixError(f"eval_rounds={n}: at least one round is needed; set eval_rounds to 1 or more")
+    return n
+
+
+def _stale_rounds(store: Path, retry_failed: bool) -> None:
+    """Forget stored rounds whose judgments should be asked again (transient failures; any with judge_retry_failed),
+    so that eval.rounds runs them again; their usable judgments come back from the judge's cache."""
+    import json
+
+    for f in sorted(store.glob("round_*.json")) if store.is_dir() else ():
+        m = json.loads(f.read_text(encoding="utf-8")).get("metrics") or {}
+        if m.get("n_failed_retryable") or (retry_failed and m.get("n_failed")):
+            log.info("%s: %d failed judgment(s) to ask again; running that round again", f, m.get("n_failed"))
+            f.unlink()
+
+
+def _mt_bench_answers(model, tokenizer, qs: list[dict], cfg: EvalConfig, seed: int) -> tuple[list[list[str]], list]:
+    """Both turns (the second sees the model's own first answer), with FastChat's temperature per category
+    (mtbench_temperature=fastchat: greedy below 1e-4) or the generation settings (config); returns the answers and
+    the generation records."""
+    from sftmix.eval.tasks import mt_bench_temperature
+
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(qs):
+        if cfg.mtbench_temperature == "fastchat":
+            t = mt_bench_temperature(q.get("category"))
+            key = (t >= 1e-4, t, 1.0)
+        else:
+            key = (cfg.do_sample, cfg.temperature, cfg.top_p)
+        groups.setdefault(key, []).append(i)
+    answers: list[list[str]] = [[] for _ in qs]
+    gens = []
+    for (do_sample, temperature, top_p), idx in sorted(groups.items()):
+        kw = {**_gen_kwargs(cfg), "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}
+        first = generate(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]}] for i in idx], **kw)
+        for i, g in zip(idx, first):
+            answers[i].append(g["text"])
+        two = [i for i in idx if len(qs[i]["turns"]) == 2]
+        second = generate(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]},
+                                              {"role": "assistant", "content": answers[i][0]},
+                                              {"role": "user", "content": qs[i]["turns"][1]}] for i in two], **kw)
+        for i, g in zip(two, second):
+            answers[i].append(g["text"])
+        gens += first + second
+    return answers, gens
+
+
+def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike,
+                  fingerprint: dict | None = None, mt: dict | None = None) -> dict:
+    """MT-Bench as FastChat runs it, over eval_rounds rounds (sftmix.eval.rounds: round r samples with seed + r):
+    answers, FastChat's single-answer grading of each turn, the score per turn and per category; mean +- sd."""
+    from sftmix.eval.rounds import run_rounds, summarize
+    from sftmix.eval.tasks import load_mt_bench_set
     from sftmix.judge import judge_mt_bench, mt_bench_summary
 
-    qs = load_mt_bench(path)
-    first = generate(model, tokenizer, [[{"role": "user", "content": q["turns"][0]}] for q in qs], **_gen_kwargs(cfg))
-    two = [i for i, q in enumerate(qs) if len(q["turns"]) == 2]
-    second = generate(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]},
-                                          {"role": "assistant", "content": first[i]["text"]},
-                                          {"role": "user", "content": qs[i]["turns"][1]}] for i in two],
-                      **_gen_kwargs(cfg))
-    answers = [[g["text"]] for g in first]
-    for i, g in zip(two, second):
-        answers[i].append(g["text"])
-    write_jsonl(Path(output_dir) / "mtbench_answers.jsonl",
-                [{"question_id": q["question_id"], "category": q.get("category"), "turns": q["turns"], "answers": a}
-                 for q, a in zip(qs, answers)])
-    rows = judge_mt_bench(judge, qs, answers, cfg.judge_prompt_dir, cfg.judge_concurrency)
-    write_jsonl(Path(output_dir) / "mtbench_judgments.jsonl", rows)
-    return {"file": str(path), "n_questions": len(qs), "judge_model": judge.model, **mt_bench_summary(rows),
-            "generation": _gen_summary(first + second)}
+    out = Path(output_dir)
+    mt = mt or load_mt_bench_set(path, cfg.mtbench_reference_file, cfg.mtbench_judge_prompts_file)
+    qs = mt["questions"]
+    store = out / "rounds" / "mtbench"
+    _stale_rounds(store, cfg.judge_retry_failed)
+
+    def one(r: int, seed: int) -> dict:
+        answers, gens = _mt_bench_answers(model, tokenizer, qs, cfg, seed)
+        write_jsonl(out / f"mtbench_answers_round{r}.jsonl",
+                    [{"question_id": q["question_id"], "category": q.get("category"), "turns": q["turns"],
+                      "answers": a} for q, a in zip(qs, answers)])
+        rows = judge_mt_bench(judge, qs, answers, mt["templates"], mt["references"], cfg.judge_concurrency)
+        write_jsonl(out / f"mtbench_judgments_round{r}.jsonl", rows)
+        summary = mt_bench_summary(rows)
+        if summary["score"] is None:  # no usable judgment at all: the round has no value, it is still kept
+            summary["score"] = float("nan")
+        return {**summary, "generation": _gen_summary(gens)}
+
+    res = run_rounds(judged_rounds(cfg), cfg.seed, one, store, fingerprint or {}, "score")
+    rounds = res["rounds"]
+    metrics = {"file": str(path), "protocol": "fastchat single-answer grading (single-v1 / single-math-v1)",
+               "source": mt["source"], "n_questions": len(qs), "judge_model": judge.model,
+               "temperatures": cfg.mtbench_temperature, "n_rounds": res["n_rounds"], "seeds": res["seeds"],
+               "n_rounds_reused": res["n_reused"], "score": res["mean"], "score_sd": res["sd"],
+               "scores": res["values"]}
+    for t in (1, 2):
+        vals = [m.get(f"score_turn{t}") for m in rounds]
+        if all(v is not None for v in vals):
+            s = summarize(vals)
+            metrics.update({f"score_turn{t}": s["mean"], f"score_turn{t}_sd": s["sd"], f"scores_turn{t}": s["values"]})
+    cats = sorted({c for m in rounds for c in (m.get("score_by_category") or {})})
+    metrics["score_by_category"] = {
+        c: summarize([m["score_by_category"][c] for m in rounds if m["score_by_category"].get(c) is not None])["mean"]
+        for c in cats if any(m["score_by_category"].get(c) is not None for m in rounds)}
+    for k in ("n_judgments", "n_failed", "n_failed_retryable"):
+        metrics[k] = sum(m.get(k) or 0 for m in rounds)
+    metrics["rounds"] = [{k: m.get(k) for k in ("round", "seed", "score", "score_turn1", "score_turn2", "n_judgments",
+                                                 "n_failed", "n_failed_retryable", "generation")} for m in rounds]
+    metrics["generation"] = rounds[0].get("generation")
+    log.info("mtbench: %.3f +- %.3f over %d rounds (turn 1 %s, turn 2 %s)", res["mean"], res["sd"], res["n_rounds"],
+             metrics.get("score_turn1"), metrics.get("score_turn2"))
+    return metrics
 
 
 def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike) -> dict:
