@@ -34,10 +34,12 @@ parser against FastChat's own code. The pairwise prompt (AlpacaEval style) is a 
 
 Pairwise order: the model's output is shown as A or B depending on a hash of the instruction (deterministic, about
 half each), which cancels the judge's position bias on average. Ties count half a win (as in AlpacaEval).
-Length-controlled win rate (after AlpacaEval 2, simplified): a logistic regression of the outcome on
-tanh((len_model - len_reference) / std) over characters, with an intercept; the length-controlled win rate is
-sigmoid(intercept), the predicted win rate at equal length. AlpacaEval 2 also has a per-instruction difficulty term,
-which needs annotations of many models and is left out.
+Length-controlled win rate: alpaca_eval's own `length_controlled_v1` (get_length_controlled_winrate, alpaca_eval
+0.6.6) on alpaca_eval-format annotations of the judgments, when the package is installed (`sftmix[alpaca-eval]`);
+`lc_method` names which was used. The fallback without it (documented, not AlpacaEval 2's number): a logistic
+regression of the outcome on tanh((len_model - len_reference) / std) over characters, with an intercept, read at equal
+length as sigmoid(intercept), with no instruction-difficulty term and no regularisation toward the gamed baselines
+(alpaca_eval's "length_controlled_minimal").
 """
 
 from __future__ import annotations
@@ -383,7 +385,8 @@ def judge_pairwise(client: JudgeClient, instructions: list[str], outputs: list[s
         winner = None if v is None else "tie" if v == "tie" else "model" if (v == "B") == b else "reference"
         error = None if v is not None else "no single [[A]]/[[B]]/[[C]] verdict in the judge's reply" \
             if res["text"] is not None else res["error"]
-        rows.append({"index": i, "winner": winner, "failed": winner is None, "error": error, "model_is_b": b,
+        rows.append({"index": i, "instruction": instructions[i], "output": outputs[i], "reference": references[i],
+                     "winner": winner, "failed": winner is None, "error": error, "model_is_b": b,
                      "len_model": len(outputs[i]), "len_reference": len(references[i]), "judgment": res["text"],
                      "cached": res["cached"], "retryable": winner is None and res["retryable"]})
     return rows
@@ -398,7 +401,8 @@ def win_rate(rows: list[dict]) -> dict:
     ties = sum(r["winner"] == "tie" for r in ok)
     out = {"n": len(rows), "n_valid": len(ok), "n_failed": len(rows) - len(ok),
            "n_failed_retryable": sum(bool(r.get("retryable")) for r in rows), "wins": wins, "losses": losses,
-           "ties": ties, "win_rate": None, "win_rate_se": None, "lc_win_rate": None, "lc_note": None}
+           "ties": ties, "win_rate": None, "win_rate_se": None, "lc_win_rate": None, "lc_note": None,
+           "lc_method": None}
     if not ok:
         out["lc_note"] = "no successful judgment"
         return out
@@ -407,12 +411,45 @@ def win_rate(rows: list[dict]) -> dict:
     p = sum(scores) / n
     var = sum((s - p) ** 2 for s in scores) / max(n - 1, 1)
     out["win_rate"], out["win_rate_se"] = p, math.sqrt(var / n)
-    out["lc_win_rate"], out["lc_note"] = length_controlled_win_rate(ok)
+    out["lc_win_rate"], out["lc_note"], out["lc_method"] = length_controlled(ok)
     return out
 
 
+ALPACA_EVAL_PREFERENCE = {"model": 2.0, "reference": 1.0, "tie": 1.5}  # alpaca_eval: 2 = output_2 preferred
+
+
+def alpaca_eval_annotations(ok: list[dict], annotator: str = "sftmix") -> list[dict]:
+    """alpaca_eval's annotation records of successful pairwise rows: output_1 / generator_1 the reference (its
+    baseline), output_2 / generator_2 the model, preference 2 (model), 1 (reference) or 1.5 (tie), index the
+    instruction's row in the evaluated set (alpaca_eval's instruction index for its 805 instructions in order)."""
+    return [{"instruction": r.get("instruction", ""), "output_1": r["reference"], "output_2": r["output"],
+             "generator_1": "reference", "generator_2": "model", "annotator": annotator,
+             "preference": ALPACA_EVAL_PREFERENCE[r["winner"]], "index": r["index"]} for r in ok]
+
+
+def length_controlled(ok: list[dict]) -> tuple[float | None, str | None, str]:
+    """(LC win rate, note, method): alpaca_eval's own `length_controlled_v1` GLM (length, instruction difficulty,
+    regularised toward its gamed baselines; it fetches df_gamed.csv from the Hub dataset tatsu-lab/alpaca_eval) when
+    the package is installed (`pip install 'sftmix[alpaca-eval]'`); else sftmix's reduced fallback (see the module
+    doc), named as such."""
+    try:
+        from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
+    except ImportError:
+        value, note = length_controlled_win_rate(ok)
+        return value, note, "sftmix fallback (alpaca_eval not installed): length only, no instruction difficulty"
+    if any("output" not in r or "reference" not in r for r in ok):  # rows judged before the texts were kept
+        value, note = length_controlled_win_rate(ok)
+        return value, note, "sftmix fallback (judgments without their texts): length only"
+    if len({r["winner"] for r in ok}) < 2:
+        return None, "every judgment went the same way: the regression is not identified", \
+            "alpaca_eval length_controlled_v1"
+    m = get_length_controlled_winrate(alpaca_eval_annotations(ok), glm_name="length_controlled_v1",
+                                      save_weights_dir=None, is_warn_extreme_changes=False)
+    return float(m["length_controlled_winrate"]) / 100, None, "alpaca_eval length_controlled_v1"
+
+
 def length_controlled_win_rate(ok: list[dict]) -> tuple[float | None, str | None]:
-    """sigmoid(intercept) of a logistic regression of win on tanh(length difference / its std); see module doc."""
+    """The fallback: sigmoid(intercept) of a logistic regression of win on tanh(length difference / its std)."""
     if len(ok) < 10:
         return None, f"needs at least 10 successful judgments, got {len(ok)}"
     import numpy as np

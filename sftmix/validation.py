@@ -199,9 +199,7 @@ def check_eval_files(cfg) -> None:
         _loaded("mtbench_file", ecfg.mtbench_file, lambda p: tasks.load_mt_bench_set(
             p, ecfg.mtbench_reference_file, ecfg.mtbench_judge_prompts_file))  # FastChat's three files
     if ecfg.alpacaeval_file:
-        for i, r in enumerate(_loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks._read_rows)):
-            for k in ("instruction", "output"):
-                tasks._need(r, k, ecfg.alpacaeval_file, f"{i + 1}")
+        _loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks.load_alpaca_eval)  # a file, or AlpacaEval 2 by id
     if judged:
         from sftmix.judge import load_prompt
 

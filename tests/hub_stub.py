@@ -383,3 +383,32 @@ def write_mt_bench(root) -> Path:
     jsonl(root / "data" / "judge_prompts.jsonl", MT_TEMPLATES)
     (root / ".gitattributes").write_text("*.jsonl text\n")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------- AlpacaEval
+
+def write_alpaca_eval(root, n: int = 12) -> Path:
+    """tatsu-lab/alpaca_eval's raw files that sftmix and alpaca_eval 0.6.6 fetch, synthetic and small:
+    alpaca_eval_gpt4_baseline.json (AlpacaEval 2's instructions with the reference outputs: {dataset, instruction,
+    output, generator}) and df_gamed.csv (the annotations of the two length-gamed baselines and each instruction's
+    difficulty, which alpaca_eval's length_controlled_v1 regularises toward: model, index, preference, std_delta_len,
+    instruction_difficulty, not_gamed_baseline)."""
+    import random
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue", "green", "small"]
+    rows = [{"dataset": "helpful_base", "instruction": f"Say something about the {words[i % 12]} number {i}.",
+             "output": f"The {words[i % 12]} {i} " + "is fine. " * (1 + i % 5), "generator": "gpt4_1106_preview"}
+            for i in range(n)]
+    (root / "alpaca_eval_gpt4_baseline.json").write_text(json.dumps(rows, indent=1))
+    rng = random.Random(0)
+    lines = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    for model, sign in (("gamed_verbose", 1), ("gamed_concise", -1)):
+        for i in range(n):
+            d = sign * rng.uniform(0.2, 2.0)
+            lines.append(f"{model},{i},{1 + (rng.random() < 0.5 + 0.2 * sign):.1f},{d:.4f},"
+                         f"{(i % 5 - 2) / 2:.2f},False")
+    (root / "df_gamed.csv").write_text("\n".join(lines) + "\n")
+    (root / "README.md").write_text("# alpaca_eval (stand-in)\n")
+    return root

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from sftmix.config import EvalConfig
 from sftmix.eval.generation import generate
-from sftmix.eval.tasks import _need, _read_rows
 from sftmix.utils import SFTMixError, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -153,12 +152,10 @@ def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_di
 
 def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike) -> dict:
     """Generate an answer per instruction and compare it pairwise with the file's reference `output`."""
+    from sftmix.eval.tasks import HUB_EVAL_SOURCES, load_alpaca_eval
     from sftmix.judge import judge_pairwise, win_rate
 
-    rows = _read_rows(path)
-    for i, r in enumerate(rows):
-        for k in ("instruction", "output"):
-            _need(r, k, path, f"{i + 1}")
+    rows = load_alpaca_eval(path)
     gens = generate(model, tokenizer, [[{"role": "user", "content": r["instruction"]}] for r in rows],
                     **_gen_kwargs(cfg))
     outs = [g["text"] for g in gens]
@@ -167,4 +164,5 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     judged = judge_pairwise(judge, [r["instruction"] for r in rows], outs, [r["output"] for r in rows],
                             cfg.judge_prompt_dir, cfg.judge_concurrency)
     write_jsonl(Path(output_dir) / "alpacaeval_judgments.jsonl", judged)
-    return {"file": str(path), "judge_model": judge.model, **win_rate(judged), "generation": _gen_summary(gens)}
+    return {"file": str(path), "source": HUB_EVAL_SOURCES.get(str(path)), "judge_model": judge.model,
+            **win_rate(judged), "generation": _gen_summary(gens)}

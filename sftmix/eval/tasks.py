@@ -378,6 +378,30 @@ def load_mt_bench_set(spec: str, references: str | None = None, judge_prompts: s
             "source": files["source"]}
 
 
+# AlpacaEval 2 (alpaca_eval 0.6.6): the 805 instructions with GPT-4 Turbo's outputs, the reference of its win rates, as
+# a raw file of the Hub dataset tatsu-lab/alpaca_eval (whose loading script datasets 5 refuses; its split is `eval`)
+ALPACAEVAL_HUB_ID = "tatsu-lab/alpaca_eval"
+ALPACAEVAL_2_FILE = "alpaca_eval_gpt4_baseline.json"
+
+
+def load_alpaca_eval(path: str) -> list[dict]:
+    """AlpacaEval rows {instruction, output (the reference), ...}: a local JSON/JSONL file, or by Hub id
+    (tatsu-lab/alpaca_eval: AlpacaEval 2's alpaca_eval_gpt4_baseline.json)."""
+    from sftmix.hub import is_hub_id
+
+    if not Path(path).exists() and is_hub_id(path, "dataset"):
+        from sftmix.hub import download_file
+
+        local, sha = download_file(path, ALPACAEVAL_2_FILE, "dataset")
+        HUB_EVAL_SOURCES[str(path)] = {"id": path, "file": ALPACAEVAL_2_FILE, "sha": sha}
+        path = local
+    rows = _read_rows(path)
+    for i, r in enumerate(rows):
+        for k in ("instruction", "output"):
+            _need(r, k, path, f"{i + 1}")
+    return rows
+
+
 def mt_bench_temperature(category: str | None) -> float:
     """FastChat's sampling temperature for a category's answers (gen_model_answer.py)."""
     return FASTCHAT_TEMPERATURES.get(category, FASTCHAT_DEFAULT_TEMPERATURE)
