@@ -96,7 +96,7 @@ def eval_task_fields(task: str, mc_protocol: str = "lm-eval") -> list[str]:
     if task == "mtbench":
         return [*EVAL_TASK_FIELDS["gen"], *EVAL_TASK_FIELDS["mtbench"], "mtbench_file"]
     if task == "alpacaeval":
-        return [*EVAL_TASK_FIELDS["gen"], f"{task}_file"]
+        return [*EVAL_TASK_FIELDS["gen"], "eval_rounds", "alpacaeval_file"]
     raise SFTMixError(f"unknown evaluation task {task!r}.")
 
 

@@ -187,7 +187,7 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
             if task == "mtbench":
                 metrics = eval_mt_bench(model, tokenizer, cfg.mtbench_file, judge, cfg, out, fp, mt)
             else:
-                metrics = eval_alpaca_eval(model, tokenizer, cfg.alpacaeval_file, judge, cfg, out)
+                metrics = eval_alpaca_eval(model, tokenizer, cfg.alpacaeval_file, judge, cfg, out, fp)
         metrics["seconds"] = time.perf_counter() - t0
         metrics["settings"] = fp
         atomic_write_json(path, metrics)

@@ -454,7 +454,7 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     out = tmp_path / "run"
     judge = ["--alpacaeval_file", alpaca, "--judge_model", "stub", "--judge_max_retries", "0",
              "--judge_base_url", f"http://127.0.0.1:{srv.server_address[1]}/v1", "--max_new_tokens", "4",
-             "--judge_concurrency", "1"]
+             "--judge_concurrency", "1", "--eval_rounds", "1"]
     try:
         run_tiny(capsys, out, *judge)
         md = (out / "report.md").read_text()

@@ -150,19 +150,50 @@ def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_di
     return metrics
 
 
-def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike) -> dict:
-    """Generate an answer per instruction and compare it pairwise with the file's reference `output`."""
+def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output_dir: str | os.PathLike,
+                     fingerprint: dict | None = None) -> dict:
+    """An answer per instruction compared pairwise with the reference `output`, over eval_rounds rounds (round r
+    generates with seed + r; sftmix.eval.rounds): win rate and LC win rate, mean +- sd, every round's value kept."""
+    from sftmix.eval.rounds import run_rounds, summarize
     from sftmix.eval.tasks import HUB_EVAL_SOURCES, load_alpaca_eval
     from sftmix.judge import judge_pairwise, win_rate
 
+    out = Path(output_dir)
     rows = load_alpaca_eval(path)
-    gens = generate(model, tokenizer, [[{"role": "user", "content": r["instruction"]}] for r in rows],
-                    **_gen_kwargs(cfg))
-    outs = [g["text"] for g in gens]
-    write_jsonl(Path(output_dir) / "alpacaeval_outputs.jsonl",
-                [{"instruction": r["instruction"], "output": o, "generator": "model"} for r, o in zip(rows, outs)])
-    judged = judge_pairwise(judge, [r["instruction"] for r in rows], outs, [r["output"] for r in rows],
-                            cfg.judge_prompt_dir, cfg.judge_concurrency)
-    write_jsonl(Path(output_dir) / "alpacaeval_judgments.jsonl", judged)
-    return {"file": str(path), "source": HUB_EVAL_SOURCES.get(str(path)), "judge_model": judge.model,
-            **win_rate(judged), "generation": _gen_summary(gens)}
+    store = out / "rounds" / "alpacaeval"
+    _stale_rounds(store, cfg.judge_retry_failed)
+
+    def one(r: int, seed: int) -> dict:
+        gens = generate(model, tokenizer, [[{"role": "user", "content": x["instruction"]}] for x in rows],
+                        **{**_gen_kwargs(cfg), "seed": seed})
+        outs = [g["text"] for g in gens]
+        write_jsonl(out / f"alpacaeval_outputs_round{r}.jsonl",
+                    [{"instruction": x["instruction"], "output": o, "generator": "model"} for x, o in zip(rows, outs)])
+        judged = judge_pairwise(judge, [x["instruction"] for x in rows], outs, [x["output"] for x in rows],
+                                cfg.judge_prompt_dir, cfg.judge_concurrency)
+        write_jsonl(out / f"alpacaeval_judgments_round{r}.jsonl", judged)
+        m = win_rate(judged)
+        if m["win_rate"] is None:  # no usable judgment: the round has no value, it is still kept
+            m["win_rate"] = float("nan")
+        return {**m, "generation": _gen_summary(gens)}
+
+    res = run_rounds(judged_rounds(cfg), cfg.seed, one, store, fingerprint or {}, "win_rate")
+    rounds = res["rounds"]
+    metrics = {"file": str(path), "source": HUB_EVAL_SOURCES.get(str(path)), "judge_model": judge.model,
+               "protocol": f"pairwise against the reference outputs, judge prompt sftmix/judge_prompts/pairwise.txt; "
+                           f"LC: {rounds[0].get('lc_method')}",
+               "n_rounds": res["n_rounds"], "seeds": res["seeds"], "n_rounds_reused": res["n_reused"],
+               "win_rate": res["mean"], "win_rate_sd": res["sd"], "win_rates": res["values"],
+               "lc_method": rounds[0].get("lc_method")}
+    lc = [m.get("lc_win_rate") for m in rounds]
+    if all(v is not None for v in lc):
+        s = summarize(lc)
+        metrics.update(lc_win_rate=s["mean"], lc_win_rate_sd=s["sd"], lc_win_rates=s["values"], lc_note=None)
+    else:
+        metrics.update(lc_win_rate=None, lc_note=next((m.get("lc_note") for m in rounds if m.get("lc_note")), None))
+    for k in ("n", "n_valid", "n_failed", "n_failed_retryable", "wins", "losses", "ties"):
+        metrics[k] = sum(m.get(k) or 0 for m in rounds)
+    metrics["rounds"] = [{k: m.get(k) for k in ("round", "seed", "win_rate", "win_rate_se", "lc_win_rate", "n",
+                                                 "n_valid", "n_failed", "generation")} for m in rounds]
+    metrics["generation"] = rounds[0].get("generation")
+    return metrics
