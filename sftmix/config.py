@@ -79,7 +79,7 @@ EVAL_TASK_FIELDS = {
     # kept out of the lm-eval protocol's fingerprint so that its stored results stay as they were
     "mc_biomistral": ("mc_protocol", "eval_rounds", "seed", "mc_check_sizes"),
     "gen": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
-            "judge_base_url", "judge_prompt_dir"),
+            "judge_base_url", "judge_prompt_dir", "generation_base_url", "generation_model"),
     # MT-Bench as FastChat runs it: its files, its temperatures, its rounds
     "mtbench": ("mtbench_reference_file", "mtbench_judge_prompts_file", "mtbench_temperature", "eval_rounds"),
 }
@@ -386,6 +386,12 @@ class EvalConfig:
     alpacaeval_file: str | None = field(default=None, metadata={"help": (
         "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs "
         "a judge.")})
+    generation_base_url: str | None = field(default=None, metadata={"help": (
+        "Answers for MT-Bench / AlpacaEval from an OpenAI-compatible server serving the model under test (vLLM, "
+        "`transformers serve`; e.g. http://127.0.0.1:8001/v1) instead of the local model; same prompts and "
+        "settings. The report names which.")})
+    generation_model: str | None = field(default=None, metadata={"help": (
+        "Model name sent to generation_base_url (what the server serves).")})
     max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})

@@ -237,7 +237,8 @@ def instruction_table(models: dict) -> dict | None:
                 n = r.get("n_questions") if task == "mtbench" else (r.get("n") or 0) // rounds
                 n_valid, n_all = sample_size(r)
                 info[task] = {"n": n, "n_rounds": rounds, "judge": r.get("judge_model"), "protocol": r.get("protocol"),
-                              "valid": [n_valid, n_all], "lc_method": r.get("lc_method")}
+                              "valid": [n_valid, n_all], "lc_method": r.get("lc_method"),
+                              "answers_from": r.get("answers_from", "local model")}
         rows.append({"model": name, "label": m["label"], "cells": cells})
     return {"tasks": tasks, "rows": rows, "info": info}
 
@@ -313,8 +314,9 @@ def _instruction_section(t: dict) -> tuple[str, str, list]:
     for task, what in (("mtbench", "MT-Bench"), ("alpacaeval", "AlpacaEval 2")):
         i = t["info"].get(task)
         if i:
-            parts.append(f"{what}: {i['n_rounds']} round(s), judge `{i['judge']}`, {i['valid'][0]}/{i['valid'][1]} "
-                         f"valid judgments (first model), protocol: {i['protocol']}")
+            parts.append(f"{what}: {i['n_rounds']} round(s), answers from the {i['answers_from']}, judge "
+                         f"`{i['judge']}`, {i['valid'][0]}/{i['valid'][1]} valid judgments (first model), protocol: "
+                         f"{i['protocol']}")
     text = ("Mean ± sd over the rounds (population sd; one round: ± 0.00); MT-Bench scores 1-10 (single-turn: turn 1, "
             "multi-turn: turn 2), AlpacaEval 2 win rates in % against the reference outputs. " + "; ".join(parts) + ".")
     return ("Instruction following (the paper's Table 1)", text, [("table", (header, body))])

@@ -130,3 +130,26 @@ def test_mt_bench_judged_by_a_real_server_then_cached(served, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_answers_from_a_server_of_the_model_under_test(served, tmp_path, monkeypatch):
+    """generation_base_url: MT-Bench's answers come from the server (here the same tiny model), with the same
+    prompts; the local model is never asked; the result says where the answers came from."""
+    from hub_stub import write_mt_bench
+
+    import sftmix.eval.judged as judged
+    from sftmix.evaluate import EvalConfig, run_eval
+    from sftmix.models import build_byte_tokenizer, build_tiny_model
+
+    url, model_dir = served
+    write_mt_bench(tmp_path / "fc")
+    monkeypatch.setattr(judged, "generate", lambda *a, **k: pytest.fail("the local model generated"))
+    tok = build_byte_tokenizer()
+    cfg = EvalConfig(mtbench_file=str(tmp_path / "fc" / "data" / "mt_bench" / "question.jsonl"), eval_rounds=1,
+                     judge_model=model_dir, judge_base_url=url, judge_max_tokens=16, judge_api_key_env=None,
+                     generation_base_url=url, generation_model=model_dir, max_new_tokens=16)
+    res = run_eval(build_tiny_model(tok, seed=1), tok, cfg, tmp_path / "eval")["mtbench"]
+    assert res["answers_from"] == f"server {url} (model {model_dir})"
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "mtbench_answers_round0.jsonl").open()]
+    assert len(rows) == 5 and all(len(r["answers"]) == 2 and "Rating" in r["answers"][0] for r in rows)  # its habit
+    assert res["n_judgments"] == 10

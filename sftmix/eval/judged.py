@@ -42,6 +42,26 @@ def _gen_kwargs(cfg: EvalConfig) -> dict:
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
 
 
+def _answer(model, tokenizer, conversations: list[list[dict]], cfg: EvalConfig, **kw) -> list[dict]:
+    """Answers from the local model, or from the server of the model under test (generation_base_url)."""
+    if not cfg.generation_base_url:
+        return generate(model, tokenizer, conversations, **kw)
+    from sftmix.eval.generation import generate_via_server
+
+    if not cfg.generation_model:
+        raise SFTMixError("generation_base_url is set but generation_model is not; set it to the model name the "
+                          "server serves")
+    kw.pop("batch_size", None)
+    return generate_via_server(cfg.generation_base_url, cfg.generation_model, conversations,
+                               api_key=os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None,
+                               concurrency=cfg.judge_concurrency, **kw)
+
+
+def _backend(cfg: EvalConfig) -> str:
+    return (f"server {cfg.generation_base_url} (model {cfg.generation_model})" if cfg.generation_base_url
+            else "local model")
+
+
 def _gen_summary(gens: list[dict]) -> dict:
     return {"n_answers": len(gens), "n_unfinished": sum(not g["finished"] for g in gens),
             "mean_answer_tokens": sum(g["n_tokens"] for g in gens) / max(len(gens), 1)}
@@ -85,13 +105,14 @@ def _mt_bench_answers(model, tokenizer, qs: list[dict], cfg: EvalConfig, seed: i
     gens = []
     for (do_sample, temperature, top_p), idx in sorted(groups.items()):
         kw = {**_gen_kwargs(cfg), "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}
-        first = generate(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]}] for i in idx], **kw)
+        first = _answer(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]}] for i in idx], cfg,
+                        **kw)
         for i, g in zip(idx, first):
             answers[i].append(g["text"])
         two = [i for i in idx if len(qs[i]["turns"]) == 2]
-        second = generate(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]},
-                                              {"role": "assistant", "content": answers[i][0]},
-                                              {"role": "user", "content": qs[i]["turns"][1]}] for i in two], **kw)
+        second = _answer(model, tokenizer, [[{"role": "user", "content": qs[i]["turns"][0]},
+                                             {"role": "assistant", "content": answers[i][0]},
+                                             {"role": "user", "content": qs[i]["turns"][1]}] for i in two], cfg, **kw)
         for i, g in zip(two, second):
             answers[i].append(g["text"])
         gens += first + second
@@ -128,7 +149,8 @@ def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_di
     rounds = res["rounds"]
     metrics = {"file": str(path), "protocol": "fastchat single-answer grading (single-v1 / single-math-v1)",
                "source": mt["source"], "n_questions": len(qs), "judge_model": judge.model,
-               "temperatures": cfg.mtbench_temperature, "n_rounds": res["n_rounds"], "seeds": res["seeds"],
+               "temperatures": cfg.mtbench_temperature, "answers_from": _backend(cfg),
+               "n_rounds": res["n_rounds"], "seeds": res["seeds"],
                "n_rounds_reused": res["n_reused"], "score": res["mean"], "score_sd": res["sd"],
                "scores": res["values"]}
     for t in (1, 2):
@@ -164,8 +186,8 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     _stale_rounds(store, cfg.judge_retry_failed)
 
     def one(r: int, seed: int) -> dict:
-        gens = generate(model, tokenizer, [[{"role": "user", "content": x["instruction"]}] for x in rows],
-                        **{**_gen_kwargs(cfg), "seed": seed})
+        gens = _answer(model, tokenizer, [[{"role": "user", "content": x["instruction"]}] for x in rows], cfg,
+                       **{**_gen_kwargs(cfg), "seed": seed})
         outs = [g["text"] for g in gens]
         write_jsonl(out / f"alpacaeval_outputs_round{r}.jsonl",
                     [{"instruction": x["instruction"], "output": o, "generator": "model"} for x, o in zip(rows, outs)])
@@ -182,8 +204,9 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     metrics = {"file": str(path), "source": HUB_EVAL_SOURCES.get(str(path)), "judge_model": judge.model,
                "protocol": f"pairwise against the reference outputs, judge prompt sftmix/judge_prompts/pairwise.txt; "
                            f"LC: {rounds[0].get('lc_method')}",
-               "n_rounds": res["n_rounds"], "seeds": res["seeds"], "n_rounds_reused": res["n_reused"],
-               "win_rate": res["mean"], "win_rate_sd": res["sd"], "win_rates": res["values"],
+               "answers_from": _backend(cfg), "n_rounds": res["n_rounds"], "seeds": res["seeds"],
+               "n_rounds_reused": res["n_reused"], "win_rate": res["mean"], "win_rate_sd": res["sd"],
+               "win_rates": res["values"],
                "lc_method": rounds[0].get("lc_method")}
     lc = [m.get("lc_win_rate") for m in rounds]
     if all(v is not None for v in lc):
