@@ -18,9 +18,12 @@ importable from here too. This module runs them (`run_eval`) and keeps each task
 of what it depends on (its settings, config.EVAL_TASK_FIELDS; its files; the model's weights).
 
 Outputs in output_dir: <task>.json (metrics, with the settings that produced them; an existing one with the same
-settings is reused, `overwrite` forces a rerun), <task>_predictions.jsonl / mtbench_answers.jsonl /
-mtbench_judgments.jsonl / alpacaeval_outputs.jsonl / alpacaeval_judgments.jsonl / heldout_examples.jsonl,
-judge_cache.jsonl, and results.json with all metrics. Under mc_protocol=biomistral each multiple-choice task runs
+settings is reused, `overwrite` forces a rerun; a judged one also reruns for its transient judge failures, or for any
+with judge_retry_failed), <task>_predictions.jsonl / heldout_examples.jsonl, per round of MT-Bench and AlpacaEval
+(eval_rounds, default 5) mtbench_answers_round<r>.jsonl / mtbench_judgments_round<r>.jsonl /
+alpacaeval_outputs_round<r>.jsonl / alpacaeval_judgments_round<r>.jsonl and rounds/<task>/round_<r>.json,
+judge_cache.jsonl, and results.json with all metrics. A judged task sends the judge one pre-flight request before any
+answer is generated (sftmix.judge; docs/reproducing.md). Under mc_protocol=biomistral each multiple-choice task runs
 eval_rounds rounds (sftmix.eval.rounds): <task>_predictions_round<r>.jsonl and rounds/<task>/round_<r>.json per round,
 <task>.json with their mean (accuracy), accuracy_sd and every round (docs/evaluation.md).
 """
