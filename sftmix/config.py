@@ -96,7 +96,7 @@ def eval_task_fields(task: str, mc_protocol: str = "lm-eval") -> list[str]:
     if task == "mtbench":
         return [*EVAL_TASK_FIELDS["gen"], *EVAL_TASK_FIELDS["mtbench"], "mtbench_file"]
     if task == "alpacaeval":
-        return [*EVAL_TASK_FIELDS["gen"], "eval_rounds", "alpacaeval_file"]
+        return [*EVAL_TASK_FIELDS["gen"], "eval_rounds", "alpacaeval_annotator", "alpacaeval_file"]
     raise SFTMixError(f"unknown evaluation task {task!r}.")
 
 
@@ -392,6 +392,11 @@ class EvalConfig:
         "settings. The report names which.")})
     generation_model: str | None = field(default=None, metadata={"help": (
         "Model name sent to generation_base_url (what the server serves).")})
+    alpacaeval_annotator: str = field(default="auto", metadata={"help": (
+        "Who judges AlpacaEval: an annotator config of the alpaca_eval package (weighted_alpaca_eval_gpt4_turbo, "
+        "AlpacaEval 2's, reads logprobs; alpaca_eval_gpt4_turbo_fn, chatgpt_fn, alpaca_eval_gpt4 do not) sent to "
+        "judge_base_url / judge_model; sftmix: sftmix's pairwise prompt; auto: weighted_alpaca_eval_gpt4_turbo when "
+        "alpaca_eval is installed, else sftmix.")})
     max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})

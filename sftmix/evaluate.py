@@ -166,10 +166,15 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
     judged = [t for t, _ in todo if t in ("mtbench", "alpacaeval")]
     judge = make_judge(cfg, out) if judged else None
     if judge is not None:  # a judge that cannot work fails here, in one line, before any answer is generated
+        from sftmix.eval import annotators
         from sftmix.judge import preflight_item
 
         for task in judged:
-            judge.preflight(*preflight_item(task, cfg.judge_prompt_dir, mt and mt["templates"]))
+            name = annotators.resolve(cfg.alpacaeval_annotator) if task == "alpacaeval" else "sftmix"
+            if name == "sftmix":
+                judge.preflight(*preflight_item(task, cfg.judge_prompt_dir, mt and mt["templates"]))
+            else:  # alpaca_eval's own annotator, through the same endpoint
+                judge.preflight_annotator(name, annotators.uses_logprobs(name))
     for task, fp in todo:
         path = out / f"{task}.json"
         t0 = time.perf_counter()

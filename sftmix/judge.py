@@ -219,6 +219,38 @@ class JudgeClient:
         _PREFLIGHT_OK[memo] = res["text"]
         return res["text"]
 
+    def preflight_annotator(self, annotator: str, logprobs: bool) -> None:
+        """The pre-flight of an alpaca_eval annotator (sftmix.eval.annotators): one request for one token, with the
+        top logprobs when the annotator reads its preference from them; one line when they do not come back."""
+        memo = (self.url, self.model, annotator)
+        if memo in _PREFLIGHT_OK:
+            return
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with the single letter m."}],
+                "max_tokens": 1, "temperature": 0}
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"}
+                                                           if self.api_key else {})}
+        where = f"judge_model={self.model!r} at judge_base_url={self.url.rsplit('/chat/completions', 1)[0]}"
+        try:
+            req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                choice = json.loads(resp.read())["choices"][0]
+        except urllib.error.HTTPError as e:
+            raise SFTMixError(f"judge pre-flight failed before any answer was generated: {where}: HTTP {e.code}: "
+                              f"{_snippet(e.read())}; check judge_base_url, judge_model and the API key") from None
+        except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException) as e:
+            raise SFTMixError(f"judge pre-flight failed before any answer was generated: {where}: "
+                              f"{type(e).__name__}: {getattr(e, 'reason', e)}; check judge_base_url") from None
+        top = ((((choice.get("logprobs") or {}).get("content") or [{}])[0]) or {}).get("top_logprobs")
+        if logprobs and not top:
+            from sftmix.eval.annotators import NON_LOGPROB
+
+            raise SFTMixError(f"{where} returned no logprobs, which alpacaeval_annotator={annotator} reads its "
+                              f"preference from; set alpacaeval_annotator to one of alpaca_eval's annotators "
+                              f"without logprobs ({', '.join(NON_LOGPROB)}; reported as such) or to sftmix")
+        _PREFLIGHT_OK[memo] = "ok"
+
     def map(self, messages_list: list[list[dict]], concurrency: int = 4, desc: str = "judging",
             valid=None) -> list[dict]:
         """complete() over many prompts with a thread pool (the work is waiting on the server), in order; a log line
@@ -432,6 +464,8 @@ def length_controlled(ok: list[dict]) -> tuple[float | None, str | None, str]:
     regularised toward its gamed baselines; it fetches df_gamed.csv from the Hub dataset tatsu-lab/alpaca_eval) when
     the package is installed (`pip install 'sftmix[alpaca-eval]'`); else sftmix's reduced fallback (see the module
     doc), named as such."""
+    if len(ok) < 10:
+        return None, f"needs at least 10 successful judgments, got {len(ok)}", "none"
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
@@ -443,8 +477,12 @@ def length_controlled(ok: list[dict]) -> tuple[float | None, str | None, str]:
     if len({r["winner"] for r in ok}) < 2:
         return None, "every judgment went the same way: the regression is not identified", \
             "alpaca_eval length_controlled_v1"
-    m = get_length_controlled_winrate(alpaca_eval_annotations(ok), glm_name="length_controlled_v1",
-                                      save_weights_dir=None, is_warn_extreme_changes=False)
+    try:  # it fetches df_gamed.csv from the Hub dataset tatsu-lab/alpaca_eval (HF_ENDPOINT, the HF cache)
+        m = get_length_controlled_winrate(alpaca_eval_annotations(ok), glm_name="length_controlled_v1",
+                                          save_weights_dir=None, is_warn_extreme_changes=False)
+    except Exception as e:  # offline without df_gamed.csv cached, ...: the win rate stands, the LC is not defined
+        return None, f"alpaca_eval's length_controlled_v1 failed: {type(e).__name__}: {str(e)[:160]}", \
+            "alpaca_eval length_controlled_v1"
     return float(m["length_controlled_winrate"]) / 100, None, "alpaca_eval length_controlled_v1"
 
 

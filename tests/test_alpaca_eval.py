@@ -77,3 +77,52 @@ def test_fallback_is_named_when_alpaca_eval_is_missing(monkeypatch):
              "failed": False, "len_model": 10 + i, "len_reference": 12} for i in range(20)]
     s = win_rate(rows)
     assert s["lc_method"].startswith("sftmix fallback (alpaca_eval not installed)") and s["lc_win_rate"] is not None
+
+
+def test_a_judge_without_logprobs_is_one_line_naming_the_other_annotators():
+    pytest.importorskip("alpaca_eval")
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sftmix.judge import JudgeClient
+    from sftmix.utils import SFTMixError
+
+    class NoLogprobs(BaseHTTPRequestHandler):  # what llama.cpp-style servers without logprob support answer
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "m"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NoLogprobs)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = JudgeClient(f"http://127.0.0.1:{srv.server_address[1]}/v1", "local-judge", timeout=5)
+        with pytest.raises(SFTMixError) as e:
+            client.preflight_annotator("weighted_alpaca_eval_gpt4_turbo", logprobs=True)
+        msg = str(e.value)
+        assert "\n" not in msg and "returned no logprobs" in msg and "alpaca_eval_gpt4_turbo_fn" in msg
+        client.preflight_annotator("alpaca_eval_gpt4_turbo_fn", logprobs=False)  # that one needs none
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_named_annotator_without_the_package_is_one_line(monkeypatch):
+    import builtins
+
+    from sftmix.eval.annotators import resolve
+    from sftmix.utils import SFTMixError
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("alpaca_eval") else real_import(name, *a, **k))
+    assert resolve("auto") == "sftmix" and resolve("sftmix") == "sftmix"
+    with pytest.raises(SFTMixError, match=r"alpacaeval_annotator=weighted_alpaca_eval_gpt4_turbo needs the "
+                                          r"alpaca_eval package: pip install 'sftmix\[alpaca-eval\]'"):
+        resolve("weighted_alpaca_eval_gpt4_turbo")

@@ -421,7 +421,7 @@ def test_a_truncated_model_file_is_one_line_naming_it(tmp_path, capsys):
     assert code == 2 and f"{weights} is truncated" in err and "Traceback" not in err, err[-2000:]
 
 
-def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, capsys):
+def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, capsys, monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -447,6 +447,8 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    # the LC win rate is not this test's subject: with alpaca_eval installed it would fetch its data from the Hub
+    monkeypatch.setattr("sftmix.judge.length_controlled", lambda ok: (None, "not computed in this test", "none"))
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": f"say {w}", "output": f"{w} {w}"} for w in
                                   ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue",
@@ -454,7 +456,7 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     out = tmp_path / "run"
     judge = ["--alpacaeval_file", alpaca, "--judge_model", "stub", "--judge_max_retries", "0",
              "--judge_base_url", f"http://127.0.0.1:{srv.server_address[1]}/v1", "--max_new_tokens", "4",
-             "--judge_concurrency", "1", "--eval_rounds", "1"]
+             "--judge_concurrency", "1", "--eval_rounds", "1", "--alpacaeval_annotator", "sftmix"]
     try:
         run_tiny(capsys, out, *judge)
         md = (out / "report.md").read_text()

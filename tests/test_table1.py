@@ -5,6 +5,7 @@ the judge no request and reports the same numbers."""
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,12 +33,24 @@ class _Judge(BaseHTTPRequestHandler):
         user = req["messages"][-1]["content"]
         type(self).calls.append(user)
         h = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16)
+        if req.get("logprobs"):  # alpaca_eval's weighted_alpaca_eval_gpt4_turbo: one token and its top logprobs
+            pm = 0.2 + 0.6 * (h % 100) / 100
+            top = [{"token": "m", "logprob": math.log(pm), "bytes": None},
+                   {"token": "M", "logprob": math.log(1 - pm), "bytes": None}]
+            return self._reply({"message": {"role": "assistant", "content": "m"},
+                                "logprobs": {"content": [{**top[0], "top_logprobs": top}]}})
         if "[The Start of Assistant A's Answer]" in user:
             text = "[[A]]" if h % 2 else "[[B]]"
         else:
             text = f"Rating: [[{2 + h % 8}]]"
-        body = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
+        return self._reply({"message": {"role": "assistant", "content": text}})
+
+    def _reply(self, choice):
+        body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                           "choices": [{"index": 0, "finish_reason": "stop", **choice}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
         self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -85,8 +98,12 @@ def test_smoke_run_reports_table_1_over_two_rounds_and_reruns_without_requests(t
     res = json.loads((tmp_path / "run" / "eval" / "ntp.json").read_text())["results"]
     assert res["mtbench"]["n_rounds"] == 2 and res["mtbench"]["seeds"] == [0, 1]
     assert res["alpacaeval"]["source"]["id"] == "tatsu-lab/alpaca_eval"
-    try:
+    try:  # alpacaeval_annotator auto: alpaca_eval's own annotator, win rate and LC model when it is installed
         import alpaca_eval  # noqa: F401
         assert res["alpacaeval"]["lc_method"] == "alpaca_eval length_controlled_v1"
+        assert res["alpacaeval"]["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
+        assert "alpaca_eval's weighted_alpaca_eval_gpt4_turbo annotator" in table
+        assert not float(res["alpacaeval"]["win_rates"][0] * 48).is_integer()  # continuous preferences
     except ImportError:
         assert res["alpacaeval"]["lc_method"].startswith("sftmix fallback")
+        assert res["alpacaeval"]["annotator"] == "sftmix" and "not AlpacaEval 2's annotator" in table

@@ -62,6 +62,14 @@ def _backend(cfg: EvalConfig) -> str:
             else "local model")
 
 
+def _annotator_label(annotator: str) -> str:
+    from sftmix.eval.annotators import NON_LOGPROB
+
+    if annotator == "sftmix":
+        return "sftmix's pairwise prompt (sftmix/judge_prompts/pairwise.txt), not AlpacaEval 2's annotator"
+    return f"alpaca_eval's {annotator} annotator" + (" (no logprobs)" if annotator in NON_LOGPROB else "")
+
+
 def _gen_summary(gens: list[dict]) -> dict:
     return {"n_answers": len(gens), "n_unfinished": sum(not g["finished"] for g in gens),
             "mean_answer_tokens": sum(g["n_tokens"] for g in gens) / max(len(gens), 1)}
@@ -176,6 +184,7 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
                      fingerprint: dict | None = None) -> dict:
     """An answer per instruction compared pairwise with the reference `output`, over eval_rounds rounds (round r
     generates with seed + r; sftmix.eval.rounds): win rate and LC win rate, mean +- sd, every round's value kept."""
+    from sftmix.eval import annotators
     from sftmix.eval.rounds import run_rounds, summarize
     from sftmix.eval.tasks import HUB_EVAL_SOURCES, load_alpaca_eval
     from sftmix.judge import judge_pairwise, win_rate
@@ -184,6 +193,7 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     rows = load_alpaca_eval(path)
     store = out / "rounds" / "alpacaeval"
     _stale_rounds(store, cfg.judge_retry_failed)
+    annotator = annotators.resolve(cfg.alpacaeval_annotator)
 
     def one(r: int, seed: int) -> dict:
         gens = _answer(model, tokenizer, [[{"role": "user", "content": x["instruction"]}] for x in rows], cfg,
@@ -191,10 +201,14 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
         outs = [g["text"] for g in gens]
         write_jsonl(out / f"alpacaeval_outputs_round{r}.jsonl",
                     [{"instruction": x["instruction"], "output": o, "generator": "model"} for x, o in zip(rows, outs)])
-        judged = judge_pairwise(judge, [x["instruction"] for x in rows], outs, [x["output"] for x in rows],
-                                cfg.judge_prompt_dir, cfg.judge_concurrency)
+        ins, refs = [x["instruction"] for x in rows], [x["output"] for x in rows]
+        if annotator == "sftmix":
+            judged = judge_pairwise(judge, ins, outs, refs, cfg.judge_prompt_dir, cfg.judge_concurrency)
+            m = win_rate(judged)
+        else:  # alpaca_eval's annotator, win rate and LC model
+            judged = annotators.annotate(annotator, ins, outs, refs, cfg, out, seed=seed)
+            m = annotators.summarize_annotations(judged)
         write_jsonl(out / f"alpacaeval_judgments_round{r}.jsonl", judged)
-        m = win_rate(judged)
         if m["win_rate"] is None:  # no usable judgment: the round has no value, it is still kept
             m["win_rate"] = float("nan")
         return {**m, "generation": _gen_summary(gens)}
@@ -202,8 +216,9 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     res = run_rounds(judged_rounds(cfg), cfg.seed, one, store, fingerprint or {}, "win_rate")
     rounds = res["rounds"]
     metrics = {"file": str(path), "source": HUB_EVAL_SOURCES.get(str(path)), "judge_model": judge.model,
-               "protocol": f"pairwise against the reference outputs, judge prompt sftmix/judge_prompts/pairwise.txt; "
-                           f"LC: {rounds[0].get('lc_method')}",
+               "annotator": annotator,
+               "protocol": f"{_annotator_label(annotator)} against the reference outputs; LC: "
+                           f"{rounds[0].get('lc_method')}",
                "answers_from": _backend(cfg), "n_rounds": res["n_rounds"], "seeds": res["seeds"],
                "n_rounds_reused": res["n_reused"], "win_rate": res["mean"], "win_rate_sd": res["sd"],
                "win_rates": res["values"],
