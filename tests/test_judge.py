@@ -314,3 +314,25 @@ def test_run_eval_preflight_before_generation_and_deterministic_failures_not_rea
     redo = run_eval(model, tok, EvalConfig(judge_model="stub-judge", judge_retry_failed=True, **kw),
                     tmp_path / "eval")["mtbench"]
     assert redo["n_failed"] == 0 and len(_Stub.calls) == 10  # (the pre-flight passed once in this process)
+
+
+def test_a_wrong_judge_model_is_one_line_and_exit_2_before_any_answer(server, tmp_path):
+    """The entry point prints the pre-flight's failure once, as one line, and exits 2; no answer was generated."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_mt_bench(tmp_path / "fc")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "sftmix.evaluate", "--model", "tiny-random:0", "--device", "cpu",
+                          "--output_dir", str(tmp_path / "eval"), "--judge_model", "wrong-model",
+                          "--judge_base_url", server, "--mtbench_file",
+                          str(tmp_path / "fc" / "data" / "mt_bench" / "question.jsonl")],
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "judge pre-flight failed before any answer was generated" in errors[0]
+    assert "judge_model='wrong-model'" in errors[0] and "HTTP 404" in errors[0]
+    assert not list((tmp_path / "eval").glob("mtbench_answers*"))
