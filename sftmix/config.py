@@ -85,7 +85,9 @@ EVAL_TASK_FIELDS = {
     # kept out of the lm-eval protocol's fingerprint so that its stored results stay as they were
     "mc_biomistral": ("mc_protocol", "eval_rounds", "seed", "mc_check_sizes"),
     "gen": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat_template", "judge_model",
-            "judge_base_url", "judge_prompt_dir"),
+            "judge_base_url", "judge_prompt_dir", "generation_base_url", "generation_model"),
+    # MT-Bench as FastChat runs it: its files, its temperatures, its rounds
+    "mtbench": ("mtbench_reference_file", "mtbench_judge_prompts_file", "mtbench_temperature", "eval_rounds"),
 }
 
 
@@ -97,8 +99,10 @@ def eval_task_fields(task: str, mc_protocol: str = "lm-eval") -> list[str]:
     if task in MC_TASKS:
         extra = EVAL_TASK_FIELDS["mc_biomistral"] if mc_protocol == "biomistral" else ()
         return [*EVAL_TASK_FIELDS["mc"], *extra, f"{task}_file", f"{task}_shots_file"]
-    if task in ("mtbench", "alpacaeval"):
-        return [*EVAL_TASK_FIELDS["gen"], f"{task}_file"]
+    if task == "mtbench":
+        return [*EVAL_TASK_FIELDS["gen"], *EVAL_TASK_FIELDS["mtbench"], "mtbench_file"]
+    if task == "alpacaeval":
+        return [*EVAL_TASK_FIELDS["gen"], "eval_rounds", "alpacaeval_annotator", "alpacaeval_file"]
     raise SFTMixError(f"unknown evaluation task {task!r}.")
 
 
@@ -377,10 +381,31 @@ class EvalConfig:
         "Chat template for held-out scoring and generation: auto, model, plain, or a Jinja file (see "
         "sftmix.data.ensure_chat_template).")})
     mtbench_file: str | None = field(default=None, metadata={"help": (
-        "MT-Bench questions JSONL ({question_id, category, turns: [q1, q2], reference?}); needs a judge.")})
+        "MT-Bench questions: FastChat's question.jsonl ({question_id, category, turns}), or a Hub repo in FastChat's "
+        "data/ layout (lmsys/mt-bench, the Space; datasets/ORG/NAME for a dataset); needs a judge.")})
+    mtbench_reference_file: str | None = field(default=None, metadata={"help": (
+        "GPT-4's reference answers for MT-Bench's math, reasoning and coding questions (FastChat's "
+        "reference_answer/gpt-4.jsonl); default: beside mtbench_file, or from its Hub repo.")})
+    mtbench_judge_prompts_file: str | None = field(default=None, metadata={"help": (
+        "FastChat's judge templates (fastchat/llm_judge/data/judge_prompts.jsonl: single-v1, single-math-v1 and "
+        "their -multi-turn forms); default: ../judge_prompts.jsonl from mtbench_file, or from its Hub repo.")})
+    mtbench_temperature: Literal["fastchat", "config"] = field(default="fastchat", metadata={"help": (
+        "MT-Bench answers' sampling: fastchat (FastChat's temperature per category: 0.7 writing/roleplay, 0.1 "
+        "stem/humanities, greedy for the others) or config (do_sample, temperature, top_p).")})
     alpacaeval_file: str | None = field(default=None, metadata={"help": (
         "AlpacaEval JSON/JSONL of {instruction, output}; `output` is the reference the model is compared with; needs "
         "a judge.")})
+    generation_base_url: str | None = field(default=None, metadata={"help": (
+        "Answers for MT-Bench / AlpacaEval from an OpenAI-compatible server serving the model under test (vLLM, "
+        "`transformers serve`; e.g. http://127.0.0.1:8001/v1) instead of the local model; same prompts and "
+        "settings. The report names which.")})
+    generation_model: str | None = field(default=None, metadata={"help": (
+        "Model name sent to generation_base_url (what the server serves).")})
+    alpacaeval_annotator: str = field(default="auto", metadata={"help": (
+        "Who judges AlpacaEval: an annotator config of the alpaca_eval package (weighted_alpaca_eval_gpt4_turbo, "
+        "AlpacaEval 2's, reads logprobs; alpaca_eval_gpt4_turbo_fn, chatgpt_fn, alpaca_eval_gpt4 do not) sent to "
+        "judge_base_url / judge_model; sftmix: sftmix's pairwise prompt; auto: weighted_alpaca_eval_gpt4_turbo when "
+        "alpaca_eval is installed, else sftmix.")})
     max_new_tokens: int = field(default=1024, metadata={"help": "Generation length cap per answer."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
@@ -403,11 +428,16 @@ class EvalConfig:
     judge_backoff: float = field(default=1.0, metadata={"help": (
         "First backoff delay in seconds; doubles with each retry.")})
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
-    judge_max_tokens: int = field(default=1024, metadata={"help": "max_tokens of each judge reply."})
+    judge_max_tokens: int = field(default=2048, metadata={"help": (
+        "max_tokens of each judge reply (FastChat's MT-Bench judge: 2048).")})
     judge_cache_file: str | None = field(default=None, metadata={"help": (
         "Judgment cache (JSONL); default OUTPUT_DIR/judge_cache.jsonl.")})
+    judge_retry_failed: bool = field(default=False, metadata={"help": (
+        "Ask the judge again for judgments that failed deterministically before (the same reply without a verdict "
+        "twice, or an HTTP 4xx); by default they stay failed and a rerun sends no request for them.")})
     judge_prompt_dir: str | None = field(default=None, metadata={"help": (
-        "Folder with your own judge prompt files (same names as sftmix/judge_prompts/*.txt).")})
+        "Folder with your own pairwise judge prompt files (system.txt, pairwise.txt, as in sftmix/judge_prompts/); "
+        "MT-Bench uses FastChat's templates (mtbench_judge_prompts_file).")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Recompute tasks whose <task>.json already exists with the same settings.")})
     answers: int = field(default=8, metadata={"help": (

@@ -18,9 +18,12 @@ importable from here too. This module runs them (`run_eval`) and keeps each task
 of what it depends on (its settings, config.EVAL_TASK_FIELDS; its files; the model's weights).
 
 Outputs in output_dir: <task>.json (metrics, with the settings that produced them; an existing one with the same
-settings is reused, `overwrite` forces a rerun), <task>_predictions.jsonl / mtbench_answers.jsonl /
-mtbench_judgments.jsonl / alpacaeval_outputs.jsonl / alpacaeval_judgments.jsonl / heldout_examples.jsonl,
-judge_cache.jsonl, and results.json with all metrics. Under mc_protocol=biomistral each multiple-choice task runs
+settings is reused, `overwrite` forces a rerun; a judged one also reruns for its transient judge failures, or for any
+with judge_retry_failed), <task>_predictions.jsonl / heldout_examples.jsonl, per round of MT-Bench and AlpacaEval
+(eval_rounds, default 5) mtbench_answers_round<r>.jsonl / mtbench_judgments_round<r>.jsonl /
+alpacaeval_outputs_round<r>.jsonl / alpacaeval_judgments_round<r>.jsonl and rounds/<task>/round_<r>.json,
+judge_cache.jsonl, and results.json with all metrics. A judged task sends the judge one pre-flight request before any
+answer is generated (sftmix.judge; docs/reproducing.md). Under mc_protocol=biomistral each multiple-choice task runs
 eval_rounds rounds (sftmix.eval.rounds): <task>_predictions_round<r>.jsonl and rounds/<task>/round_<r>.json per round,
 <task>.json with their mean (accuracy), accuracy_sd and every round (docs/evaluation.md).
 """
@@ -140,23 +143,43 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
                          [getattr(cfg, f"{t}_file"), getattr(cfg, f"{t}_shots_file")]))
         elif getattr(cfg, f"{t}_shots_file"):
             raise SFTMixError(f"{t}_shots_file is set but {t}_file is not; give the file to evaluate")
-    for t in ("mtbench", "alpacaeval"):
-        if getattr(cfg, f"{t}_file"):
-            jobs.append((t, eval_task_fields(t), [getattr(cfg, f"{t}_file")]))
+    mt = None
+    if cfg.mtbench_file:  # FastChat's three files (questions, GPT-4's references, judge templates), maybe by Hub id
+        from sftmix.eval.tasks import load_mt_bench_set
+
+        mt = load_mt_bench_set(cfg.mtbench_file, cfg.mtbench_reference_file, cfg.mtbench_judge_prompts_file)
+        jobs.append(("mtbench", eval_task_fields("mtbench"),
+                     [mt["files"][k] for k in ("questions", "references", "judge_prompts")]))
+    if cfg.alpacaeval_file:
+        jobs.append(("alpacaeval", eval_task_fields("alpacaeval"), [cfg.alpacaeval_file]))
     if not jobs:
         raise SFTMixError("nothing to evaluate: set at least one of heldout_file, pubmedqa_file, medqa_file, "
                           "medqa5_file, medmcqa_file, mtbench_file, alpacaeval_file")
-    judge = make_judge(cfg, out) if any(t in ("mtbench", "alpacaeval") for t, _, _ in jobs) else None
-    results = {}
+    results, todo = {}, []
     for task, names, files in jobs:
         path = out / f"{task}.json"
         fp = _fingerprint(cfg, model, names, files)
         if path.exists() and not cfg.overwrite:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("settings") == fp and not old.get("n_failed"):  # failed judgments are asked again
+            if old.get("settings") == fp and not _judgments_to_retry(old, cfg.judge_retry_failed):
                 log.info("%s: %s exists with the same settings; reusing it (overwrite=True to redo)", task, path)
                 results[task] = old
                 continue
+        todo.append((task, fp))
+    judged = [t for t, _ in todo if t in ("mtbench", "alpacaeval")]
+    judge = make_judge(cfg, out) if judged else None
+    if judge is not None:  # a judge that cannot work fails here, in one line, before any answer is generated
+        from sftmix.eval import annotators
+        from sftmix.judge import preflight_item
+
+        for task in judged:
+            name = annotators.resolve(cfg.alpacaeval_annotator) if task == "alpacaeval" else "sftmix"
+            if name == "sftmix":
+                judge.preflight(*preflight_item(task, cfg.judge_prompt_dir, mt and mt["templates"]))
+            else:  # alpaca_eval's own annotator, through the same endpoint
+                judge.preflight_annotator(name, annotators.uses_logprobs(name))
+    for task, fp in todo:
+        path = out / f"{task}.json"
         t0 = time.perf_counter()
         if task == "heldout":
             from sftmix.data import ensure_chat_template, load_records
@@ -178,8 +201,10 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
             from sftmix.data import ensure_chat_template
 
             ensure_chat_template(tokenizer, cfg.chat_template)
-            fn = eval_mt_bench if task == "mtbench" else eval_alpaca_eval
-            metrics = fn(model, tokenizer, getattr(cfg, f"{task}_file"), judge, cfg, out)
+            if task == "mtbench":
+                metrics = eval_mt_bench(model, tokenizer, cfg.mtbench_file, judge, cfg, out, fp, mt)
+            else:
+                metrics = eval_alpaca_eval(model, tokenizer, cfg.alpacaeval_file, judge, cfg, out, fp)
         metrics["seconds"] = time.perf_counter() - t0
         metrics["settings"] = fp
         atomic_write_json(path, metrics)
@@ -188,13 +213,22 @@ def run_eval(model, tokenizer, eval_config: EvalConfig, output_dir: str | os.Pat
     return results
 
 
+def _judgments_to_retry(stored: dict, retry_failed: bool) -> int:
+    """Failed judgments a stored judged result should ask again: the transient ones (a result written before
+    failures had kinds counts every failure as one), every failure with judge_retry_failed."""
+    if retry_failed:
+        return stored.get("n_failed") or 0
+    return stored.get("n_failed_retryable", stored.get("n_failed")) or 0
+
+
 def mc_rounds(cfg: EvalConfig) -> int:
     """The rounds of the multiple-choice tasks: eval_rounds, else 3 under mc_protocol=biomistral (the paper's
     three few-shot sets), else 1."""
     n = cfg.eval_rounds if cfg.eval_rounds is not None else 3 if cfg.mc_protocol == "biomistral" else 1
     if n < 1:
         raise SFTMixError(f"eval_rounds={n}: at least one round is needed; set eval_rounds to 1 or more")
-    if n > 1 and cfg.mc_protocol != "biomistral":
+    has_mc = any(getattr(cfg, f"{t}_file") for t in MC_TASKS)  # eval_rounds may be for MT-Bench / AlpacaEval only
+    if n > 1 and cfg.mc_protocol != "biomistral" and has_mc:
         raise SFTMixError(f"eval_rounds={n} with mc_protocol=lm-eval: its shots are fixed, so every round would be "
                           f"the same; set eval_rounds 1 or mc_protocol biomistral")
     return n

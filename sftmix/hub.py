@@ -33,7 +33,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst", ".yaml", ".yml")
 # small files to resolve a revision with: a model's config.json; a dataset's card, else .gitattributes (which every
 # Hub repo gets in its first commit; the medalpaca sets, e.g., are one JSON file and no card)
-PROBES = {"model": ("config.json",), "dataset": ("README.md", ".gitattributes")}
+PROBES = {"model": ("config.json",), "dataset": ("README.md", ".gitattributes"), "space": (".gitattributes",)}
 
 
 def is_hub_id(spec, repo_type: str = "model") -> bool:
@@ -64,18 +64,18 @@ def is_offline() -> bool:
 
 
 def _what(repo_id: str, repo_type: str) -> str:
-    return f"{'dataset' if repo_type == 'dataset' else 'model'} {repo_id!r}"
+    return f"{repo_type if repo_type in ('dataset', 'space') else 'model'} {repo_id!r}"
 
 
 def _download_cmd(repo_id: str, repo_type: str, revision: str | None) -> str:
-    cmd = f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+    cmd = f"hf download {repo_id}" + (f" --repo-type {repo_type}" if repo_type in ("dataset", "space") else "")
     return cmd + (f" --revision {revision}" if revision and revision != "main" else "")
 
 
 def _page(repo_id: str, repo_type: str) -> str:
     from huggingface_hub import constants
 
-    return f"{constants.ENDPOINT}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    return f"{constants.ENDPOINT}/{ {'dataset': 'datasets/', 'space': 'spaces/'}.get(repo_type, '')}{repo_id}"
 
 
 @contextlib.contextmanager
@@ -198,6 +198,19 @@ def repo_files(repo_id: str, sha: str, folder: str, repo_type: str = "model") ->
 
     with hub_errors(repo_id, repo_type, sha):
         return list(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=sha))
+
+
+def download_file(repo_id: str, filename: str, repo_type: str = "dataset", revision: str | None = None
+                  ) -> tuple[str, str]:
+    """(local path, commit sha) of one file of a Hub repo (a dataset or a Space holding data files), at the resolved
+    sha of `revision`; offline, from the cache. Errors: see `hub_errors`."""
+    from huggingface_hub import hf_hub_download
+
+    sha, _ = resolve_revision(repo_id, repo_type, revision)
+    with hub_errors(repo_id, repo_type, revision):
+        path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=sha, cache_dir=hub_cache_dir(),
+                               local_files_only=is_offline())
+    return path, sha
 
 
 def load_hub_dataset(repo_id: str, config: str | None = None, split: str = "train", revision: str | None = None):

@@ -331,7 +331,7 @@ def _eval_inputs(cfg, name: str, spec: str, ecfg) -> dict:
         out = {f"weights of {_rel(cfg, spec)}": fp.digest(spec) if os.path.isdir(spec) else None}
     for f in dataclasses.fields(ecfg):
         value = getattr(ecfg, f.name)
-        if f.name in ("overwrite", "judge_api_key", "judge_cache_file"):
+        if f.name in ("overwrite", "judge_api_key", "judge_cache_file", "judge_retry_failed"):
             continue
         if f.name.endswith("_file") and value and os.path.isfile(value):
             out[f"{f.name} {_rel(cfg, value)}"] = fp.digest(value)
@@ -341,7 +341,7 @@ def _eval_inputs(cfg, name: str, spec: str, ecfg) -> dict:
     return out
 
 
-def _failed_judgments(marker: Path) -> str | None:
+def _failed_judgments(marker: Path, retry_failed: bool = False) -> str | None:
     """A reason to rerun an evaluation whose judge failed on some requests (successful judgments are cached)."""
     if not marker.exists():
         return None
@@ -349,7 +349,11 @@ def _failed_judgments(marker: Path) -> str | None:
         results = json.loads(marker.read_text(encoding="utf-8")).get("results") or {}
     except (OSError, ValueError):
         return None
-    failed = {t: m.get("n_failed") for t, m in results.items() if isinstance(m, dict) and m.get("n_failed")}
+    # deterministic failures stay failed (judge_retry_failed asks them again, sftmix.judge): only the transient ones
+    # (or every one, in a result written before failures had kinds) make the evaluation run again
+    from sftmix.evaluate import _judgments_to_retry
+
+    failed = {t: n for t, m in results.items() if isinstance(m, dict) and (n := _judgments_to_retry(m, retry_failed))}
     if not failed:
         return None
     return "judgments failed in " + ", ".join(f"{t} ({n})" for t, n in failed.items()) + ": retrying them"
@@ -811,7 +815,7 @@ def stage_eval(cfg) -> None:
     for name, spec in eval_targets(cfg):
         marker = cfg.run_dir / "eval" / f"{name}.json"
         _fresh(cfg, f"eval:{name}", marker, _eval_inputs(cfg, name, spec, ecfg), [marker],
-               force_reason=_failed_judgments(marker))
+               force_reason=_failed_judgments(marker, ecfg.judge_retry_failed))
         with _stage(cfg, f"eval:{name}", marker) as todo:
             if not todo or not state.is_main_process:
                 continue

@@ -112,6 +112,7 @@ def collect(cfg) -> dict:
     summary["models"] = models
     summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
     summary["medical"] = medical_table(models)
+    summary["instruction"] = instruction_table(models)
     summary["timings"] = _json(d / "timings.json") or {}
     summary.update(collect_curves_and_answers(cfg))
     return summary
@@ -203,6 +204,44 @@ def medical_table(models: dict) -> dict | None:
         rows.append({"model": name, "label": m["label"], "cells": cells, "average": average})
     n_rounds = sorted({len(c["values"]) for r in rows for c in r["cells"].values() if c})
     return {"tasks": tasks, "rows": rows, "n": n, "protocols": sorted(protocols), "n_rounds": n_rounds}
+
+
+INSTRUCTION_COLUMNS = (("mtbench", "score", "MT-Bench overall"), ("mtbench", "score_turn1", "single-turn"),
+                       ("mtbench", "score_turn2", "multi-turn"), ("alpacaeval", "win_rate", "AlpacaEval 2 WR (%)"),
+                       ("alpacaeval", "lc_win_rate", "LC WR (%)"))
+
+
+def instruction_table(models: dict) -> dict | None:
+    """The paper's Table 1: per model, MT-Bench overall / single-turn / multi-turn (1-10) and AlpacaEval 2's win
+    rate and length-controlled win rate, each as mean and sd over the evaluation rounds with every round's value;
+    n, rounds, judge and protocol per evaluation. None when neither was evaluated."""
+    from sftmix.eval.rounds import summarize
+
+    tasks = [t for t in ("mtbench", "alpacaeval") if any(t in (m.get("eval") or {}) for m in models.values())]
+    if not tasks:
+        return None
+    rows, info = [], {}
+    for name, m in models.items():
+        ev = m.get("eval") or {}
+        cells = {}
+        for task, key, _ in INSTRUCTION_COLUMNS:
+            r = ev.get(task)
+            if task not in tasks:
+                continue
+            vals = (r or {}).get({"score": "scores", "win_rate": "win_rates", "lc_win_rate": "lc_win_rates"}.get(
+                key, f"scores_{key.rsplit('_', 1)[-1]}")) if isinstance(r, dict) else None
+            if not vals and isinstance(r, dict) and isinstance(r.get(key), (int, float)):
+                vals = [r[key]]  # a result written before rounds: one value
+            cells[f"{task}_{key}"] = summarize(vals) if vals else None
+            if isinstance(r, dict) and task not in info:
+                rounds = r.get("n_rounds") or 1
+                n = r.get("n_questions") if task == "mtbench" else (r.get("n") or 0) // rounds
+                n_valid, n_all = sample_size(r)
+                info[task] = {"n": n, "n_rounds": rounds, "judge": r.get("judge_model"), "protocol": r.get("protocol"),
+                              "valid": [n_valid, n_all], "lc_method": r.get("lc_method"),
+                              "answers_from": r.get("answers_from", "local model")}
+        rows.append({"model": name, "label": m["label"], "cells": cells})
+    return {"tasks": tasks, "rows": rows, "info": info}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,6 +393,28 @@ def _medical_section(med: dict) -> tuple[str, str, list]:
     return ("Medical QA (the paper's Table 2)", text, [("table", (header, body))])
 
 
+def _instruction_section(t: dict) -> tuple[str, str, list]:
+    def pm(c, key):
+        if not c:
+            return "–"
+        k = 100 if key in ("win_rate", "lc_win_rate") else 1
+        return f"{k * c['mean']:.2f} ± {k * c['sd']:.2f}"
+
+    cols = [(task, key, label) for task, key, label in INSTRUCTION_COLUMNS if task in t["tasks"]]
+    header = ["model"] + [f"{label} (n={t['info'].get(task, {}).get('n', '?')})" for task, key, label in cols]
+    body = [[r["label"]] + [pm(r["cells"].get(f"{task}_{key}"), key) for task, key, _ in cols] for r in t["rows"]]
+    parts = []
+    for task, what in (("mtbench", "MT-Bench"), ("alpacaeval", "AlpacaEval 2")):
+        i = t["info"].get(task)
+        if i:
+            parts.append(f"{what}: {i['n_rounds']} round(s), answers from the {i['answers_from']}, judge "
+                         f"`{i['judge']}`, {i['valid'][0]}/{i['valid'][1]} valid judgments (first model), protocol: "
+                         f"{i['protocol']}")
+    text = ("Mean ± sd over the rounds (population sd; one round: ± 0.00); MT-Bench scores 1-10 (single-turn: turn 1, "
+            "multi-turn: turn 2), AlpacaEval 2 win rates in % against the reference outputs. " + "; ".join(parts) + ".")
+    return ("Instruction following (the paper's Table 1)", text, [("table", (header, body))])
+
+
 def _md_table(header, body) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731  (a line break inside a cell)
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
@@ -383,6 +444,8 @@ def _sections(summary) -> list[tuple[str, str, list]]:
     note = (f"Lower is better. Best held-out NLL: **{best['label']}**. NLL is the token-weighted mean response NLL "
             f"of the held-out examples, PPL = exp(NLL).") if best else "No evaluation yet (run `sftmix eval`)."
     out.append(("NTP vs SFTMix on the held-out examples", note, [("table", (header, body))]))
+    if summary.get("instruction"):  # the paper's Table 1, then its Table 2
+        out.append(_instruction_section(summary["instruction"]))
     med = summary.get("medical")
     if med:
         out.append(_medical_section(med))

@@ -285,11 +285,10 @@ def check_eval_files(cfg) -> None:
                 _loaded(setting, f, lambda p: tasks.load_mc(task, p, ecfg))
     judged = [t for t in ("mtbench", "alpacaeval") if getattr(ecfg, f"{t}_file")]
     if ecfg.mtbench_file:
-        _loaded("mtbench_file", ecfg.mtbench_file, tasks.load_mt_bench)
+        _loaded("mtbench_file", ecfg.mtbench_file, lambda p: tasks.load_mt_bench_set(
+            p, ecfg.mtbench_reference_file, ecfg.mtbench_judge_prompts_file))  # FastChat's three files
     if ecfg.alpacaeval_file:
-        for i, r in enumerate(_loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks._read_rows)):
-            for k in ("instruction", "output"):
-                tasks._need(r, k, ecfg.alpacaeval_file, f"{i + 1}")
+        _loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks.load_alpaca_eval)  # a file, or AlpacaEval 2 by id
     if judged:
         from sftmix.judge import load_prompt
 
@@ -300,8 +299,7 @@ def check_eval_files(cfg) -> None:
         if not str(ecfg.judge_base_url).startswith(("http://", "https://")):
             raise SFTMixError(f"judge_base_url={ecfg.judge_base_url!r} is not an http(s) URL; e.g. "
                               f"http://127.0.0.1:8000/v1.")
-        names = ["system"] + (["single_turn1", "single_turn2", "single_turn1_ref", "single_turn2_ref"]
-                              if ecfg.mtbench_file else []) + (["pairwise"] if ecfg.alpacaeval_file else [])
+        names = ["system", "pairwise"] if ecfg.alpacaeval_file else []  # MT-Bench: FastChat's templates, above
         for name in names:
             load_prompt(name, ecfg.judge_prompt_dir)
 

@@ -4,6 +4,7 @@
     with HubStub() as hub:                                      # http://127.0.0.1:<free port>, a thread
         hub.add_repo("org/tiny-model", folder)                  # a model repo from a local folder (save_pretrained)
         hub.add_repo("org/alpaca", data_folder, repo_type="dataset")
+        hub.add_repo("lmsys/mt-bench", write_mt_bench(folder), repo_type="space")   # FastChat's data/ layout
         hub.add_repo("org/gated", folder, gated=True)           # 401 without a token, 403 with a wrong one
         env = hub.env(tmp_path / "hf_home")                     # HF_ENDPOINT, HF_HOME, telemetry off, ...
         hub.downloads()                                         # [(repo_type, repo_id, file)] fetched by GET so far
@@ -144,11 +145,11 @@ class HubStub:
             body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         parts = [p for p in url.path.split("/") if p]
         try:
-            if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+            if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets", "spaces"):
                 return self._api(h, method, parts[1][:-1], parts[2:], parse_qs(url.query), body)
             repo_type = "model"
-            if parts[:1] == ["datasets"]:
-                repo_type, parts = "dataset", parts[1:]
+            if parts[:1] in (["datasets"], ["spaces"]):
+                repo_type, parts = parts[0][:-1], parts[1:]
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self._resolve(h, method, repo_type, "/".join(parts[:2]), unquote(parts[3]),
                                      unquote("/".join(parts[4:])))
@@ -321,3 +322,93 @@ def add_medical_sets(hub: HubStub, root, n_test: int = 6, n_train: int = 6) -> d
             "fzkuji/MedQA": hub.add_repo("fzkuji/MedQA", root / "MedQA5", repo_type="dataset"),
             "openlifescienceai/medmcqa": hub.add_repo("openlifescienceai/medmcqa", root / "medmcqa",
                                                       repo_type="dataset")}
+
+
+# ------------------------------------------------------------------------------------------------------ MT-Bench
+
+# Synthetic stand-ins in FastChat's MT-Bench layout and formats (data/mt_bench/question.jsonl,
+# data/mt_bench/reference_answer/gpt-4.jsonl, data/judge_prompts.jsonl): the texts are ours, the fields, template
+# names and placeholders are FastChat's. 131 (extraction) carries a short `reference` as the real question.jsonl does
+# for some non-reference categories: FastChat never shows it to the judge.
+MT_QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a travel note about an island.", "Now in one line."]},
+    {"question_id": 101, "category": "reasoning", "turns": ["You pass the second runner. Your place?",
+                                                            "And if you pass the last one?"]},
+    {"question_id": 111, "category": "math", "turns": ["What is 3 * 7?", "And 21 / 3?"]},
+    {"question_id": 131, "category": "extraction", "turns": ["Rate these reviews 1-5.", "Add the years."],
+     "reference": ["[5, 1, 3]"]},
+    {"question_id": 151, "category": "stem", "turns": ["Explain inflation briefly.", "For a child."]},
+]
+MT_REFERENCES = {101: ["Second.", "That is impossible."], 111: ["21", "7"]}
+MT_TEMPLATES = [
+    {"name": "single-v1", "type": "single", "system_prompt": "You are a grader.",
+     "prompt_template": "[Instruction]\nRate 1-10 as \"[[rating]]\".\n\n[Question]\n{question}\n\n"
+                        "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+     "description": "general", "category": "general", "output_format": "[[rating]]"},
+    {"name": "single-math-v1", "type": "single", "system_prompt": "You are a grader.",
+     "prompt_template": "[Instruction]\nCompare with the reference, rate as \"[[rating]]\".\n\n[Question]\n"
+                        "{question}\n\n[The Start of Reference Answer]\n{ref_answer_1}\n[The End of Reference "
+                        "Answer]\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+     "description": "math", "category": "math", "output_format": "[[rating]]"},
+    {"name": "single-v1-multi-turn", "type": "single",
+     "system_prompt": "Grade the second answer 1-10 as \"[[rating]]\".\n\n",
+     "prompt_template": "<|Conversation|>\n\n### User:\n{question_1}\n\n### Assistant A:\n{answer_1}\n\n"
+                        "### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n<|End|>",
+     "description": "general", "category": "general", "output_format": "[[rating]]"},
+    {"name": "single-math-v1-multi-turn", "type": "single",
+     "system_prompt": "Grade the second answer against the reference as \"[[rating]]\".\n\n",
+     "prompt_template": "<|Reference|>\n\n### User:\n{question_1}\n\n### Reference answer:\n{ref_answer_1}\n\n"
+                        "### User:\n{question_2}\n\n### Reference answer:\n{ref_answer_2}\n\n<|End|>\n\n\n"
+                        "<|Conversation|>\n\n### User:\n{question_1}\n\n### Assistant A:\n{answer_1}\n\n"
+                        "### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n<|End|>",
+     "description": "math", "category": "math", "output_format": "[[rating]]"},
+    {"name": "pair-v2", "type": "pairwise", "system_prompt": "Pick one.", "prompt_template": "{question}",
+     "description": "unused here", "category": "general", "output_format": "[[A]]"},
+]
+
+
+def write_mt_bench(root) -> Path:
+    """FastChat's MT-Bench data/ layout under root (the Space lmsys/mt-bench, or a local FastChat checkout):
+    returns root; the question file is root/data/mt_bench/question.jsonl."""
+    root = Path(root)
+    (root / "data" / "mt_bench" / "reference_answer").mkdir(parents=True, exist_ok=True)
+
+    def jsonl(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl(root / "data" / "mt_bench" / "question.jsonl", MT_QUESTIONS)
+    jsonl(root / "data" / "mt_bench" / "reference_answer" / "gpt-4.jsonl",
+          [{"question_id": q, "answer_id": f"ref{q}", "model_id": "gpt-4", "choices": [{"index": 0, "turns": t}],
+            "tstamp": 0.0} for q, t in MT_REFERENCES.items()])
+    jsonl(root / "data" / "judge_prompts.jsonl", MT_TEMPLATES)
+    (root / ".gitattributes").write_text("*.jsonl text\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- AlpacaEval
+
+def write_alpaca_eval(root, n: int = 12) -> Path:
+    """tatsu-lab/alpaca_eval's raw files that sftmix and alpaca_eval 0.6.6 fetch, synthetic and small:
+    alpaca_eval_gpt4_baseline.json (AlpacaEval 2's instructions with the reference outputs: {dataset, instruction,
+    output, generator}) and df_gamed.csv (the annotations of the two length-gamed baselines and each instruction's
+    difficulty, which alpaca_eval's length_controlled_v1 regularises toward: model, index, preference, std_delta_len,
+    instruction_difficulty, not_gamed_baseline)."""
+    import random
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue", "green", "small"]
+    rows = [{"dataset": "helpful_base", "instruction": f"Say something about the {words[i % 12]} number {i}.",
+             "output": f"The {words[i % 12]} {i} " + "is fine. " * (1 + i % 5), "generator": "gpt4_1106_preview"}
+            for i in range(n)]
+    (root / "alpaca_eval_gpt4_baseline.json").write_text(json.dumps(rows, indent=1))
+    rng = random.Random(0)
+    lines = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    for model, sign in (("gamed_verbose", 1), ("gamed_concise", -1)):
+        for i in range(n):
+            d = sign * rng.uniform(0.2, 2.0)
+            lines.append(f"{model},{i},{1 + (rng.random() < 0.5 + 0.2 * sign):.1f},{d:.4f},"
+                         f"{(i % 5 - 2) / 2:.2f},False")
+    (root / "df_gamed.csv").write_text("\n".join(lines) + "\n")
+    (root / "README.md").write_text("# alpaca_eval (stand-in)\n")
+    return root

@@ -421,7 +421,7 @@ def test_a_truncated_model_file_is_one_line_naming_it(tmp_path, capsys):
     assert code == 2 and f"{weights} is truncated" in err and "Traceback" not in err, err[-2000:]
 
 
-def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, capsys):
+def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, capsys, monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -434,8 +434,9 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             state["calls"] += 1
-            if state["fail"] and state["calls"] % 12:  # 11 of every 12 requests fail
-                self.send_response(400)
+            # the pre-flight request (the first) passes, then 11 of every 12 fail, transiently (a judge overloaded)
+            if state["fail"] and state["calls"] % 12 != 1:
+                self.send_response(503)
                 self.end_headers()
                 return
             body = json.dumps({"choices": [{"message": {"content": "A is better. [[A]]"}}]}).encode()
@@ -446,6 +447,8 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    # the LC win rate is not this test's subject: with alpaca_eval installed it would fetch its data from the Hub
+    monkeypatch.setattr("sftmix.judge.length_controlled", lambda ok: (None, "not computed in this test", "none"))
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": f"say {w}", "output": f"{w} {w}"} for w in
                                   ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue",
@@ -453,7 +456,7 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     out = tmp_path / "run"
     judge = ["--alpacaeval_file", alpaca, "--judge_model", "stub", "--judge_max_retries", "0",
              "--judge_base_url", f"http://127.0.0.1:{srv.server_address[1]}/v1", "--max_new_tokens", "4",
-             "--judge_concurrency", "1"]
+             "--judge_concurrency", "1", "--eval_rounds", "1", "--alpacaeval_annotator", "sftmix"]
     try:
         run_tiny(capsys, out, *judge)
         md = (out / "report.md").read_text()

@@ -83,3 +83,43 @@ def heldout_answers(model, tokenizer, records: list[dict], n: int = 8, max_new_t
     return {"n": len(items), "n_heldout": len(records),
             "sample": "the first n held-out records by guid, distinct prompts", "decoding": "greedy",
             "max_new_tokens": max_new_tokens, "n_cut": sum(not a["finished"] for a in items), "items": items}
+
+
+def generate_via_server(base_url: str, model: str, conversations: list[list[dict]], max_new_tokens: int = 1024,
+                        do_sample: bool = False, temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
+                        api_key: str | None = None, concurrency: int = 4, timeout: float = 600.0) -> list[dict]:
+    """The same answers from an OpenAI-compatible server serving the model under test (vLLM, `transformers serve`):
+    POST {base_url}/chat/completions per conversation with the same settings (greedy = temperature 0; the server
+    applies the model's chat template); {"text", "n_tokens", "finished"} as `generate` returns. A request that fails
+    raises SFTMixError in one line (an answer is never silently missing)."""
+    import json
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sftmix.utils import SFTMixError
+
+    url = base_url.rstrip("/")
+    url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def one(conv):
+        body = {"model": model, "messages": conv, "max_tokens": max_new_tokens,
+                "temperature": temperature if do_sample else 0.0, "top_p": top_p if do_sample else 1.0, "seed": seed}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                choice = json.loads(resp.read())["choices"][0]
+        except urllib.error.HTTPError as e:
+            raise SFTMixError(f"generation_base_url={base_url}: generation_model={model!r}: HTTP {e.code}: "
+                              f"{e.read()[:200].decode('utf-8', 'replace')}; check the server and the model name")
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise SFTMixError(f"generation_base_url={base_url}: no answer ({type(e).__name__}: {e}); check that the "
+                              f"server is running") from None
+        text = choice["message"]["content"] or ""
+        usage = choice.get("usage") or {}
+        return {"text": text.strip(), "n_tokens": usage.get("completion_tokens", len(text.split())),
+                "finished": choice.get("finish_reason") != "length"}
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        return list(pool.map(one, conversations))

@@ -274,7 +274,61 @@ def build_prompt(item: MCItem, shots: list[MCItem], tokenizer=None, chat: bool =
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), list(item.choices)
 
 
+# MT-Bench as FastChat runs it (lm-sys/FastChat, fastchat/llm_judge; fschat 0.2.36): its data/ layout, the
+# categories graded against GPT-4's reference answers (common.NEED_REF_CATS) and the sampling temperature of each
+# category's answers (common.temperature_config; gen_model_answer.py: 0.7 for any other, greedy below 1e-4).
+MTBENCH_HUB_ID = "lmsys/mt-bench"  # the Space of FastChat's MT-Bench: its data/ folder in FastChat's layout
+MTBENCH_LAYOUT = {"questions": "data/mt_bench/question.jsonl",
+                  "references": "data/mt_bench/reference_answer/gpt-4.jsonl",
+                  "judge_prompts": "data/judge_prompts.jsonl"}
+NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
+FASTCHAT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+FASTCHAT_DEFAULT_TEMPERATURE = 0.7
+FASTCHAT_JUDGE_TEMPLATES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
+
+
+def _mt_bench_hub(spec: str) -> tuple[str, str] | None:
+    """(repo id, repo type) when `spec` names a Hub repo in FastChat's data/ layout: `spaces/ORG/NAME`,
+    `datasets/ORG/NAME`, or `ORG/NAME` (a Space, as lmsys/mt-bench is) that is not a local path."""
+    from sftmix.hub import is_hub_id
+
+    if Path(spec).exists():
+        return None
+    kind, _, rest = str(spec).partition("/")
+    if kind in ("spaces", "datasets") and is_hub_id(rest, "dataset"):
+        return rest, kind[:-1]
+    return (spec, "space") if is_hub_id(spec, "dataset") else None
+
+
+def mt_bench_files(spec: str, references: str | None = None, judge_prompts: str | None = None) -> dict:
+    """The three files of MT-Bench: {"questions", "references", "judge_prompts", "source"}. A Hub repo gives all three
+    (FastChat's data/ layout, MTBENCH_LAYOUT); a local question.jsonl finds the other two where FastChat keeps them
+    (reference_answer/gpt-4.jsonl beside it, ../judge_prompts.jsonl), unless given. Missing ones are None."""
+    hub = _mt_bench_hub(spec)
+    if hub is not None:
+        from sftmix.hub import download_file
+
+        repo_id, repo_type = hub
+        got = {k: download_file(repo_id, f, repo_type) for k, f in MTBENCH_LAYOUT.items()}
+        files = {k: v[0] for k, v in got.items()}
+        source = {"id": repo_id, "repo_type": repo_type, "sha": got["questions"][1], "files": MTBENCH_LAYOUT}
+        HUB_EVAL_SOURCES[str(spec)] = source
+    else:
+        q = Path(spec)
+        files = {"questions": str(q), "references": str(q.parent / "reference_answer" / "gpt-4.jsonl"),
+                 "judge_prompts": str(q.parent.parent / "judge_prompts.jsonl")}
+        files = {k: v if Path(v).is_file() else None for k, v in files.items()}
+        files["questions"], source = str(q), None
+    files.update({k: v for k, v in (("references", references), ("judge_prompts", judge_prompts)) if v})
+    return {**files, "source": source}
+
+
 def load_mt_bench(path: str) -> list[dict]:
+    """MT-Bench questions (FastChat's question.jsonl: {question_id, category, turns, reference?}), a file or a Hub
+    repo in FastChat's layout."""
+    if _mt_bench_hub(path) is not None:
+        path = mt_bench_files(path)["questions"]
     qs = _read_rows(path)
     for i, q in enumerate(qs):
         turns = q.get("turns")
@@ -283,6 +337,71 @@ def load_mt_bench(path: str) -> list[dict]:
             raise SFTMixError(f"{path}: line {i + 1}: expected {{question_id, turns: [1 or 2 non-empty strings]}}; "
                               f"fix that record")
     return qs
+
+
+def load_mt_bench_set(spec: str, references: str | None = None, judge_prompts: str | None = None) -> dict:
+    """Everything FastChat's single-answer grading reads: {"questions", "references": {question_id: [turn answers]}
+    (GPT-4's, for NEED_REF_CATS only), "templates": {name: {system_prompt, prompt_template, output_format}},
+    "files", "source"}. Errors name the setting and the fix."""
+    files = mt_bench_files(spec, references, judge_prompts)
+    qs = load_mt_bench(files["questions"])
+    if not files["judge_prompts"]:
+        raise SFTMixError(f"mtbench_file={spec}: FastChat's judge prompts (judge_prompts.jsonl) are not beside it "
+                          f"(../judge_prompts.jsonl); set mtbench_judge_prompts_file to FastChat's "
+                          f"fastchat/llm_judge/data/judge_prompts.jsonl, or use mtbench_file {MTBENCH_HUB_ID}")
+    templates = {r.get("name"): r for r in _read_rows(files["judge_prompts"])}
+    for name in FASTCHAT_JUDGE_TEMPLATES:
+        t = templates.get(name)
+        if not t or not isinstance(t.get("prompt_template"), str) or not isinstance(t.get("system_prompt"), str):
+            raise SFTMixError(f"{files['judge_prompts']}: no judge template {name!r} with system_prompt and "
+                              f"prompt_template; use FastChat's fastchat/llm_judge/data/judge_prompts.jsonl")
+    refs: dict = {}
+    if files["references"]:
+        for i, r in enumerate(_read_rows(files["references"])):
+            try:
+                refs[r["question_id"]] = list(r["choices"][0]["turns"])
+            except (KeyError, IndexError, TypeError):
+                raise SFTMixError(f"{files['references']}: line {i + 1}: expected FastChat's answer layout "
+                                  f"{{question_id, choices: [{{turns: [...]}}]}}; fix that record") from None
+    need = [q for q in qs if q.get("category") in NEED_REF_CATS]
+    missing = [q["question_id"] for q in need if len(refs.get(q["question_id"]) or []) < len(q["turns"])]
+    if missing:
+        where = files["references"] or "no reference file found (reference_answer/gpt-4.jsonl beside it)"
+        raise SFTMixError(f"mtbench_file={spec}: questions {missing[:5]} of a reference-graded category "
+                          f"({', '.join(NEED_REF_CATS)}) have no GPT-4 reference answer for every turn in {where}; "
+                          f"set mtbench_reference_file to FastChat's reference_answer/gpt-4.jsonl")
+    return {"questions": qs, "references": {q["question_id"]: refs[q["question_id"]] for q in need},
+            "templates": {n: templates[n] for n in FASTCHAT_JUDGE_TEMPLATES}, "files": files,
+            "source": files["source"]}
+
+
+# AlpacaEval 2 (alpaca_eval 0.6.6): the 805 instructions with GPT-4 Turbo's outputs, the reference of its win rates, as
+# a raw file of the Hub dataset tatsu-lab/alpaca_eval (whose loading script datasets 5 refuses; its split is `eval`)
+ALPACAEVAL_HUB_ID = "tatsu-lab/alpaca_eval"
+ALPACAEVAL_2_FILE = "alpaca_eval_gpt4_baseline.json"
+
+
+def load_alpaca_eval(path: str) -> list[dict]:
+    """AlpacaEval rows {instruction, output (the reference), ...}: a local JSON/JSONL file, or by Hub id
+    (tatsu-lab/alpaca_eval: AlpacaEval 2's alpaca_eval_gpt4_baseline.json)."""
+    from sftmix.hub import is_hub_id
+
+    if not Path(path).exists() and is_hub_id(path, "dataset"):
+        from sftmix.hub import download_file
+
+        local, sha = download_file(path, ALPACAEVAL_2_FILE, "dataset")
+        HUB_EVAL_SOURCES[str(path)] = {"id": path, "file": ALPACAEVAL_2_FILE, "sha": sha}
+        path = local
+    rows = _read_rows(path)
+    for i, r in enumerate(rows):
+        for k in ("instruction", "output"):
+            _need(r, k, path, f"{i + 1}")
+    return rows
+
+
+def mt_bench_temperature(category: str | None) -> float:
+    """FastChat's sampling temperature for a category's answers (gen_model_answer.py)."""
+    return FASTCHAT_TEMPERATURES.get(category, FASTCHAT_DEFAULT_TEMPERATURE)
 
 
 # --------------------------------------------------------------------------------------------- biomistral protocol
