@@ -244,12 +244,7 @@ def split_shots(eval_items: list[MCItem], pool: list[MCItem] | None, k: int) -> 
         chosen = {it.id for it in shots}
         evaluated = [it for it in eval_items if it.id not in chosen]
     else:
-        ids, texts = {it.id for it in eval_items}, {it.content_key for it in eval_items}
-        clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
-        info["n_pool_overlap"] = len(pool) - len(clean)
-        if info["n_pool_overlap"]:
-            log.warning("%d shot-pool questions also occur in the evaluated file; they are not used as shots",
-                        info["n_pool_overlap"])
+        clean = _pool_without(pool, eval_items, info, "file")
         if len(clean) < k:
             raise SFTMixError(f"the shots file has {len(clean)} usable questions, fewer than num_shots={k}")
         shots, evaluated = pick_shots(clean, k), list(eval_items)
@@ -488,12 +483,18 @@ def load_biomistral_sets(task: str, eval_file: str, shots_file: str | None,
     if pool is None:  # a local file and no shots file: each question's shots are the file's other questions
         pool, info["shots_from"] = list(items), "the evaluated file's other questions (leave one out)"
     else:  # a separate pool: nothing in it may also be evaluated
-        ids, texts = {it.id for it in items}, {it.content_key for it in items}
-        clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
-        info["n_pool_overlap"] = len(pool) - len(clean)
-        if info["n_pool_overlap"]:
-            log.warning("%d shot-pool questions also occur in the evaluated set; they are not used as shots",
-                        info["n_pool_overlap"])
-        pool = clean
+        pool = _pool_without(pool, items, info, "set")
     info["n_pool"] = len(pool)
     return items, pool, info
+
+
+def _pool_without(pool, evaluated, info: dict, what: str) -> list:
+    """The shot pool without any question that is also evaluated (by id or by content): a shot must never be a
+    question under test. Counts the dropped ones in info["n_pool_overlap"] and says so."""
+    ids, texts = {it.id for it in evaluated}, {it.content_key for it in evaluated}
+    clean = [it for it in pool if it.id not in ids and it.content_key not in texts]
+    info["n_pool_overlap"] = len(pool) - len(clean)
+    if info["n_pool_overlap"]:
+        log.warning("%d shot-pool questions also occur in the evaluated %s; they are not used as shots",
+                    info["n_pool_overlap"], what)
+    return clean
