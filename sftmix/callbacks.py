@@ -36,7 +36,13 @@ import numpy as np
 from transformers import TrainerCallback
 
 from sftmix.core import one_run_problem
-from sftmix.dynamics import build_confidence, online_confidence_rows, saved_online_records, scoring_steps
+from sftmix.dynamics import (
+    build_confidence,
+    online_confidence_rows,
+    save_online_records,
+    saved_online_records,
+    scoring_steps,
+)
 from sftmix.scoring import run_scoring
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
@@ -303,11 +309,8 @@ class SelfReferenceCallback(ConfidenceCallback):
             self._save_records_before_checkpoint(state, control)
 
     def _save_records_before_checkpoint(self, state, control):
-        # The Trainer's flow callback (first in the list) has decided whether a checkpoint is saved now: write the
-        # records before it is, so that every checkpoint has the records of the steps it holds.
-        if (control.should_save and state.global_step <= self.ntp_steps and not self.marker.exists()
-                and state.is_world_process_zero):
-            write_jsonl(self.records_path, self.trainer.online_records)
+        if state.global_step <= self.ntp_steps and not self.marker.exists():  # the NTP epochs' records only
+            save_online_records(self.records_path, self.trainer.online_records, state, control)
 
     def self_split(self, guids, write: bool = True) -> np.ndarray:
         """The confident flags of `guids` (the training rows, in order) from the NTP epochs."""

@@ -199,12 +199,9 @@ class CheckpointScoringCallback(TrainerCallback):
         self._save_online_records(state, control, now=True)  # the whole run's, also when no checkpoint was saved
 
     def _save_online_records(self, state, control, now: bool = False):
-        # The Trainer's flow callback (first in the list) has decided whether a checkpoint is saved now: write the
-        # records before it is, so that every checkpoint has the records of the steps it holds (a kill between the
-        # two must not leave a checkpoint without them).
         records = getattr(self.trainer, "online_records", None)
-        if records is not None and (now or control.should_save) and state.is_world_process_zero:
-            write_jsonl(self.dir / "online_records.jsonl", records)
+        if records is not None:
+            save_online_records(self.dir / "online_records.jsonl", records, state, control, now=now)
 
     def _restore_online(self, step: int):
         records = getattr(self.trainer, "online_records", None)
@@ -214,6 +211,15 @@ class CheckpointScoringCallback(TrainerCallback):
                 self.dir / "online_records.jsonl", step,
                 f"delete the reference's checkpoints ({self.dir.parent / 'reference'}) and {self.dir} and train it "
                 f"from the start."))
+
+
+def save_online_records(path, records, state, control, now: bool = False) -> None:
+    """Write the online records (main process) when the Trainer is about to save a checkpoint, or `now`. Called from
+    on_step_end / on_epoch_end, where the Trainer's flow callback (first in the list) has already decided whether a
+    checkpoint is saved: written before it, every checkpoint has the records of the steps it holds (a kill between
+    the two must not leave a checkpoint without them)."""
+    if (now or control.should_save) and state.is_world_process_zero:
+        write_jsonl(path, records)
 
 
 def saved_online_records(path, step: int, fix: str) -> list[dict]:
