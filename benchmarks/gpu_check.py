@@ -38,7 +38,8 @@ there, else synthetic records with Alpaca-like lengths.
    - with Mixup on: one backbone forward per optimizer step (a forward hook counts it; a hook on decoder layer 0
      counts as many calls as in the NTP trainer, so no extra pass through the layers) and the step's loss equal to an
      independent computation (full fp64 logits from the backbone's hidden states: NTP cross-entropy + mu * L_Mixup);
-   - step-1 scoring (sftmix.dynamics.score_examples, batched and padded) equal to a full-logits computation, one
+   - step-1 scoring (sftmix.confidence.reference.score_examples, batched and padded) equal to a full-logits
+   computation, one
      unpadded example at a time;
    - the non-finite guard: a NaN Mixup loss, and a non-finite gradient with a finite loss, each stop training with
      SFTMixError before the update (the weights are bit-identical to the previous step's).
@@ -84,7 +85,7 @@ import perf  # noqa: E402  benchmarks/perf.py: model shapes, data, steps, memory
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from helpers import capture_pairs, naive_mixup_loss  # noqa: E402  tests/helpers.py: the independent Mixup loss
 
-from sftmix import loss as loss_mod  # noqa: E402
+from sftmix.mixup import loss as loss_mod  # noqa: E402
 
 RESULT_KEYS = ("device", "correct", "failures", "step_time_ratio", "peak_memory_ratio",
                "scoring_vs_training_throughput")
@@ -156,7 +157,7 @@ def rel(a, b) -> float:
 def inject_fault(name: str | None) -> float:
     """Apply a deliberate fault (for the test that the checks can fail); returns the tolerance scale."""
     if name == "mixup":
-        import sftmix.trainer
+        import sftmix.mixup.trainer
 
         real = loss_mod.mixup_loss
 
@@ -164,7 +165,7 @@ def inject_fault(name: str | None) -> float:
             return real(*a, **kw) * 1.1
 
         loss_mod.mixup_loss = wrong
-        sftmix.trainer.mixup_loss = wrong
+        sftmix.mixup.trainer.mixup_loss = wrong
     return 0.0 if name == "tolerance" else 1.0
 
 
@@ -247,7 +248,7 @@ class TrainerKit:
         """mixup_weight None: trl.SFTTrainer; else SFTMixTrainer with that weight."""
         from trl import SFTConfig, SFTTrainer
 
-        from sftmix.trainer import SFTMixConfig, SFTMixTrainer
+        from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 
         self.n += 1
         common = dict(output_dir=os.path.join(self.out_dir, f"t{self.n}"), report_to=[], save_strategy="no",
@@ -356,8 +357,8 @@ def check_one_forward_and_loss(checks: Checks, kit: TrainerKit) -> None:
 def check_scoring(checks: Checks, kit: TrainerKit) -> None:
     """score_examples (length-sorted, padded batches, TRL's chunked head) vs one unpadded example at a time with fp64
     full logits from the backbone's hidden states."""
+    from sftmix.confidence.reference import score_examples
     from sftmix.data import tokenize_records
-    from sftmix.dynamics import score_examples
 
     name = "scoring " + ("bf16" if kit.bf16 else "fp32")
     with checks.section(name):
@@ -387,7 +388,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
     """A NaN Mixup loss at step 2, and an inf gradient (finite loss) at step 2: SFTMixError, weights = step 1's."""
     from transformers import TrainerCallback
 
-    import sftmix.trainer
+    import sftmix.mixup.trainer
     from sftmix.utils import SFTMixError
 
     class Snapshot(TrainerCallback):
@@ -403,7 +404,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
             tr = kit.trainer(0.2, max_steps=4)
             snap = Snapshot()
             tr.add_callback(snap)
-            real = sftmix.trainer.mixup_loss
+            real = sftmix.mixup.trainer.mixup_loss
             calls = []
             if case == "NaN Mixup loss":
                 def poisoned(*a, **kw):
@@ -411,7 +412,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
                     value = real(*a, **kw)
                     return value * float("nan") if len(calls) == 2 else value
 
-                sftmix.trainer.mixup_loss = poisoned
+                sftmix.mixup.trainer.mixup_loss = poisoned
                 expected = "non-finite Mixup loss at step 2"
             else:
                 head = tr._causal_lm.get_output_embeddings().weight
@@ -423,7 +424,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
             except SFTMixError as e:
                 err = str(e)
             finally:
-                sftmix.trainer.mixup_loss = real
+                sftmix.mixup.trainer.mixup_loss = real
             checks.expect(f"guard: {case}: stopped", expected in err, err[:200])
             same = snap.weights is not None and all(
                 torch.equal(p.detach(), q) for p, q in zip(tr.model.parameters(), snap.weights))

@@ -9,7 +9,8 @@
 In one process, on one model (one set of weights and one AdamW state, shared) and the same Alpaca batch, interleaved
 repetitions (a, b, c / b, c, a / c, a, b ...) of one optimizer step of
   (a) ntp    trl.SFTTrainer with TRL's defaults (its fused chunked LM head; gradient checkpointing on),
-  (b) sftmix SFTMixTrainer: (a) + mixup_weight * L_Mixup through sftmix.loss.mixup_loss (chunked, fused gradients),
+  (b) sftmix SFTMixTrainer: (a) + mixup_weight * L_Mixup through sftmix.mixup.loss.mixup_loss (chunked, fused
+  gradients),
   (c) naive  SFTMix with full-vocabulary logits: model(...).logits + cross-entropy for the batch, and [N_mix, V]
              logits at once for the mixed states (the reference point a straightforward implementation would be).
 A step = trainer.training_step (each trainer's own compute_loss on a batch from its own collator) + gradient clipping
@@ -23,7 +24,8 @@ memory_allocated (after reset_peak_memory_stats); on CPU, which has no allocator
 of the allocation/free events torch.profiler(profile_memory=True) records in one untimed step: exact for tensor
 memory, blind to allocator caching and fragmentation.
 
-Step 1's scoring throughput is sftmix.scoring.run_scoring (what score_examples runs) on a random sample of the data,
+Step 1's scoring throughput is sftmix.confidence.scoring.run_scoring (what score_examples runs) on a random sample of
+the data,
 in real (non-padding) tokens/s, against (b)'s training throughput in real tokens/s. `padding_fraction` is the padding
 of run_scoring's length-sorted buckets over all the data (step 1 scores the whole training set; the rule is checked
 against run_scoring's own count on the sample, which is reported too). The last stdout line is one JSON object.
@@ -50,9 +52,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, installed or not
 
-from sftmix.core import _StepCapture
-from sftmix.loss import gather_mixup_tokens
-from sftmix.trainer import SFTMixConfig, SFTMixTrainer
+from sftmix.mixup.loss import gather_mixup_tokens
+from sftmix.mixup.mixin import _StepCapture
+from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 from sftmix.utils import atomic_write_json
 
 ALPACA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "alpaca_4500.json")
@@ -79,7 +81,8 @@ SHAPES = {
 
 def naive_batched_mixup_loss(hidden_states, labels, lm_head_weight, pairs, lam):
     """L_Mixup with the [N_mix, V] logits of all mixed tokens held at once (same selection and precision policy as
-    sftmix.loss.mixup_loss: projection in W's dtype, log-softmax in fp32); autograd keeps the logits for backward."""
+    sftmix.mixup.loss.mixup_loss: projection in W's dtype, log-softmax in fp32); autograd keeps the logits for
+    backward."""
     z, y_c, y_u, lam_tok, weight_tok = gather_mixup_tokens(hidden_states, labels, pairs, lam)
     logp = torch.log_softmax((z.to(lm_head_weight.dtype) @ lm_head_weight.t()).float(), dim=-1)
     nll = -(lam_tok * logp.gather(1, y_c[:, None]).squeeze(1) + (1 - lam_tok) * logp.gather(1, y_u[:, None]).squeeze(1))
@@ -327,7 +330,7 @@ def batch_token_counts(batch: dict) -> tuple[int, int, int]:
 
 def scoring_stats(scorer, score_ds, batch_size: int, device) -> dict:
     """run_scoring's stats (tokens/s, padding, ...) on `score_ds`, after a warm-up on its first 4 examples."""
-    from sftmix.scoring import run_scoring
+    from sftmix.confidence.scoring import run_scoring
 
     run_scoring(scorer, score_ds.select(range(min(len(score_ds), 4))), batch_size=batch_size,
                 show_progress=False)  # warm-up
@@ -376,9 +379,9 @@ def step_peak_bytes(v: Variant, device) -> int:
 
 
 def time_mixup_loss(v: Variant, device, reps: int) -> list[float]:
-    """Seconds of sftmix.loss.mixup_loss alone (forward + backward, W trainable as in training) on this batch's last
-    hidden states: the Mixup part of (b), measured without the noise of the whole step."""
-    from sftmix.loss import mixup_loss
+    """Seconds of sftmix.mixup.loss.mixup_loss alone (forward + backward, W trainable as in training) on this batch's
+    last hidden states: the Mixup part of (b), measured without the noise of the whole step."""
+    from sftmix.mixup.loss import mixup_loss
 
     tr, batch = v.trainer, v.batch
     tr.model.eval()

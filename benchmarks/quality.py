@@ -7,7 +7,7 @@
 
 What it runs: SmolLM2-135M-Instruct (`smollm2`) on N examples of ../shared/data/alpaca_4500.json; per seed what
 `sftmix run --config benchmarks/quality.yaml --seed S ...` runs (step 1: reference + confidence at C checkpoints; NTP
-and SFTMix from the same start; the evaluation; the report), stage by stage through sftmix.pipeline so that each
+and SFTMix from the same start; the evaluation; the report), stage by stage through sftmix.run.pipeline so that each
 stage's CPU time is measured, in its own run directory under --work_dir (the results record the equivalent command).
 Rerunning the same command resumes: finished stages are skipped, an interrupted training resumes from its last
 checkpoint.
@@ -23,13 +23,14 @@ checkpoints (--self_num_checkpoints scoring passes)) runs per seed from the same
 differs; the start model's evaluation is reused from the seed's directory). Cost per recipe, end to end, model
 loading included: NTP = its target run; two-run SFTMix = step 1 + its target run; one-run SFTMix = its run; each
 also as a ratio to NTP (wall and CPU).
-Metrics per seed: held-out response NLL (token-weighted; sftmix.evaluate) of the start model, NTP and SFTMix; 3-shot
+Metrics per seed: held-out response NLL (token-weighted; sftmix.eval.evaluate) of the start model, NTP and SFTMix;
+3-shot
 PubMedQA accuracy on the first Q questions of ../shared/data/pubmedqa_pqal_dev500.json (shots: 3 questions of that
 file chosen by id hash and removed from the evaluated set); paired differences SFTMix - NTP per seed, per held-out
 example and per question. Over seeds: mean, sample std, min, max. Plus the paper's §3.2 observation: which kinds of
 instructions step 1 finds most and least confident (a crude category from the instruction's first word).
 The untrained start model is the same for every seed: its evaluation files are copied from the first finished seed
-into the next run directories, where sftmix.evaluate reuses them only if their settings fingerprint matches.
+into the next run directories, where sftmix.eval.evaluate reuses them only if their settings fingerprint matches.
 
 Why these settings: the paper's AdamW / cosine / warm-up 0.1 / weight decay 0.1 / alpha 0.5 / mu 0.2 / C=5 / 3 epochs
 are kept. Its learning rate (2e-6 at batch 32 on 52K examples: ~4900 steps, a summed learning rate of ~5e-3) would
@@ -149,7 +150,7 @@ def parse_args(argv=None):
 
 def _write_if_changed(path: Path, records: list[dict]) -> None:
     """Write JSONL atomically, but leave an identical file alone: its mtime is part of the evaluation's fingerprint
-    (sftmix.evaluate reuses results only for unchanged input files), so rewriting it would redo the evaluation."""
+    (sftmix.eval.evaluate reuses results only for unchanged input files), so rewriting it would redo the evaluation."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
@@ -233,7 +234,7 @@ def without_runtime(overrides: list[str]) -> list[str]:
 
 
 def reuse_start_eval(run_dir: Path, done: list[Path]) -> None:
-    """Copy the start model's per-task evaluation files from a finished seed; sftmix.evaluate reuses them only when
+    """Copy the start model's per-task evaluation files from a finished seed; sftmix.eval.evaluate reuses them only when
     their settings fingerprint (model, files, max_length, shots, ...) equals this run's."""
     target = run_dir / "eval" / "start"
     for src in done:
@@ -248,8 +249,8 @@ def reuse_start_eval(run_dir: Path, done: list[Path]) -> None:
         return
 
 
-# The stages of `sftmix run`, one pipeline command at a time (in this process, through sftmix.pipeline), so that each
-# one's CPU time is measured on its own: on a busy machine the wall time says little, while CPU s / cores estimates
+# The stages of `sftmix run`, one pipeline command at a time (in this process, through sftmix.run.pipeline), so that
+# each one's CPU time is measured on its own: on a busy machine the wall time says little, while CPU s / cores estimates
 # the wall time on a free one.
 STAGE_COMMANDS = (("dynamics", "dynamics", None), ("train:ntp", "train", "ntp"), ("train:sftmix", "train", "sftmix"),
                   ("eval", "eval", None), ("report", "report", None))
@@ -276,7 +277,7 @@ def run_stage(cfg, name: str, command: str, recipe: str | None, costs: dict, cos
     and CPU seconds kept in `costs` (saved to costs_path), so that they survive a resume."""
     import gc
 
-    from sftmix import pipeline
+    from sftmix.run import pipeline
 
     timings_before = _json(cfg.run_dir / "timings.json") or {}
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -398,10 +399,10 @@ def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
 
 def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
     """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
-    and the share of examples the two median splits put on the same side (sftmix.dynamics.compare_online). With
-    online one-run confidence, `raw_online` is the same comparison for the recorded NLL without the step-relative
+    and the share of examples the two median splits put on the same side (sftmix.confidence.reference.compare_online).
+    With online one-run confidence, `raw_online` is the same comparison for the recorded NLL without the step-relative
     correction (what the correction buys)."""
-    from sftmix.dynamics import compare_online, online_confidence
+    from sftmix.confidence.reference import compare_online, online_confidence
 
     a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
     if not (a.exists() and b.exists()):
@@ -615,7 +616,7 @@ def render_markdown(res: dict) -> str:
     cost = res["cost"]
     lines += ["", "## Cost", "",
               f"This invocation: {cost['wall_seconds']:.0f} s wall, {cost['cpu_seconds']:.0f} s CPU. "
-              f"Per pipeline command (sftmix.pipeline.run in this process, model loading included), mean over the "
+              f"Per pipeline command (sftmix.run.pipeline.run in this process, model loading included), mean over the "
               f"seeds, as measured by the invocation that ran it. On a busy machine the wall time is inflated; "
               f"CPU s / cores estimates the "
               f"wall time on a free one.", "",

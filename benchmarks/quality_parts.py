@@ -207,12 +207,12 @@ def _recipe(name: str):
 def run_one(args, common: list[str], recipe: str, lr: float, seed: int, pubmedqa: bool) -> dict:
     """Train (or find trained) and evaluate one recipe at one rate and seed; returns its record for the part file."""
     from sftmix.config import parse_config
-    from sftmix.sweep import share_step1
+    from sftmix.run.sweep import share_step1
 
     label, overrides, name = _recipe(recipe)
     folder = run_dir(args, common, recipe, lr, seed)
     # The untrained start model is the same for every run: each of its task results is computed once and copied
-    # (sftmix.evaluate reuses a copy only if its settings fingerprint matches). From every finished run, since the
+    # (sftmix.eval.evaluate reuses a copy only if its settings fingerprint matches). From every finished run, since the
     # grid's runs have the start's held-out NLL only and the first seed-part run adds its PubMedQA.
     for donor in sorted(args.work_dir.glob("*/*/seed*")):
         if donor != folder:
@@ -337,7 +337,8 @@ def run_part(args) -> dict:
 
 
 def nll(examples: dict, guids: list[str]) -> dict:
-    """Token-weighted NLL (the held-out metric of sftmix.evaluate) and the mean of per-example NLLs over `guids`."""
+    """Token-weighted NLL (the held-out metric of sftmix.eval.evaluate) and the mean of per-example NLLs over
+    `guids`."""
     rows = [examples[g] for g in guids if g in examples]
     if not rows:
         return {"nll": None, "nll_example_mean": None, "n": 0}

@@ -7,7 +7,8 @@
 Each configuration runs in its own processes (1: `python`, N: `torchrun --standalone --nproc_per_node N`, gloo on
 CPU), each process with torch.set_num_threads(1) so that N processes use N cores. A worker loads the model, tokenizes
 the sample (a seeded random subset of ../shared/data/alpaca_4500.json, capped at --max_length tokens), scores two
-examples to warm up, waits at a barrier, and then times sftmix.scoring.run_scoring on the whole sample (its shares
+examples to warm up, waits at a barrier, and then times sftmix.confidence.scoring.run_scoring on the whole sample (its
+shares
 and the gather included: the time until every process holds all rows). Printed: both wall times, their ratio, each
 process's share of the tokens, whether the rows of N processes equal those of one, and the machine's load average
 (`os.getloadavg()`) before and after: on a shared machine the ratio is only as good as the cores were free.
@@ -38,9 +39,9 @@ def worker(a) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("gloo")
+    from sftmix.confidence.scoring import run_scoring
     from sftmix.data import ensure_chat_template, load_records, tokenize_records
     from sftmix.models import load_model_and_tokenizer
-    from sftmix.scoring import run_scoring
 
     model, tok = load_model_and_tokenizer("tiny-random" if a.quick else "smollm2", dtype="float32", device="cpu")
     ensure_chat_template(tok, "auto")

@@ -10,12 +10,12 @@ Imports are lazy so that `sftmix --help` and the pure tensor math do not pay for
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SFTMixConfig": "sftmix.trainer",
-    "SFTMixTrainer": "sftmix.trainer",
-    "SFTMixHFTrainer": "sftmix.core",
-    "SFTMixTrainingArguments": "sftmix.core",
-    "SFTMixMixin": "sftmix.core",
-    "mixup_loss": "sftmix.loss",
+    "SFTMixConfig": "sftmix.mixup.trainer",
+    "SFTMixTrainer": "sftmix.mixup.trainer",
+    "SFTMixHFTrainer": "sftmix.mixup.mixin",
+    "SFTMixTrainingArguments": "sftmix.mixup.mixin",
+    "SFTMixMixin": "sftmix.mixup.mixin",
+    "mixup_loss": "sftmix.mixup.loss",
     "SFTMixError": "sftmix.utils",
 }
 

@@ -6,7 +6,7 @@
     sftmix dynamics --output_dir runs/x                    # step 1 only: reference run, confidence.jsonl, plots
     sftmix train --recipe ntp --output_dir runs/x          # one target run (sftmix or ntp)
     sftmix eval --output_dir runs/x ;  sftmix report --output_dir runs/x
-    sftmix sweep configs/ablations/*.yaml --output_dir runs/abl   # several configs, one merged table (sftmix.sweep)
+    sftmix sweep configs/ablations/*.yaml --output_dir runs/abl   # several configs, one merged table (sftmix.run.sweep)
     sftmix configs ;  sftmix configs copy [NAME ...] [--to configs]    # the shipped configs: list, copy out
     accelerate launch --config_file configs/accelerate/ddp.yaml -m sftmix.cli run --config configs/...yaml
 
@@ -45,7 +45,7 @@ COMMANDS = {
     "train": "train the target with one recipe (--recipe sftmix|ntp; default: every recipe of the config)",
     "eval": "evaluate the start model and every trained recipe (held-out NLL; multiple choice/judge if set)",
     "report": "write report.md, report.json and report.html from what the run directory holds",
-    "sweep": "run several configs (`sftmix run` each) and merge their reports into one table (see sftmix.sweep)",
+    "sweep": "run several configs (`sftmix run` each) and merge their reports into one table (see sftmix.run.sweep)",
     "configs": "list the shipped configs (paper, ablations, accelerate); `copy [NAME ...] [--to DIR]` copies them out",
 }
 
@@ -79,8 +79,8 @@ def run_command(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "configs":
         return configs_command(rest)
-    if command == "sweep":  # several configs and its own options: sftmix.sweep parses them
-        from sftmix import sweep
+    if command == "sweep":  # several configs and its own options: sftmix.run.sweep parses them
+        from sftmix.run import sweep
 
         _setup_logging()
         return sweep.main(rest)
@@ -89,12 +89,12 @@ def run_command(argv: list[str]) -> int:
         ns, rest = cmd_parser.parse_known_args(argv)
         recipe = ns.recipe
     if any(a in ("-h", "--help") for a in rest):
-        from sftmix.trainer import SFTMixConfig
+        from sftmix.mixup.trainer import SFTMixConfig
 
         _parser_class()((RunConfig, SFTMixConfig, _eval_args_class()), prog=f"sftmix {command}").print_help()
         return 0
     _setup_logging()
-    from sftmix import pipeline
+    from sftmix.run import pipeline
 
     pipeline.cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
     cfg = parse_config(rest)

@@ -9,7 +9,7 @@ One flat YAML mapping plus `--key value` overrides, parsed by trl.TrlParser into
 `output_dir` is the run directory) and the evaluation fields of `EvalConfig` (below; those whose name the
 training config also has get an `eval_` prefix). Which config: `--config FILE`; else DIR/config.yaml of an existing
 run directory (so stage commands and reruns need only --output_dir); else the embedded demo. Cross-field checks of the
-whole run, before any stage, are in sftmix.validation.
+whole run, before any stage, are in sftmix.run.validation.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ SELECTION_SPLITS = ("subset", "all")
 MC_TASKS = ("pubmedqa", "medqa", "medqa5", "medmcqa")
 
 # Which stage reads each setting, declared once: every field of RunConfig and of the Mixup fields
-# (sftmix.core.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields of
-# transformers' TrainingArguments / TRL's SFTConfig that are not read by every training run; any other training field
+# (sftmix.mixup.mixin.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields
+# of transformers' TrainingArguments / TRL's SFTConfig that are not read by every training run; any other training field
 # is "train", every EvalConfig field "eval" (EVAL_TASK_FIELDS: which evaluation task reads which). `settings_of` and
 # `unaffected_settings` answer the questions the pipeline, the sweep and the benchmarks ask. (A table, not
 # `metadata={"stage": ...}` on the fields: transformers' HfArgumentParser, and so a user's TrlParser((SFTMixConfig,)),
@@ -74,7 +74,7 @@ SETTING_STAGES = {
 }
 _STAGE_OF = {name: stage for stage, names in SETTING_STAGES.items() for name in names}
 
-# The EvalConfig fields each evaluation task's stored result depends on (sftmix.evaluate reuses a result only if
+# The EvalConfig fields each evaluation task's stored result depends on (sftmix.eval.evaluate reuses a result only if
 # they are unchanged); a multiple-choice task also reads its own `<task>_file` and `<task>_shots_file`, a judged one
 # its `<task>_file`. Fields named nowhere here (batch sizes, judge timeouts, ...) change how, not what.
 EVAL_TASK_FIELDS = {
@@ -454,7 +454,7 @@ class EvalConfig:
 
 @functools.cache
 def _eval_args_class():
-    from sftmix.trainer import SFTMixConfig
+    from sftmix.mixup.trainer import SFTMixConfig
 
     taken = {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(SFTMixConfig)}
     hints = typing.get_type_hints(EvalConfig)
@@ -741,7 +741,7 @@ class Config:
 
 def parse_config(argv: list[str]) -> Config:
     """Parse `[--config FILE] [--key value ...]` (the arguments after the command word) into a Config."""
-    from sftmix.trainer import SFTMixConfig
+    from sftmix.mixup.trainer import SFTMixConfig
 
     argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

@@ -14,7 +14,7 @@ Stable names, one run per stage, grouped per run directory:
   the recipe's own run (resumed) instead of opening a new one;
 - TensorBoard: DIR/<stage>/tensorboard (cleared with the stage's outputs when it reruns);
 - metrics (as the integrations name them; `train/` is their prefix for anything not `eval_`): the Trainer's
-  `train/loss`, `train/ntp_loss`, `train/mixup_loss`, `train/mixup_weight` (TRL's and sftmix.core's names);
+  `train/loss`, `train/ntp_loss`, `train/mixup_loss`, `train/mixup_weight` (TRL's and sftmix.mixup.mixin's names);
   `train/step1_mean_ppl` and `train/step1_median_ppl` at each scoring step of the reference, then
   `train/step1_n_confident`, `train/step1_n_unconfident`, `train/step1_confidence_median`; `eval/<task>_<metric>`
   (e.g. `eval/heldout_nll`) at the recipe's last step (step 0 for the start model's run).

@@ -29,7 +29,7 @@ class SFTMixError(ValueError):
 
 @contextlib.contextmanager
 def one_line_errors(prog: str):
-    """The error exit of every entry point (sftmix, python -m sftmix.evaluate, the benchmarks): an SFTMixError (a
+    """The error exit of every entry point (sftmix, python -m sftmix.eval.evaluate, the benchmarks): an SFTMixError (a
     user's mistake) becomes one line `PROG: error: ...` on stderr and exit code 2, Ctrl-C a line saying how to go on
     and code 130; anything else (a bug) keeps its traceback.
 

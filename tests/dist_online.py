@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.
 from helpers import tiny_records  # noqa: E402
 
 from sftmix import SFTMixConfig, SFTMixTrainer  # noqa: E402
-from sftmix.callbacks import SelfReferenceCallback  # noqa: E402
+from sftmix.confidence.callback import SelfReferenceCallback  # noqa: E402
 from sftmix.data import tokenize_records  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import atomic_write_json, read_jsonl  # noqa: E402

@@ -47,7 +47,7 @@ def _kill_at(stage: str, step: str, kill_rank: str, rank: int) -> None:
 
     from transformers import TrainerCallback
 
-    from sftmix.trainer import SFTMixTrainer
+    from sftmix.mixup.trainer import SFTMixTrainer
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

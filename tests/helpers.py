@@ -50,7 +50,7 @@ def interrupt_at(step):
 
 
 def naive_mixup_loss(hidden_states, labels, lm_head_weight, pairs, lam) -> torch.Tensor:
-    """The Mixup loss written the obvious way, independently of sftmix.loss: full-vocabulary logits, one pair at a
+    """The Mixup loss written the obvious way, independently of sftmix.mixup.loss: full-vocabulary logits, one pair at a
     time."""
     losses = []
     dtype = torch.promote_types(hidden_states.dtype, torch.float32)
@@ -110,7 +110,7 @@ def sigkill_script(run: str, step: int) -> str:
     return f"""
 import os, signal, sys
 from transformers import TrainerCallback
-import sftmix.trainer as T
+import sftmix.mixup.trainer as T
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):

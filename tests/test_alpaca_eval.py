@@ -19,7 +19,7 @@ CODE = r"""
 import json, sys
 from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
 from sftmix.eval.tasks import load_alpaca_eval
-from sftmix.judge import win_rate
+from sftmix.eval.judge import win_rate
 
 rows = load_alpaca_eval("tatsu-lab/alpaca_eval")
 outs = ["Short." if i % 3 else "A much longer answer that goes on and on. " * (1 + i % 4) for i in range(len(rows))]
@@ -63,7 +63,7 @@ def test_lc_win_rate_equals_alpaca_evals_own_function(tmp_path):
 def test_fallback_is_named_when_alpaca_eval_is_missing(monkeypatch):
     import builtins
 
-    from sftmix.judge import win_rate
+    from sftmix.eval.judge import win_rate
 
     real_import = builtins.__import__
 
@@ -84,7 +84,7 @@ def test_a_judge_without_logprobs_is_one_line_naming_the_other_annotators():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from sftmix.judge import JudgeClient
+    from sftmix.eval.judge import JudgeClient
     from sftmix.utils import SFTMixError
 
     class NoLogprobs(BaseHTTPRequestHandler):  # what llama.cpp-style servers without logprob support answer

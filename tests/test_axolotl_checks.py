@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sftmix.core import MixupArguments
 from sftmix.integrations.axolotl_checks import check_plugin_config, mixup_arguments
+from sftmix.mixup.mixin import MixupArguments
 from sftmix.utils import SFTMixError
 
 GOOD = {"sftmix_confidence_file": "runs/ref/confidence.jsonl", "sftmix_mixup_alpha": 0.5, "sftmix_mixup_weight": 0.2,
@@ -121,12 +121,12 @@ def test_documented_step1_command_scores_every_row_untruncated(tmp_path):
 
 def test_heldout_zero_needs_a_heldout_file_to_evaluate(tmp_path):
     from sftmix.config import parse_config
-    from sftmix.validation import validate
+    from sftmix.run.validation import validate
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
     cfg = parse_config(["--config", smoke, "--output_dir", str(tmp_path / "run"), "--heldout", "0"])
     assert cfg.run.n_heldout == 0
-    (tmp_path / "run").mkdir()  # `sftmix eval` reads an existing run directory (sftmix.validation.check_existing_run)
+    (tmp_path / "run").mkdir()  # `sftmix eval` reads an existing run dir (run.validation.check_existing_run)
     (tmp_path / "run" / "config.yaml").write_text("")
     for command in ("run", "eval"):
         with pytest.raises(SFTMixError, match="heldout: 0 holds no examples out.*set heldout_file"):

@@ -69,7 +69,7 @@ def _cfg(path, **kw):
 
 
 def test_rounds_draw_other_shot_sets_and_report_mean_and_sd(tiny, tmp_path):
-    from sftmix.evaluate import run_eval
+    from sftmix.eval.evaluate import run_eval
 
     model, tok = tiny
     res = run_eval(model, tok, _cfg(_pubmedqa(tmp_path / "p.json")), tmp_path / "eval")["pubmedqa"]
@@ -88,7 +88,7 @@ def test_rounds_draw_other_shot_sets_and_report_mean_and_sd(tiny, tmp_path):
 
 
 def test_a_killed_evaluation_resumes_at_the_round_it_was_in(tiny, tmp_path, monkeypatch):
-    import sftmix.evaluate as ev
+    import sftmix.eval.evaluate as ev
 
     model, tok = tiny
     path = _pubmedqa(tmp_path / "p.json")
@@ -115,7 +115,7 @@ def test_a_killed_evaluation_resumes_at_the_round_it_was_in(tiny, tmp_path, monk
 
 
 def test_rounds_are_refused_where_they_would_repeat_themselves(tiny, tmp_path):
-    from sftmix.evaluate import run_eval
+    from sftmix.eval.evaluate import run_eval
 
     model, tok = tiny
     cfg = EvalConfig(pubmedqa_file=str(_pubmedqa(tmp_path / "p.json")), eval_rounds=3)
@@ -274,7 +274,7 @@ def test_run_rounds_keeps_every_round_and_reads_back_finished_ones(tmp_path):
 
 
 def test_table_2_averages_round_by_round_and_names_the_protocol():
-    from sftmix.report import _medical_section, medical_table
+    from sftmix.report.report import _medical_section, medical_table
 
     def ev(accs):
         return {t: {"accuracy": statistics.fmean(a), "accuracies": a, "n": n, "mc_protocol": "biomistral"}
@@ -296,7 +296,7 @@ def test_table_2_averages_round_by_round_and_names_the_protocol():
 
 
 def test_an_evaluation_killed_by_sigkill_resumes_at_its_round(tmp_path):
-    """kill -9 in round 2 of `python -m sftmix.evaluate`: rounds 0 and 1 are on disk; the same command again runs
+    """kill -9 in round 2 of `python -m sftmix.eval.evaluate`: rounds 0 and 1 are on disk; the same command again runs
     round 2 only and gives what an uninterrupted evaluation gives."""
     import subprocess
     import sys
@@ -305,7 +305,7 @@ def test_an_evaluation_killed_by_sigkill_resumes_at_its_round(tmp_path):
     path = _pubmedqa(tmp_path / "p.json", n=10)
     args = ["--model", "tiny-random:0", "--device", "cpu", "--pubmedqa_file", str(path), "--mc_protocol",
             "biomistral", "--num_shots", "2", "--seed", "5"]
-    kill = ("import os, signal, sys\nimport sftmix.evaluate as ev\nreal = ev.eval_multiple_choice\n"
+    kill = ("import os, signal, sys\nimport sftmix.eval.evaluate as ev\nreal = ev.eval_multiple_choice\n"
             "def killed(*a, seed=None, **kw):\n"
             "    if seed == 7:\n        os.kill(os.getpid(), signal.SIGKILL)\n    return real(*a, seed=seed, **kw)\n"
             "ev.eval_multiple_choice = killed\nev.main(sys.argv[1:])\n")
@@ -317,9 +317,9 @@ def test_an_evaluation_killed_by_sigkill_resumes_at_its_round(tmp_path):
     rounds = tmp_path / "e" / "rounds" / "pubmedqa"
     assert sorted(p.name for p in rounds.iterdir()) == ["round_0.json", "round_1.json"]
     assert not (tmp_path / "e" / "pubmedqa.json").exists()
-    res = run("-m", "sftmix.evaluate", *args, "--output_dir", str(tmp_path / "e"))
+    res = run("-m", "sftmix.eval.evaluate", *args, "--output_dir", str(tmp_path / "e"))
     assert res.returncode == 0, res.stderr[-2000:]
-    clean = run("-m", "sftmix.evaluate", *args, "--output_dir", str(tmp_path / "clean"))
+    clean = run("-m", "sftmix.eval.evaluate", *args, "--output_dir", str(tmp_path / "clean"))
     resumed, fresh = (json.loads((tmp_path / d / "pubmedqa.json").read_text()) for d in ("e", "clean"))
     assert resumed["n_rounds_reused"] == 2 and fresh["n_rounds_reused"] == 0, clean.stderr[-2000:]
     assert resumed["accuracies"] == fresh["accuracies"] and resumed["seeds"] == [5, 6, 7]

@@ -1,4 +1,5 @@
-"""sftmix.callbacks: ConfidenceCallback on a plain transformers.Trainer; one-run SFTMix (switch, balance, resume)."""
+"""sftmix.confidence.callback: ConfidenceCallback on a plain transformers.Trainer; one-run SFTMix (switch, balance,
+resume)."""
 
 import json
 import random
@@ -9,9 +10,9 @@ import torch
 from helpers import Interrupt, interrupt_at, sigkill_script
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from sftmix.callbacks import ConfidenceCallback
+from sftmix.confidence.callback import ConfidenceCallback
+from sftmix.confidence.reference import score_examples
 from sftmix.data import tokenize_records
-from sftmix.dynamics import score_examples
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
 
@@ -171,7 +172,7 @@ ONE_RUN = dict(per_device_train_batch_size=4, num_train_epochs=3, self_reference
 
 def one_run_trainer(tok, ds, out, extra_callbacks=(), confidence="checkpoints", **kw):
     from sftmix import SFTMixConfig, SFTMixTrainer
-    from sftmix.callbacks import SelfReferenceCallback
+    from sftmix.confidence.callback import SelfReferenceCallback
 
     online = confidence != "checkpoints"
     args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": online, **kw})
@@ -186,7 +187,7 @@ def step_logs(trainer):
 
 @pytest.mark.parametrize("confidence", ["checkpoints", "online"])
 def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch, confidence):
-    from sftmix.core import OneRunSampler
+    from sftmix.mixup.mixin import OneRunSampler
 
     tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
     tr, cb = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")
@@ -233,9 +234,9 @@ def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, co
     """self_confidence=online_raw / online_linear (issue 27's variants): the same training-forward records as
     `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
     not step-relative."""
-    from sftmix.callbacks import ONLINE_DETREND, restore_self_confidence
+    from sftmix.confidence.callback import ONLINE_DETREND, restore_self_confidence
+    from sftmix.confidence.reference import online_confidence_rows
     from sftmix.config import SELF_CONFIDENCE_MODES
-    from sftmix.dynamics import online_confidence_rows
 
     assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled
     tok, ds = tok_ds
@@ -447,8 +448,8 @@ def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
     """reference=self writes dynamics/schedule.json too, but there is no reference run to stand in for NTP."""
     from pathlib import Path
 
-    from sftmix import pipeline
     from sftmix.cli import parse_config
+    from sftmix.run import pipeline
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
     argv = ["--config", smoke, "--output_dir", str(tmp_path), "--reference_epochs", "2"]

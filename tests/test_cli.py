@@ -202,7 +202,7 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
 
 
 def test_run_directory_with_another_config_is_refused(tmp_path, capsys):
-    from sftmix.pipeline import write_config
+    from sftmix.run.pipeline import write_config
 
     out = tmp_path / "r"
     write_config(parse_config(["--config", SMOKE, "--output_dir", str(out), "--mixup_weight", "0.4"]))
@@ -243,7 +243,7 @@ def test_shipped_configs_by_name_list_and_copy(tmp_path, monkeypatch, capsys):
     """The package ships every config of configs/ (sftmix/configs is one copy of them): `--config NAME` reads one by
     name from any directory, `sftmix configs` lists them, `configs copy` writes them out for accelerate and globs."""
     from sftmix.config import shipped_configs
-    from sftmix.sweep import _shipped_or_files
+    from sftmix.run.sweep import _shipped_or_files
 
     shipped = shipped_configs()
     assert set(shipped) == {p.relative_to(ROOT / "configs").with_suffix("").as_posix()

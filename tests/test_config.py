@@ -18,7 +18,7 @@ from sftmix.config import (
     stage_of,
     unaffected_settings,
 )
-from sftmix.core import MixupArguments
+from sftmix.mixup.mixin import MixupArguments
 from sftmix.utils import SFTMixError
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -29,7 +29,7 @@ def test_every_setting_of_ours_has_exactly_one_stage():
     assert [n for n, c in named.items() if c > 1] == []
     ours = [f.name for cls in (RunConfig, MixupArguments) for f in dataclasses.fields(cls)]
     assert [n for n in ours if n not in named] == []  # a new field must be given its stage in SETTING_STAGES
-    from sftmix.trainer import SFTMixConfig
+    from sftmix.mixup.trainer import SFTMixConfig
 
     known = {f.name for f in dataclasses.fields(SFTMixConfig)} | set(ours)
     assert [n for n in named if n not in known] == []  # no stale name (a renamed or removed field)

@@ -1,5 +1,5 @@
-"""The trainer-agnostic core (sftmix.core) under both trainers it serves: SFTMixTrainer (trl.SFTTrainer + core) and
-SFTMixHFTrainer (transformers.Trainer + core, the model's own NTP loss). The same correctness checks run for each:
+"""The trainer-agnostic core (sftmix.mixup.mixin) under both trainers it serves: SFTMixTrainer (trl.SFTTrainer + core)
+and SFTMixHFTrainer (transformers.Trainer + core, the model's own NTP loss). The same correctness checks run for each:
 Mixup equals an independent computation, one backbone pass per micro-batch, gradient accumulation equals one big
 batch, the non-finite guard stops before the update; and the two trainers give the same Mixup loss on one batch."""
 
@@ -9,11 +9,11 @@ import torch
 from helpers import capture_pairs, naive_mixup_loss, tiny_dataset, tiny_records
 from transformers import Trainer, TrainingArguments
 
-import sftmix.core
-import sftmix.trainer
+import sftmix.mixup.mixin
+import sftmix.mixup.trainer
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.core import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.data import tokenize_records
+from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
 
@@ -21,7 +21,7 @@ COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1
               gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, seed=0)
 KINDS = ["trl", "hf"]
 # the module whose `mixup_loss` each trainer calls (patched to inject a NaN)
-LOSS_MODULE = {"trl": sftmix.trainer, "hf": sftmix.core}
+LOSS_MODULE = {"trl": sftmix.mixup.trainer, "hf": sftmix.mixup.mixin}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_gradient_accumulation_equals_one_big_batch(tok, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_nan_mixup_loss_stops_before_the_update(tok, tmp_path, monkeypatch, kind):
-    real, calls = sftmix.loss.mixup_loss, []
+    real, calls = sftmix.mixup.loss.mixup_loss, []
 
     def poisoned(*a, **kw):  # the Mixup loss of the 3rd micro-batch (= step 3) is NaN
         calls.append(1)
@@ -205,7 +205,7 @@ def test_core_imports_no_trl():
     import subprocess
     import sys
 
-    code = "import sys, sftmix.core; assert 'trl' not in sys.modules, 'sftmix.core imported trl'"
+    code = "import sys, sftmix.mixup.mixin; assert 'trl' not in sys.modules, 'sftmix.mixup.mixin imported trl'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -225,9 +225,9 @@ class ChunkedNTPTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
 
-class SFTMixChunkedTrainer(sftmix.core.SFTMixMixin, ChunkedNTPTrainer):
+class SFTMixChunkedTrainer(sftmix.mixup.mixin.SFTMixMixin, ChunkedNTPTrainer):
     def __init__(self, *a, args=None, train_dataset=None, **kw):
-        train_dataset, _ = sftmix.core.prepare_train_dataset(train_dataset, args)
+        train_dataset, _ = sftmix.mixup.mixin.prepare_train_dataset(train_dataset, args)
         super().__init__(*a, args=args, train_dataset=train_dataset, **kw)
         self.setup_sftmix()
 

@@ -18,8 +18,8 @@ from dist_train import run, save_models
 from helpers import tiny_dataset
 
 from sftmix import SFTMixConfig, SFTMixTrainer
+from sftmix.mixup.trainer import BalancedPairSampler, median_split
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from sftmix.trainer import BalancedPairSampler, median_split
 from sftmix.utils import SFTMixError, read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -194,7 +194,7 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
 
 
 def test_batch_shares_are_balanced_by_tokens_and_deterministic():
-    from sftmix.dynamics import share_batches
+    from sftmix.confidence.reference import share_batches
 
     # one long batch outweighs several short ones: the shares balance tokens, not counts
     assert share_batches([100, 30, 30, 30, 10, 10], 2) == [[0, 5], [1, 2, 3, 4]]

@@ -8,9 +8,8 @@ import pytest
 import torch
 from helpers import Interrupt, interrupt_at
 
-from sftmix import dynamics
-from sftmix.data import ensure_chat_template, tokenize_records
-from sftmix.dynamics import (
+from sftmix.confidence import reference as dynamics
+from sftmix.confidence.reference import (
     build_confidence,
     compare_online,
     confidence,
@@ -24,6 +23,7 @@ from sftmix.dynamics import (
     split_confident,
     variability,
 )
+from sftmix.data import ensure_chat_template, tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
 
@@ -427,7 +427,7 @@ def test_default_saves_as_the_trainer_says_and_a_resume_rescores_correctly(tmp_p
     first = {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)}
 
     calls.clear()
-    with caplog.at_level(logging.INFO, logger="sftmix.dynamics"):
+    with caplog.at_level(logging.INFO, logger="sftmix.confidence.reference"):
         rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, **kw)
     assert calls == ["scoring checkpoint 4/4"]  # 1-3 kept: the retrained steps reproduce the same weights
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming the reference at")]
@@ -456,7 +456,7 @@ def tiny_ds():
 
 
 def test_plots_are_non_empty_pngs(tmp_path):
-    from sftmix.plots import plot_hidden_map, write_dynamics_plots
+    from sftmix.report.plots import plot_hidden_map, write_dynamics_plots
 
     rng = np.random.default_rng(0)
     n = 40
@@ -476,7 +476,7 @@ def test_plots_are_non_empty_pngs(tmp_path):
 def test_online_mode_with_the_real_trainer(tmp_path, monkeypatch):
     trainer_src = (dynamics.__file__.rsplit("/", 1)[0]) + "/trainer.py"
     if "record_online_dynamics" not in open(trainer_src).read():
-        pytest.skip("sftmix.trainer does not record online dynamics yet")
+        pytest.skip("sftmix.mixup.trainer does not record online dynamics yet")
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(make_records(8, seed=4), tok)  # 8 examples, batch 2, 2 epochs: 8 steps
     rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, online=True, plots=False,

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sftmix.evaluate import (
+from sftmix.eval.evaluate import (
     EvalConfig,
     MCItem,
     eval_multiple_choice,

@@ -362,7 +362,7 @@ def test_a_download_cut_half_way_resumes(repos, tmp_path):
 def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     """PubMedQA (pqa_labeled), MedQA (4 options) and MedMCQA by Hub id give the same questions as the same rows in
     the local file layouts the loaders already read; the metrics record the Hub commit."""
-    from sftmix.evaluate import load_medmcqa, load_medqa, load_pubmedqa
+    from sftmix.eval.evaluate import load_medmcqa, load_medqa, load_pubmedqa
     from sftmix.utils import write_jsonl
 
     local = tmp_path / "local"

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from hub_stub import MT_TEMPLATES, write_mt_bench
 
-from sftmix.judge import (
+from sftmix.eval.judge import (
     JudgeClient,
     judge_mt_bench,
     judge_pairwise,
@@ -81,10 +81,10 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    import sftmix.judge
+    import sftmix.eval.judge
 
     _Stub.calls, _Stub.flaky_seen, _Stub.never_verdict = [], set(), False
-    getattr(sftmix.judge, "_PREFLIGHT_OK", {}).clear()  # a pre-flight passed on a reused port must not count
+    getattr(sftmix.eval.judge, "_PREFLIGHT_OK", {}).clear()  # a pre-flight passed on a reused port must not count
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     srv.daemon_threads = True
     t = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -217,9 +217,9 @@ def _rows(pairs):
 
 
 def test_length_controlled_fallback_discounts_length():
-    """The fallback used without alpaca_eval (sftmix.judge.length_controlled_win_rate), called directly so that an
+    """The fallback used without alpaca_eval (sftmix.eval.judge.length_controlled_win_rate), called directly so that an
     installed alpaca_eval (which fetches its data from the Hub) does not take over."""
-    from sftmix.judge import length_controlled_win_rate
+    from sftmix.eval.judge import length_controlled_win_rate
 
     # the model wins exactly when its answer is longer: the raw win rate is 35/60, at equal length it is ~0.5
     rows = _rows([("model", 900, 300)] * 30 + [("reference", 300, 900)] * 20)
@@ -247,7 +247,7 @@ def test_prompts_ship_and_fill():
 # --------------------------------------------------------------------------------------------- judge operations
 
 def test_preflight_fails_in_one_line(server):
-    from sftmix.judge import preflight_item
+    from sftmix.eval.judge import preflight_item
     from sftmix.utils import SFTMixError
 
     msgs, valid, what = preflight_item("mtbench", templates=TEMPLATES)
@@ -280,7 +280,7 @@ def test_progress_line_counts_failures(server, caplog):
 
 def test_run_eval_preflight_before_generation_and_deterministic_failures_not_reasked(server, tmp_path, monkeypatch):
     import sftmix.eval.judged as judged
-    from sftmix.evaluate import EvalConfig, run_eval
+    from sftmix.eval.evaluate import EvalConfig, run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
     from sftmix.utils import SFTMixError
 
@@ -298,7 +298,7 @@ def test_run_eval_preflight_before_generation_and_deterministic_failures_not_rea
     monkeypatch.setattr(judged, "generate", real_generate)
     monkeypatch.setattr(_Stub, "calls", [])
     cfg = EvalConfig(judge_model="stub-judge", **kw)
-    import sftmix.judge as judge_mod
+    import sftmix.eval.judge as judge_mod
 
     _Stub.never_verdict = True
     res = run_eval(model, tok, cfg, tmp_path / "eval")["mtbench"]
@@ -325,7 +325,7 @@ def test_a_wrong_judge_model_is_one_line_and_exit_2_before_any_answer(server, tm
 
     write_mt_bench(tmp_path / "fc")
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-m", "sftmix.evaluate", "--model", "tiny-random:0", "--device", "cpu",
+    res = subprocess.run([sys.executable, "-m", "sftmix.eval.evaluate", "--model", "tiny-random:0", "--device", "cpu",
                           "--output_dir", str(tmp_path / "eval"), "--judge_model", "wrong-model",
                           "--judge_base_url", server, "--mtbench_file",
                           str(tmp_path / "fc" / "data" / "mt_bench" / "question.jsonl")],

@@ -21,7 +21,7 @@ pytest.importorskip("openai")
 
 from hub_stub import MT_TEMPLATES  # noqa: E402
 
-from sftmix.judge import JudgeClient, judge_mt_bench, mt_bench_summary, preflight_item  # noqa: E402
+from sftmix.eval.judge import JudgeClient, judge_mt_bench, mt_bench_summary, preflight_item  # noqa: E402
 from sftmix.utils import SFTMixError  # noqa: E402
 
 TEMPLATES = {t["name"]: t for t in MT_TEMPLATES}  # FastChat's judge_prompts.jsonl layout
@@ -138,7 +138,7 @@ def test_answers_from_a_server_of_the_model_under_test(served, tmp_path, monkeyp
     from hub_stub import write_mt_bench
 
     import sftmix.eval.judged as judged
-    from sftmix.evaluate import EvalConfig, run_eval
+    from sftmix.eval.evaluate import EvalConfig, run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
 
     url, model_dir = served

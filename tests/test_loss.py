@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import naive_mixup_loss
 
-from sftmix.loss import mixup_loss, response_positions
+from sftmix.mixup.loss import mixup_loss, response_positions
 
 
 def make_batch(spans, T, V, padding_side="right", seed=0, dtype=torch.float64, H=8):

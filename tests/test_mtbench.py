@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from hub_stub import MT_QUESTIONS, MT_REFERENCES, MT_TEMPLATES, HubStub, write_mt_bench
 
+from sftmix.eval.judge import mt_bench_messages, parse_rating
 from sftmix.eval.tasks import FASTCHAT_TEMPERATURES, NEED_REF_CATS, load_mt_bench_set, mt_bench_temperature
-from sftmix.judge import mt_bench_messages, parse_rating
 from sftmix.utils import SFTMixError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ class _Judge(BaseHTTPRequestHandler):
 
 def test_run_eval_rounds_per_turn_per_category_and_fastchat_temperatures(tmp_path, monkeypatch):
     import sftmix.eval.judged as judged
-    from sftmix.evaluate import EvalConfig, run_eval
+    from sftmix.eval.evaluate import EvalConfig, run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)

@@ -10,8 +10,8 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.core import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.data import tokenize_records
+from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 
 COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3, bf16=False, seed=0,

@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import sftmix.trainer
+import sftmix.mixup.trainer
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
@@ -50,10 +50,10 @@ def test_nan_mixup_loss_stops_before_the_update(tok, tmp_path, monkeypatch):
 
     def poisoned(*a, **kw):  # the Mixup loss of the 3rd micro-batch (= step 3) is NaN
         calls.append(1)
-        value = sftmix.loss.mixup_loss(*a, **kw)
+        value = sftmix.mixup.loss.mixup_loss(*a, **kw)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(sftmix.trainer, "mixup_loss", poisoned)
+    monkeypatch.setattr(sftmix.mixup.trainer, "mixup_loss", poisoned)
     tr = make(tok, tmp_path)
     with pytest.raises(SFTMixError, match="non-finite Mixup loss at step 3") as e:
         tr.train()
@@ -118,11 +118,11 @@ def test_bf16_training_step_mixup_loss_close_to_fp32(tok, tmp_path, monkeypatch,
     seen = []
 
     def spy(hidden, labels, weight, pairs, lam, chunk=None):
-        out = sftmix.loss.mixup_loss(hidden, labels, weight, pairs, lam, chunk)
+        out = sftmix.mixup.loss.mixup_loss(hidden, labels, weight, pairs, lam, chunk)
         seen.append((hidden.dtype, weight.dtype, out.dtype))
         return out
 
-    monkeypatch.setattr(sftmix.trainer, "mixup_loss", spy)
+    monkeypatch.setattr(sftmix.mixup.trainer, "mixup_loss", spy)
     logs = {}
     for bf16 in (False, True):
         tr = make(tok, tmp_path / str(bf16), bf16=bf16, save_strategy="no", max_steps=1, learning_rate=0.0)

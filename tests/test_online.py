@@ -1,4 +1,5 @@
-"""Online per-example records (sftmix.online, SFTMixMixin._record_online) are exact under every layout: each training
+"""Online per-example records (sftmix.confidence.online, SFTMixMixin._record_online) are exact under every layout: each
+training
 example recorded once per NTP epoch, at the optimizer step that trained on it, whatever the gradient accumulation,
 data size, number of NTP epochs and processes; and the same rows at the same steps give the same records.
 
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 from helpers import tiny_records
 
+from sftmix.confidence.online import OnlineRecords, epoch_index
+from sftmix.confidence.reference import run_reference
 from sftmix.data import tokenize_records
-from sftmix.dynamics import run_reference
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from sftmix.online import OnlineRecords, epoch_index
 from sftmix.utils import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from helpers import naive_mixup_loss
 
-from sftmix.loss import mixup_loss
+from sftmix.mixup.loss import mixup_loss
 
 PERF = Path(__file__).resolve().parents[1] / "benchmarks" / "perf.py"
 REQUIRED = ("step_time_ratio", "peak_memory_ratio", "scoring_vs_training_throughput", "padding_fraction",

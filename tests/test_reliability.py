@@ -238,8 +238,8 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys, l
 
 
 def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
-    from sftmix import pipeline
     from sftmix.data import content_key, load_records, split_heldout
+    from sftmix.run import pipeline
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     data = tmp_path / "dup.jsonl"
@@ -257,7 +257,7 @@ def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
     assert dup["n_duplicate_copies"] == 24 and dup["n_duplicated_examples"] == 8
     assert dup["duplicate_copies_in_train"] + dup["duplicate_copies_in_heldout"] == 24
     assert dup["n_examples_on_both_sides"] == 0
-    from sftmix.report import _duplicates_line
+    from sftmix.report.report import _duplicates_line
 
     assert _duplicates_line(dup).startswith("24 extra copies of 8 examples")
 
@@ -266,8 +266,8 @@ def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
 
 
 def test_judged_metrics_carry_their_share_and_are_withheld_below_the_minimum(tmp_path):
-    from sftmix.pipeline import _failed_judgments
-    from sftmix.report import comparison_rows, render_markdown
+    from sftmix.report.report import comparison_rows, render_markdown
+    from sftmix.run.pipeline import _failed_judgments
 
     def alpaca(n_valid, n=12):
         return {"n": n, "n_valid": n_valid, "n_failed": n - n_valid, "win_rate": 1.0 if n_valid else None,
@@ -373,7 +373,7 @@ def test_latin1_deep_in_a_data_file_names_its_line(tmp_path, capsys, container):
 
 def test_a_model_with_custom_code_needs_trust_remote_code(tmp_path, capsys):
     from sftmix.models import load_model_and_tokenizer
-    from sftmix.validation import check_model
+    from sftmix.run.validation import check_model
 
     model, tok = load_model_and_tokenizer("tiny-random:0", device="cpu")
     folder = tmp_path / "custom"
@@ -448,7 +448,7 @@ def test_failed_judgments_are_withheld_then_retried_on_the_next_run(tmp_path, ca
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     # the LC win rate is not this test's subject: with alpaca_eval installed it would fetch its data from the Hub
-    monkeypatch.setattr("sftmix.judge.length_controlled", lambda ok: (None, "not computed in this test", "none"))
+    monkeypatch.setattr("sftmix.eval.judge.length_controlled", lambda ok: (None, "not computed in this test", "none"))
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": f"say {w}", "output": f"{w} {w}"} for w in
                                   ["cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "red", "blue",

@@ -24,7 +24,7 @@ def _heldout(path: Path, n: int = 6) -> Path:
 
 def test_answers_task_is_a_fixed_greedy_capped_sample_stored_and_reused(tmp_path, monkeypatch):
     import sftmix.eval.generation as generation
-    from sftmix.evaluate import run_eval
+    from sftmix.eval.evaluate import run_eval
 
     tok = build_byte_tokenizer()
     model = build_tiny_model(tok, seed=0)
@@ -58,7 +58,7 @@ def json_rows(path: Path) -> list[dict]:
 
 
 def test_loss_curves_and_the_one_run_switch_in_the_report(tmp_path):
-    from sftmix.report import collect, render_html, render_markdown
+    from sftmix.report.report import collect, render_html, render_markdown
 
     cfg = parse_config(["--config", SMOKE, "--output_dir", str(tmp_path)])
     hist = [{"loss": 3.0, "ntp_loss": 2.5, "step": 5}, {"loss": 2.0, "ntp_loss": 1.8, "mixup_loss": 1.5, "step": 10},
@@ -82,7 +82,7 @@ def test_loss_curves_and_the_one_run_switch_in_the_report(tmp_path):
 
 
 def _axes_of(monkeypatch):
-    import sftmix.plots as plots
+    import sftmix.report.plots as plots
 
     seen = []
     real = plots._save
@@ -91,7 +91,7 @@ def _axes_of(monkeypatch):
 
 
 def test_step1_plots_show_the_bulk_on_log_axes(tmp_path, monkeypatch):
-    from sftmix.plots import plot_confidence_histogram, plot_data_map
+    from sftmix.report.plots import plot_confidence_histogram, plot_data_map
 
     seen = _axes_of(monkeypatch)
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def test_step1_plots_show_the_bulk_on_log_axes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_smoke_report_has_curves_readable_map_and_answers_of_every_model(tmp_path):
-    from sftmix.pipeline import run
+    from sftmix.run.pipeline import run
 
     cfg = parse_config(["--config", SMOKE, "--output_dir", str(tmp_path / "run")])
     assert run(cfg, "run") == 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sftmix.cli import main, parse_config
-from sftmix.sweep import merge, run_argv
+from sftmix.run.sweep import merge, run_argv
 from sftmix.utils import SFTMixError, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +172,8 @@ def test_lora_through_the_cli_trains_only_adapter_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from sftmix import pipeline
     from sftmix.models import load_model_and_tokenizer
+    from sftmix.run import pipeline
 
     out = tmp_path / "lora"
     # SFTMix with LoRA on a known quality split (no step 1 needed), a few steps
@@ -204,7 +204,7 @@ def test_lora_through_the_cli_trains_only_adapter_weights(tmp_path):
 def test_nearest_pairing_gets_the_reference_hidden_states_by_guid(tmp_path):
     from datasets import Dataset
 
-    from sftmix.pipeline import _with_split
+    from sftmix.run.pipeline import _with_split
 
     guids = [f"g{i}" for i in range(6)]
     write_jsonl(tmp_path / "confidence.jsonl",

@@ -7,8 +7,8 @@ from helpers import capture_pairs, naive_mixup_loss, tiny_dataset
 from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
+from sftmix.mixup.trainer import BalancedPairSampler, median_split
 from sftmix.models import build_byte_tokenizer, build_tiny_model
-from sftmix.trainer import BalancedPairSampler, median_split
 from sftmix.utils import SFTMixError
 
 COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3, bf16=False,

@@ -127,9 +127,9 @@ def test_yaml_values_are_checked_against_the_settings_types(tmp_path, capsys, li
 def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
     from peft import get_peft_model
 
-    from sftmix import pipeline
     from sftmix.config import parse_config
     from sftmix.models import load_model_and_tokenizer
+    from sftmix.run import pipeline
 
     cfg = parse_config(["--config", str(_yaml(tmp_path, "recipes: ntp", "use_peft: true",
                                               "lora_target_modules: q_proj", "self_ntp_epochs: 2.0")),

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from sftmix.scoring import model_device, pad_token_id
+from sftmix.confidence.scoring import model_device, pad_token_id
 
 log = logging.getLogger(__name__)
 

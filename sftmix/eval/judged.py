@@ -1,5 +1,5 @@
 """Judged instruction following: MT-Bench as FastChat runs it and AlpacaEval win rates, through an LLM judge
-(sftmix.judge), over evaluation rounds (sftmix.eval.rounds).
+(sftmix.eval.judge), over evaluation rounds (sftmix.eval.rounds).
 
     from sftmix.eval.judged import make_judge, eval_mt_bench
     metrics = eval_mt_bench(model, tokenizer, "lmsys/mt-bench", make_judge(cfg, "out"), cfg, "out")
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def make_judge(cfg: EvalConfig, output_dir: str | os.PathLike):
-    from sftmix.judge import JudgeClient
+    from sftmix.eval.judge import JudgeClient
 
     if not cfg.judge_model:
         raise SFTMixError("MT-Bench / AlpacaEval need a judge: set judge_model (and judge_base_url, e.g. "
@@ -131,9 +131,9 @@ def eval_mt_bench(model, tokenizer, path: str, judge, cfg: EvalConfig, output_di
                   fingerprint: dict | None = None, mt: dict | None = None) -> dict:
     """MT-Bench as FastChat runs it, over eval_rounds rounds (sftmix.eval.rounds: round r samples with seed + r):
     answers, FastChat's single-answer grading of each turn, the score per turn and per category; mean +- sd."""
+    from sftmix.eval.judge import judge_mt_bench, mt_bench_summary
     from sftmix.eval.rounds import run_rounds, summarize
     from sftmix.eval.tasks import load_mt_bench_set
-    from sftmix.judge import judge_mt_bench, mt_bench_summary
 
     out = Path(output_dir)
     mt = mt or load_mt_bench_set(path, cfg.mtbench_reference_file, cfg.mtbench_judge_prompts_file)
@@ -185,9 +185,9 @@ def eval_alpaca_eval(model, tokenizer, path: str, judge, cfg: EvalConfig, output
     """An answer per instruction compared pairwise with the reference `output`, over eval_rounds rounds (round r
     generates with seed + r; sftmix.eval.rounds): win rate and LC win rate, mean +- sd, every round's value kept."""
     from sftmix.eval import annotators
+    from sftmix.eval.judge import judge_pairwise, win_rate
     from sftmix.eval.rounds import run_rounds, summarize
     from sftmix.eval.tasks import HUB_EVAL_SOURCES, load_alpaca_eval
-    from sftmix.judge import judge_pairwise, win_rate
 
     out = Path(output_dir)
     rows = load_alpaca_eval(path)

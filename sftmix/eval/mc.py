@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from sftmix.confidence.scoring import model_device, pad_token_id
 from sftmix.config import EvalConfig
 from sftmix.eval.tasks import (
     HUB_EVAL_SOURCES,
@@ -55,7 +56,6 @@ from sftmix.eval.tasks import (
     load_mc,
     split_shots,
 )
-from sftmix.scoring import model_device, pad_token_id
 from sftmix.utils import SFTMixError, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
     from transformers import DynamicCache
     from trl.data_utils import common_prefix_length
 
-    from sftmix.scoring import share_batches, world_and_rank
+    from sftmix.confidence.scoring import share_batches, world_and_rank
 
     device = model_device(model)
     ckw = _cache_kw(model)
@@ -147,7 +147,7 @@ def score_choice_ids(model, prompt_ids: list[list[int]], choice_ids: list[list[l
             cur.append(i)
         if cur:
             batches.append(cur)
-        # Several processes: each runs its share of the batches (balanced by padded tokens, sftmix.dynamics.
+        # Several processes: each runs its share of the batches (balanced by padded tokens, sftmix.confidence.reference.
         # share_batches) and the scores are gathered. A batch takes 1 forward, 2 with a multi-token choice; ranks
         # with fewer forwards run one-token dummy forwards until all have run the same number, so that the
         # collectives of a sharded model (FSDP, ZeRO-3) line up.
@@ -275,9 +275,9 @@ def eval_multiple_choice(model, tokenizer, task: str, eval_file: str, shots_file
                          predictions_file: str | None = None) -> dict:
     """k-shot multiple-choice accuracy on `eval_file`; writes <task>_predictions.jsonl (or `predictions_file`) into
     output_dir if given. Under mc_protocol=biomistral this is one round, its shot sets drawn with `seed` (default
-    cfg.seed); sftmix.evaluate runs the rounds. distributed=True: every process of the process group calls it and
+    cfg.seed); sftmix.eval.evaluate runs the rounds. distributed=True: every process of the process group calls it and
     scores a share (see score_choice_ids); the main process writes the predictions."""
-    from sftmix.scoring import world_and_rank
+    from sftmix.confidence.scoring import world_and_rank
 
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""SFTMix as an axolotl plugin: axolotl's own trainer, data pipeline and YAML, plus the Mixup term of sftmix.core.
+"""SFTMix as an axolotl plugin: axolotl's own trainer, data pipeline and YAML, plus the Mixup term of
+sftmix.mixup.mixin.
 
     # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence) for
     # every row (step1.yaml: no held-out split, no filter, max_length = sequence_len; docs/integrations.md)
@@ -24,7 +25,8 @@ rows without a confidence, e.g. the examples step 1 held out for its evaluation,
 
 The YAML's settings are checked when axolotl validates it, before any dataset is read (the pydantic validator runs
 sftmix.integrations.axolotl_checks.check_plugin_config: the core's Mixup checks with the `sftmix_` names, packing,
-rl, an odd micro_batch_size). `get_trainer_cls` returns SFTMixAxolotlTrainer = sftmix.core.SFTMixMixin + axolotl's
+rl, an odd micro_batch_size). `get_trainer_cls` returns SFTMixAxolotlTrainer = sftmix.mixup.mixin.SFTMixMixin +
+axolotl's
 AxolotlTrainer (axolotl's NTP loss and features unchanged; the balanced sampler replaces its sampler). The training
 arguments get the MixupArguments fields through `get_training_args_mixin` / `get_training_args`.
 """
@@ -40,8 +42,8 @@ from typing import Literal
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from sftmix.core import BalancedPairSampler, MixupArguments
 from sftmix.integrations.axolotl_checks import YAML_FIELDS, check_plugin_config
+from sftmix.mixup.mixin import BalancedPairSampler, MixupArguments
 from sftmix.utils import SFTMixError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class SFTMixPlugin(BasePlugin):
         return "sftmix.integrations.axolotl.SFTMixArgs"
 
     def get_training_args_mixin(self) -> str:
-        return "sftmix.core.MixupArguments"
+        return "sftmix.mixup.mixin.MixupArguments"
 
     def get_training_args(self, cfg) -> dict:
         return {name: cfg[f"sftmix_{name}"] for name in YAML_FIELDS}
@@ -181,8 +183,9 @@ def _check_rows_match(tokenized, records, tokenizer, path, n_checks: int = 64) -
 
 
 def join_confidence_file(dataset, confidence_file: str, unmatched: str = "error"):
-    """`confident` and `confidence` on each row from step 1's confidence.jsonl, by guid (sftmix.dynamics)."""
-    from sftmix.dynamics import join_confidence
+    """`confident` and `confidence` on each row from step 1's confidence.jsonl, by guid
+    (sftmix.confidence.reference)."""
+    from sftmix.confidence.reference import join_confidence
     from sftmix.utils import read_jsonl
 
     if not confidence_file:

@@ -1,4 +1,4 @@
-"""SFTMixAxolotlTrainer: axolotl's AxolotlTrainer + sftmix.core.SFTMixMixin (returned by the axolotl plugin).
+"""SFTMixAxolotlTrainer: axolotl's AxolotlTrainer + sftmix.mixup.mixin.SFTMixMixin (returned by the axolotl plugin).
 
     from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer   # after axolotl registered the plugin
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from sftmix.core import SFTMixMixin, prepare_train_dataset
+from sftmix.mixup.mixin import SFTMixMixin, prepare_train_dataset
 
 
 class SFTMixAxolotlTrainer(SFTMixMixin, AxolotlTrainer):
     """AxolotlTrainer (its NTP loss, optimizers, callbacks, checkpointing) with the SFTMix balanced sampler,
-    hidden-state capture, Mixup term, `ntp_loss`/`mixup_loss` logs and non-finite guard of sftmix.core."""
+    hidden-state capture, Mixup term, `ntp_loss`/`mixup_loss` logs and non-finite guard of sftmix.mixup.mixin."""
 
     def __init__(self, *args, **kwargs):
         kwargs["train_dataset"], self.selection_description = prepare_train_dataset(kwargs.get("train_dataset"),

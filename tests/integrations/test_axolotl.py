@@ -5,8 +5,8 @@ the merge of the plugin's pydantic args, validation and normalisation) of a YAML
 dataset pipeline through the plugin's load_datasets (Alpaca rows tokenized by axolotl, guids joined to a confidence
 file); axolotl's own model and trainer setup (setup_model_and_trainer: the builder asks the plugin for the trainer
 class and training arguments); training steps that log ntp_loss and mixup_loss; and the Mixup loss of the axolotl
-trainer against an independent computation and against sftmix.core's SFTMixHFTrainer on the same batch and weights.
-Skipped where axolotl is not installed (the main environment)."""
+trainer against an independent computation and against sftmix.mixup.mixin's SFTMixHFTrainer on the same batch and
+weights. Skipped where axolotl is not installed (the main environment)."""
 
 import json
 import math
@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from sftmix.confidence.reference import split_confident  # noqa: E402
 from sftmix.data import load_records  # noqa: E402
-from sftmix.dynamics import split_confident  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import SFTMixError, write_jsonl  # noqa: E402
 
@@ -203,8 +203,8 @@ def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
     from axolotl.integrations.base import PluginManager
     from axolotl.train import setup_model_and_trainer
 
-    from sftmix.core import BalancedPairSampler
     from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer
+    from sftmix.mixup.mixin import BalancedPairSampler
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
@@ -224,11 +224,11 @@ def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
 
 def test_axolotl_mixup_equals_the_core_on_the_same_batch(setup, cfg, tmp_path):
     """The axolotl trainer's Mixup loss on one batch equals naive_mixup_loss on a separate forward (1e-5 relative) and
-    SFTMixHFTrainer's (transformers.Trainer + sftmix.core) on the same batch and weights (1e-6 relative)."""
+    SFTMixHFTrainer's (transformers.Trainer + sftmix.mixup.mixin) on the same batch and weights (1e-6 relative)."""
     from axolotl.integrations.base import PluginManager
     from axolotl.train import setup_model_and_trainer
 
-    from sftmix.core import SFTMixHFTrainer, SFTMixTrainingArguments
+    from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)

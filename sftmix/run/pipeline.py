@@ -1,21 +1,23 @@
 """The stages of `sftmix run`, each resumable on the same run directory (see sftmix.cli for the command line).
 
     from sftmix.config import parse_config
-    from sftmix import pipeline
+    from sftmix.run import pipeline
     cfg = parse_config(["--config", "configs/smoke.yaml", "--output_dir", "runs/smoke"])
     pipeline.run(cfg, "run")          # or "dynamics", "train" (recipe=...), "eval", "report"
 
 Stages and the output that marks each one done (written last, atomically; a rerun skips a done stage):
     data        DIR/data/{train,heldout}.jsonl, DIR/data/stats.json           load, filter, held-out split
-    dynamics    DIR/confidence.jsonl, DIR/dynamics/split.json, DIR/plots/      step 1 (sftmix.dynamics.run_reference)
+    dynamics    DIR/confidence.jsonl, DIR/dynamics/split.json, DIR/plots/      step 1
+    (sftmix.confidence.reference.run_reference)
     train:R     DIR/R/model/, DIR/R/train_result.json                         one target run, R in recipes
-    eval        DIR/eval/{start,R...}.json (details in DIR/eval/<name>/)      sftmix.evaluate.run_eval per model
-    report      DIR/report.{md,json,html}                                    sftmix.report
+    eval        DIR/eval/{start,R...}.json (details in DIR/eval/<name>/)      sftmix.eval.evaluate.run_eval per model
+    report      DIR/report.{md,json,html}                                    sftmix.report.report
 An interrupted target run resumes from its newest complete Trainer checkpoint (DIR/R/checkpoint-*; see
 sftmix.utils.checkpoint_problem: weights whole, optimizer, scheduler, trainer state and RNG readable; newer torn ones
-are named and removed); the reference run resumes the same way inside sftmix.dynamics. DIR/timings.json holds each
-stage's wall time. Before any stage: sftmix.validation checks every setting and input; DIR/.lock admits one command at
-a time; DIR/fingerprints.json holds the content hashes each stage read, and a stage whose inputs changed reruns (see
+are named and removed); the reference run resumes the same way inside sftmix.confidence.reference. DIR/timings.json
+holds each
+stage's wall time. Before any stage: sftmix.run.validation checks every setting and input; DIR/.lock admits one command
+at a time; DIR/fingerprints.json holds the content hashes each stage read, and a stage whose inputs changed reruns (see
 sftmix.rundir).
 """
 
@@ -103,7 +105,7 @@ def load_model(cfg, spec: str):
     from sftmix.models import load_model_and_tokenizer
 
     if os.path.isdir(spec):  # a damaged weights file is one line naming it, not a loader traceback
-        from sftmix.validation import check_weights
+        from sftmix.run.validation import check_weights
 
         check_weights("model", spec, Path(spec))
     t0 = time.perf_counter()
@@ -121,7 +123,7 @@ def load_model(cfg, spec: str):
 
 def training_config(cfg, output_dir: Path, drop=(), **forced):
     """An SFTMixConfig for one stage: the run's training values (minus `drop`), then `forced`."""
-    from sftmix.trainer import SFTMixConfig
+    from sftmix.mixup.trainer import SFTMixConfig
 
     values = {k: v for k, v in cfg.train_values.items() if k not in drop}
     values.update(output_dir=str(output_dir), **forced)
@@ -210,7 +212,7 @@ def _save_sources(cfg) -> None:
 def _config_defaults() -> dict:
     """Every field's default as the parser sets it (run, training with the pipeline's defaults, evaluation)."""
     from sftmix.config import RUN_TRAINING_DEFAULTS, RunConfig, _eval_args_class, _field_defaults
-    from sftmix.trainer import SFTMixConfig
+    from sftmix.mixup.trainer import SFTMixConfig
 
     return _plain({**_field_defaults(SFTMixConfig), **RUN_TRAINING_DEFAULTS, **_field_defaults(RunConfig),
                    **_field_defaults(_eval_args_class())})
@@ -349,9 +351,9 @@ def _failed_judgments(marker: Path, retry_failed: bool = False) -> str | None:
         results = json.loads(marker.read_text(encoding="utf-8")).get("results") or {}
     except (OSError, ValueError):
         return None
-    # deterministic failures stay failed (judge_retry_failed asks them again, sftmix.judge): only the transient ones
-    # (or every one, in a result written before failures had kinds) make the evaluation run again
-    from sftmix.evaluate import _judgments_to_retry
+    # deterministic failures stay failed (judge_retry_failed asks them again, sftmix.eval.judge): only the transient
+    # ones (or every one, in a result written before failures had kinds) make the evaluation run again
+    from sftmix.eval.evaluate import _judgments_to_retry
 
     failed = {t: n for t, m in results.items() if isinstance(m, dict) and (n := _judgments_to_retry(m, retry_failed))}
     if not failed:
@@ -366,7 +368,7 @@ def _restore_confidence(cfg, marker: Path) -> None:
     if not marker.exists() or conf.exists() or not _state().is_main_process:
         return
     if cfg.run.confidence_mode == "checkpoints":
-        from sftmix.dynamics import build_confidence
+        from sftmix.confidence.reference import build_confidence
 
         try:
             build_confidence(cfg.run_dir, cfg.run.num_checkpoints)
@@ -442,7 +444,7 @@ def _log_duplicates(train, held) -> dict:
 
 def stage_dynamics(cfg) -> None:
     """Step 1: NTP-train the reference, score it at C checkpoints, confidence.jsonl, split, plots."""
-    from sftmix.dynamics import run_reference
+    from sftmix.confidence.reference import run_reference
 
     marker = cfg.run_dir / "dynamics" / "split.json"
     d = cfg.run_dir
@@ -490,7 +492,7 @@ def stage_dynamics(cfg) -> None:
 
 def stage_train(cfg, recipe: str) -> None:
     """One target run from the start model: `sftmix` (NTP + Mixup) or `ntp` (mixup_weight=0: trl.SFTTrainer)."""
-    from sftmix.trainer import SFTMixTrainer
+    from sftmix.mixup.trainer import SFTMixTrainer
 
     out = cfg.run_dir / recipe
     one_run = recipe == "sftmix" and cfg.run.reference == "self"
@@ -500,7 +502,7 @@ def stage_train(cfg, recipe: str) -> None:
     with _stage(cfg, f"train:{recipe}", out / "train_result.json") as todo:
         if not todo:
             if one_run and not (d / "confidence.jsonl").exists() and _state().is_main_process:
-                from sftmix.callbacks import restore_self_confidence
+                from sftmix.confidence.callback import restore_self_confidence
 
                 ds, _ = _selected_target_dataset(cfg, train_records(cfg))  # the training rows, in order
                 restore_self_confidence(d, list(ds["guid"]))
@@ -518,8 +520,8 @@ def stage_train(cfg, recipe: str) -> None:
         # gets the subset and selects nothing more.
         ds, selection = select_target_examples(cfg, ds)
         callbacks = []
-        if one_run:  # the split comes from this run's own NTP epochs (sftmix.callbacks.SelfReferenceCallback)
-            from sftmix.callbacks import SelfReferenceCallback
+        if one_run:  # the split comes from this run's own NTP epochs (sftmix.confidence.callback.SelfReferenceCallback)
+            from sftmix.confidence.callback import SelfReferenceCallback
 
             online = cfg.run.self_confidence != "checkpoints"  # any online mode (online, online_raw, online_linear)
             args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs,
@@ -545,7 +547,7 @@ def stage_train(cfg, recipe: str) -> None:
             result = trainer.train(resume_from_checkpoint=resume)
         metrics = _whole_run_metrics(trainer, result.metrics, resume)
         if one_run and state.is_main_process:
-            from sftmix.plots import write_dynamics_plots
+            from sftmix.report.plots import write_dynamics_plots
 
             write_dynamics_plots(cfg.run_dir, read_jsonl(cfg.run_dir / "confidence.jsonl"), records=records,
                                  dataset=ds, tokenizer=tok)
@@ -716,7 +718,7 @@ def _with_split(cfg, ds):
     """Add the confident/unconfident split (and, for nearest pairing, the reference's hidden states) by guid."""
     import numpy as np
 
-    from sftmix.dynamics import join_confidence
+    from sftmix.confidence.reference import join_confidence
 
     if cfg.train.split_source == "column":
         return ds  # the split column travels with the records
@@ -739,8 +741,8 @@ def _with_split(cfg, ds):
 
 def select_target_examples(cfg, ds):
     """The data selection of the run (paper §5.5) on a dataset tokenized by the target's tokenizer, as
-    sftmix.trainer.select_examples ranks it: (dataset, description), or (ds, None) without a selection."""
-    from sftmix.trainer import select_examples
+    sftmix.mixup.trainer.select_examples ranks it: (dataset, description), or (ds, None) without a selection."""
+    from sftmix.mixup.trainer import select_examples
 
     if cfg.train.selection == "none":
         return ds, None
@@ -770,8 +772,8 @@ def _step1_records(cfg, records):
 def check_split_halves(cfg) -> None:
     """Refuse, before any training, a selection (or label split) that leaves fewer than 2 examples in a half of the
     SFTMix split, which the balanced sampler needs; one line naming the counts and the fix."""
-    from sftmix.dynamics import join_confidence
-    from sftmix.trainer import confident_flags
+    from sftmix.confidence.reference import join_confidence
+    from sftmix.mixup.trainer import confident_flags
 
     train = cfg.train
     if (train.selection == "none" and train.split_source != "column") or (
@@ -808,7 +810,7 @@ def eval_targets(cfg) -> list[tuple[str, str]]:
 
 def stage_eval(cfg) -> None:
     """Held-out NLL (and any configured multiple-choice / judge task) of the start model and each recipe."""
-    from sftmix.evaluate import run_eval
+    from sftmix.eval.evaluate import run_eval
 
     state = _state()
     ecfg = cfg.eval_config()
@@ -834,7 +836,7 @@ def stage_eval(cfg) -> None:
 
 
 def stage_report(cfg, force: bool = True) -> dict | None:
-    from sftmix import report
+    from sftmix.report import report
 
     if not _state().is_main_process:
         return None
@@ -850,8 +852,8 @@ def stage_report(cfg, force: bool = True) -> dict | None:
 
 def run(cfg, command: str, recipe: str | None = None) -> int:
     """Run `command` (run, dynamics, train, eval, report) on cfg.run_dir; returns the exit code."""
+    from sftmix.run.validation import make_run_dir, validate
     from sftmix.rundir import RunLock, check_shared_run_dir
-    from sftmix.validation import make_run_dir, validate
 
     t0 = time.perf_counter()
     validate(cfg, command)  # every setting and input file, before anything is written or trained
@@ -879,7 +881,7 @@ def _check_deepspeed_used(cfg) -> None:
 
 
 def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
-    from sftmix import report
+    from sftmix.report import report
 
     if cfg.run.num_threads:
         import torch
@@ -902,7 +904,7 @@ def _run(cfg, command: str, recipe: str | None, t0: float) -> int:
     with state.main_process_first():
         stage_data(cfg)
     if command in ("train", "run"):
-        from sftmix.validation import check_step_counts
+        from sftmix.run.validation import check_step_counts
 
         check_step_counts(cfg, len(train_records(cfg)))  # needs the data's size; still before any training
     if command in ("dynamics",) or (command == "run" and needs_split):

@@ -11,14 +11,14 @@ What changes relative to SFTTrainer, and nothing else:
 - the collator passes the `confident` flags (and `example_idx` for online dynamics) through to the loss;
 - compute_loss: TRL's own NTP loss (its fused LM head, unchanged), plus mixup_weight * L_Mixup computed from the
   backbone's last hidden states, which a forward hook keeps from the same forward pass: no second transformer pass and
-  no full-vocabulary logits (see sftmix.loss);
+  no full-vocabulary logits (see sftmix.mixup.loss);
 - log: `ntp_loss` and `mixup_loss` are logged separately;
 - online dynamics (`record_online_dynamics=True`): each example's mean response NLL from TRL's per-token log-probs of
   the training forward passes, into `trainer.online_records` (only this trainer has those log-probs).
 With Mixup off (`mixup_weight=0`, `mixup_role="regularizer"`, `ntp_subset="all"`) it *is* SFTTrainer: same sampler, same
 loss, same numbers step by step. That is the NTP baseline of every comparison.
-Everything but TRL's fused head lives in the TRL-free component sftmix.core (SFTMixMixin), which also gives
-transformers.Trainer (sftmix.core.SFTMixHFTrainer) and axolotl (sftmix.integrations.axolotl) the same Mixup term.
+Everything but TRL's fused head lives in the TRL-free component sftmix.mixup.mixin (SFTMixMixin), which also gives
+transformers.Trainer (sftmix.mixup.mixin.SFTMixHFTrainer) and axolotl (sftmix.integrations.axolotl) the same Mixup term.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import trl
 from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
+from sftmix.mixup.loss import mixup_loss
+
 # The TRL-free component (sampler, collator, split and selection, capture, Mixup term, guard); re-exported here
-from .core import (  # noqa: F401
+from sftmix.mixup.mixin import (  # noqa: F401
     MIXUP_ROLES,
     NTP_SUBSETS,
     PAIRINGS,
@@ -49,18 +51,17 @@ from .core import (  # noqa: F401
     prepare_train_dataset,
     select_examples,
 )
-from .loss import mixup_loss
-from .utils import SFTMixError
+from sftmix.utils import SFTMixError
 
 if Version(trl.__version__) < Version("1.16"):  # the [axolotl] extra allows TRL 1.9; SFTMixTrainer needs 1.16's head
-    raise ImportError(f"sftmix.trainer (SFTMixTrainer) needs trl>=1.16 (its fused LM head); this environment has "
-                      f"{trl.__version__}. With another TRL use sftmix.core (SFTMixHFTrainer, SFTMixMixin).")
+    raise ImportError(f"sftmix.mixup.trainer (SFTMixTrainer) needs trl>=1.16 (its fused LM head); this environment has "
+                      f"{trl.__version__}. With another TRL use sftmix.mixup.mixin (SFTMixHFTrainer, SFTMixMixin).")
 
 
 @dataclass
 class SFTMixConfig(MixupArguments, SFTConfig):
     r"""Configuration of [`SFTMixTrainer`]: every field of `trl.SFTConfig`, plus the SFTMix ones of
-    [`sftmix.core.MixupArguments`] (mixup_alpha, mixup_weight, mixup_role, ntp_subset, pairing, ...).
+    [`sftmix.mixup.mixin.MixupArguments`] (mixup_alpha, mixup_weight, mixup_role, ntp_subset, pairing, ...).
 
     Paper defaults (Xiao et al.): AdamW, learning_rate 2e-6, weight_decay 0.1, cosine schedule, warmup 0.1,
     global batch 32, mixup_alpha 0.5, mixup_weight 0.2.
@@ -100,7 +101,7 @@ class SFTMixTrainer(SFTMixMixin, SFTTrainer):
         return maybe_gather_lm_head_ctx(weight)
 
     def _mixup_loss(self, hidden, labels, weight, pairs, lam):
-        # this module's `mixup_loss`, so that a test can patch sftmix.trainer.mixup_loss
+        # this module's `mixup_loss`, so that a test can patch sftmix.mixup.trainer.mixup_loss
         return mixup_loss(hidden, labels, weight, pairs, lam, self.args.mixup_chunk_tokens)
 
     def _missing_mixup_message(self) -> str:

@@ -1,6 +1,6 @@
 """LLM-as-a-judge through any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, OpenAI, ...).
 
-    from sftmix.judge import JudgeClient, judge_mt_bench, mt_bench_summary, judge_pairwise, win_rate
+    from sftmix.eval.judge import JudgeClient, judge_mt_bench, mt_bench_summary, judge_pairwise, win_rate
     client = JudgeClient("http://127.0.0.1:8000/v1", model="judge", api_key_env="OPENAI_API_KEY",
                          cache_path="run/eval/judge_cache.jsonl")
     mt = sftmix.eval.tasks.load_mt_bench_set("lmsys/mt-bench")    # FastChat's questions, references, templates

@@ -3,7 +3,7 @@
 Any `transformers.Trainer` subclass gets SFTMix by putting `SFTMixMixin` first; its own NTP loss (the model's loss,
 a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the Mixup term is added to it:
 
-    from sftmix.core import SFTMixMixin, SFTMixHFTrainer, SFTMixTrainingArguments, prepare_train_dataset
+    from sftmix.mixup.mixin import SFTMixMixin, SFTMixHFTrainer, SFTMixTrainingArguments, prepare_train_dataset
 
     args = SFTMixTrainingArguments(output_dir="out", per_device_train_batch_size=8, mixup_weight=0.2)
     trainer = SFTMixHFTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)  # = Trainer + the core
@@ -21,14 +21,15 @@ a chunked cross-entropy, TRL's fused head, axolotl's) is kept as it is, and the 
   confident row paired with the i-th unconfident one;
 - the collator (SFTMixCollator around the trainer's own) turns `confident` and `example_idx` into tensors;
 - a forward hook on the backbone keeps its last hidden states (the LM head's input) from the NTP forward itself, and
-  the Mixup loss (sftmix.loss.mixup_loss) is computed from them inside the model's forward (or right after an NTP loss
-  that runs the backbone itself): one backbone pass per step, no full-vocabulary logits for the mixed states;
+  the Mixup loss (sftmix.mixup.loss.mixup_loss) is computed from them inside the model's forward (or right after an NTP
+  loss that runs the backbone itself): one backbone pass per step, no full-vocabulary logits for the mixed states;
 - compute_loss returns NTP + mu * Mixup (normalised like the Trainer normalises the NTP loss under gradient
   accumulation), logs `ntp_loss` and `mixup_loss`, and stops on a non-finite loss, gradient or weight before the update.
-- one-run SFTMix (`self_reference_epochs=N` and a sftmix.callbacks.SelfReferenceCallback): `OneRunSampler` gives
+- one-run SFTMix (`self_reference_epochs=N` and a sftmix.confidence.callback.SelfReferenceCallback): `OneRunSampler`
+gives
   random order (plain NTP, no Mixup term) for N epochs, then balanced pairs on the split the callback takes then.
 This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
-`sftmix.trainer.SFTMixTrainer` is trl.SFTTrainer on the same component.
+`sftmix.mixup.trainer.SFTMixTrainer` is trl.SFTTrainer on the same component.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
-from .loss import mixup_loss
-from .online import OnlineRecords
-from .scoring import LOGIT_SCALE_ATTRS
-from .split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
-from .utils import SFTMixError, last_complete_checkpoint
+from sftmix.confidence.online import OnlineRecords
+from sftmix.confidence.scoring import LOGIT_SCALE_ATTRS
+from sftmix.confidence.split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
+from sftmix.mixup.loss import mixup_loss
+from sftmix.utils import SFTMixError, last_complete_checkpoint
 
 MIXUP_ROLES = ("regularizer", "loss", "only")
 NTP_SUBSETS = ("all", "confident", "unconfident")
@@ -145,10 +146,10 @@ class MixupArguments:
     self_reference_epochs: int = field(
         default=0,
         metadata={"help": "One-run SFTMix (reference=self): the first N epochs train with plain NTP (ordinary random "
-                          "order, no Mixup) while a sftmix.callbacks.SelfReferenceCallback scores the training "
-                          "data; at the end of epoch N the median split is taken and the same run (one optimizer, "
-                          "one LR schedule) continues with Mixup on balanced pairs. 0: the split comes from the data "
-                          "(step 1 of the two-run recipe)."},
+                          "order, no Mixup) while a sftmix.confidence.callback.SelfReferenceCallback scores the "
+                          "training data; at the end of epoch N the median split is taken and the same run (one "
+                          "optimizer, one LR schedule) continues with Mixup on balanced pairs. 0: the split comes "
+                          "from the data (step 1 of the two-run recipe)."},
     )
 
 
@@ -200,7 +201,7 @@ def one_run_problem(ntp_epochs, *, num_train_epochs=None, max_steps=-1, mixup_en
                     what="one-run SFTMix (self_reference_epochs)") -> str | None:
     """Why one-run SFTMix cannot run with these settings, as one sentence, or None. The one home of these rules:
     MixupArguments and the SelfReferenceCallback (library users, `epochs_name` self_reference_epochs) and
-    sftmix.validation (the command line, before any stage: `self_ntp_epochs`, `reference=self`) word the same
+    sftmix.run.validation (the command line, before any stage: `self_ntp_epochs`, `reference=self`) word the same
     checks through it, each in its user's setting names. num_train_epochs=None skips the epoch checks (an arguments
     class is checked before it knows them for sure)."""
     if isinstance(ntp_epochs, bool) or not isinstance(ntp_epochs, (int, float)) or ntp_epochs != int(ntp_epochs) \
@@ -581,7 +582,7 @@ class SFTMixMixin:
 
     @staticmethod
     def check_model_config(name: str, cfg) -> None:
-        """What a model's (text) config says the Mixup loss cannot reproduce: also checked by sftmix.validation on
+        """What a model's (text) config says the Mixup loss cannot reproduce: also checked by sftmix.run.validation on
         the target's config.json, before step 1 trains."""
         if getattr(cfg, "final_logit_softcapping", None):
             raise SFTMixError(f"{name} uses final logit soft-capping (e.g. Gemma-2), which the Mixup loss does not "
@@ -625,11 +626,12 @@ class SFTMixMixin:
 
     def _one_run_split(self) -> np.ndarray:
         """The confident flags of the training rows at the switch to Mixup (one-run SFTMix), from the
-        SelfReferenceCallback among the trainer's callbacks (sftmix.callbacks: this module stays free of step 1)."""
+        SelfReferenceCallback among the trainer's callbacks (sftmix.confidence.callback: this module stays free of step
+        1)."""
         found = [cb for cb in self.callback_handler.callbacks if callable(getattr(cb, "self_split", None))]
         if len(found) != 1:
             raise SFTMixError(f"self_reference_epochs={self.args.self_reference_epochs} needs exactly one "
-                              f"sftmix.callbacks.SelfReferenceCallback in the trainer's callbacks "
+                              f"sftmix.confidence.callback.SelfReferenceCallback in the trainer's callbacks "
                               f"(found {len(found)}).")
         if "guid" not in self.train_dataset.column_names:
             raise SFTMixError("one-run SFTMix joins the split by guid: the training data needs a `guid` column "

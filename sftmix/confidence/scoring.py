@@ -1,14 +1,14 @@
 """The no-grad scoring engine of step 1 and of the evaluation: each example's mean NLL over its response tokens.
 
-    from sftmix.scoring import score_examples, run_scoring
+    from sftmix.confidence.scoring import score_examples, run_scoring
     rows = score_examples(model, tokenized_ds, batch_size=16)   # [{guid, nll_mean, n_tokens, ppl}] in dataset order
     res = run_scoring(model, ds, hidden_at="last_response", distributed=True)   # + stats, hidden states, shared out
 
 Examples are scored in length-sorted batches (little padding), right padded, through the backbone and then the LM
 head in vocabulary tiles (TRL's chunked log-prob kernel: the [B, T, V] logits never exist), with the logit transforms
 TRL's fused head honours (bias, logit scale, final softcapping). Under several processes the batches are shared out
-by tokens and the rows gathered, so every process returns the one-process result. sftmix.dynamics scores the
-reference's checkpoints with it, sftmix.callbacks any Trainer's, sftmix.evaluate the held-out NLL.
+by tokens and the rows gathered, so every process returns the one-process result. sftmix.confidence.reference scores the
+reference's checkpoints with it, sftmix.confidence.callback any Trainer's, sftmix.eval.evaluate the held-out NLL.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LOGPROB_VOCAB_CHUNK = 8192  # vocabulary columns per LM-head tile: bounds the logits buffer to [4096, 8192]
 # Config attributes that scale a model's logits after the LM head (TRL's fused head applies them; the Mixup loss
-# does not, so sftmix.core refuses such a target)
+# does not, so sftmix.mixup.mixin refuses such a target)
 LOGIT_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 

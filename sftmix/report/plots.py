@@ -1,6 +1,6 @@
 """Plots and a text summary of step 1 (matplotlib, Agg backend; every file written atomically).
 
-    from sftmix.plots import write_dynamics_plots
+    from sftmix.report.plots import write_dynamics_plots
     paths = write_dynamics_plots("run/", confidence_rows, records=records)
     # -> run/plots/confidence_hist.png, data_map.png, hidden_map.png, confidence_summary.md
 
@@ -8,7 +8,7 @@
 - data_map.png: variability vs mean PPL per example (dataset cartography, Swayamdipta et al. 2020) on log axes,
   coloured by the confident / unconfident split. Perplexity is heavy-tailed: on linear axes a few outliers squeeze
   the bulk of the data into one corner.
-- loss_curves.png (written by sftmix.report): NTP and Mixup loss per step of each recipe and the reference.
+- loss_curves.png (written by sftmix.report.report): NTP and Mixup loss per step of each recipe and the reference.
 - hidden_map.png: a 2-D map (PCA, or t-SNE) of each example's hidden state at its last response token from the
   final reference checkpoint, coloured by confidence: the paper's Figure 1 (from dynamics/hidden_final.npz).
 - confidence_summary.md: the most and least confident instructions (first user message), to compare with the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sftmix.split import split_threshold
+from sftmix.confidence.split import split_threshold
 from sftmix.utils import SFTMixError, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -1,17 +1,18 @@
 """Trainer callbacks: a data map for any SFT run, and the confidence of one-run SFTMix.
 
-    from sftmix.callbacks import ConfidenceCallback, SelfReferenceCallback
+    from sftmix.confidence.callback import ConfidenceCallback, SelfReferenceCallback
     cb = ConfidenceCallback(tokenized_ds, "out", num_checkpoints=3, batch_size=16)   # or steps=[10, 20, 30]
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])  # any Trainer
     trainer.train()          # -> out/dynamics/ckpt_{1..3}.jsonl (guid, nll_mean, n_tokens, ppl), schedule.json
-    rows = sftmix.dynamics.build_confidence("out", 3)   # -> out/confidence.jsonl (confidence, variability, split)
+    rows = sftmix.confidence.reference.build_confidence("out", 3)  # -> out/confidence.jsonl (confidence, split)
 
     # one-run SFTMix: NTP for self_reference_epochs while this scores the data, then Mixup on its split
     cb = SelfReferenceCallback(tokenized_ds, "out", num_checkpoints=2)
     trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds, callbacks=[cb])
 
 `score_dataset` is tokenized with labels (-100 outside the response) and a guid column (sftmix.data.tokenize_records).
-Scoring is sftmix.scoring.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on the model
+Scoring is sftmix.confidence.scoring.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on
+the model
 as it is after that step's update; every process takes part (each scores a share), the main process writes, each
 file atomically. A checkpoint whose file exists is not scored again, so a resumed run only scores what is missing.
 
@@ -35,15 +36,15 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from sftmix.core import one_run_problem
-from sftmix.dynamics import (
+from sftmix.confidence.reference import (
     build_confidence,
     online_confidence_rows,
     save_online_records,
     saved_online_records,
     scoring_steps,
 )
-from sftmix.scoring import run_scoring
+from sftmix.confidence.scoring import run_scoring
+from sftmix.mixup.mixin import one_run_problem
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def _ckpt_step(path: Path, steps: list) -> float:
 def _check_score_dataset(ds, name: str) -> str:
     """Refuse a score dataset the scorer would stop on hours later (missing columns, no rows, duplicated guids, rows
     without a response token); return the sha256 of its guids in order (the data part of the run's fingerprint)."""
-    from sftmix.scoring import check_score_columns
+    from sftmix.confidence.scoring import check_score_columns
 
     check_score_columns(ds, f"{name} score_dataset")
     if len(ds) == 0:
@@ -223,23 +224,23 @@ def _rows_without_response(ds) -> list[int]:
     return out
 
 
-# self_confidence's online modes -> what sftmix.dynamics.online_confidence subtracts from each record's NLL
+# self_confidence's online modes -> what sftmix.confidence.reference.online_confidence subtracts from each record's NLL
 ONLINE_DETREND = {"online": "step", "online_raw": False, "online_linear": "linear"}
 
 
 class SelfReferenceCallback(ConfidenceCallback):
     """One-run SFTMix's confidence, from the first `args.self_reference_epochs` epochs of the target's own NTP
     training; at the switch to Mixup, `self_split` writes out_dir/confidence.jsonl (paper eq. 1 and the median split
-    of sftmix.split) and then the marker dynamics/self_split.json. A resumed run reloads that split.
+    of sftmix.confidence.split) and then the marker dynamics/self_split.json. A resumed run reloads that split.
 
     confidence="online" (free; needs record_online_dynamics=True in the training arguments): each example's response
     NLL from the training forward of those epochs (the trainer's `online_records`), relative to the mean of its
-    optimizer step (sftmix.dynamics.online_confidence(relative=True)); the records are written to
+    optimizer step (sftmix.confidence.reference.online_confidence(relative=True)); the records are written to
     dynamics/online_records.jsonl before each Trainer checkpoint and restored on resume. confidence="online_raw":
     the same records without the step-relative correction; "online_linear": less a line fitted over the steps
     instead of each step's mean (variants, compared in benchmarks/quality_parts.py).
     confidence="checkpoints": C scoring passes spread over those epochs (checkpoint k at step ceil(k*T_E/C), T_E the
-    last step of those epochs), as ConfidenceCallback scores, then sftmix.dynamics.build_confidence.
+    last step of those epochs), as ConfidenceCallback scores, then sftmix.confidence.reference.build_confidence.
 
     SFTMixMixin finds this callback among the trainer's callbacks when self_reference_epochs > 0 and binds itself
     as `callback.trainer`."""
@@ -266,7 +267,7 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     def _ntp_steps(self, args, state) -> int:
         epochs = getattr(args, "self_reference_epochs", 0) or 0
-        # the same rules (and words) as sftmix.validation checks before a `sftmix run` starts
+        # the same rules (and words) as sftmix.run.validation checks before a `sftmix run` starts
         problem = one_run_problem(epochs, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
                                   what="SelfReferenceCallback (one-run SFTMix)")
         if problem:

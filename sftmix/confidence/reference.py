@@ -1,6 +1,6 @@
 """Recipe step 1: the reference model's training dynamics, each example's confidence, and the confident split.
 
-    from sftmix.dynamics import score_examples, confidence, split_confident, run_reference, join_confidence
+    from sftmix.confidence.reference import score_examples, confidence, split_confident, run_reference, join_confidence
     rows = score_examples(model, tokenized_ds, batch_size=16)   # [{guid, nll_mean, n_tokens, ppl}] in dataset order
     conf = confidence(ppl)                                      # ppl [C, N] -> -ppl.mean(0)   (paper eq. 1)
     confident = split_confident(conf, guids)                    # bool [N], exactly floor(N/2) True
@@ -46,15 +46,15 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from sftmix.online import epoch_index
-from sftmix.scoring import (  # noqa: F401  (re-exported: step 1's scorer, as `from sftmix.dynamics import ...`)
+from sftmix.confidence.online import epoch_index
+from sftmix.confidence.scoring import (  # noqa: F401  (re-exported: step 1's scorer, as `from sftmix.confidence.reference import ...`)
     ScoringResult,
     run_scoring,
     score_examples,
     share_batches,
     world_and_rank,
 )
-from sftmix.split import confidence, split_confident, variability  # noqa: F401  (step 1's API, re-exported)
+from sftmix.confidence.split import confidence, split_confident, variability  # noqa: F401  (step 1's API, re-exported)
 from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, resume_checkpoint, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -528,7 +528,7 @@ def run_reference(
         logger.info("%s exists: reference step already done", conf_path)
         rows = read_jsonl(conf_path)
     else:
-        from sftmix.trainer import SFTMixConfig, SFTMixTrainer
+        from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 
         ref_dir = out_dir / "reference"
         # SFTMixTrainer with mixup_weight=0 is trl.SFTTrainer step for step (plain NTP); it also records online
@@ -573,7 +573,7 @@ def run_reference(
                 write_online_summary(out_dir, trainer.online_records, guids)
                 write_jsonl(conf_path, rows)
     if plots and main:
-        from sftmix.plots import write_dynamics_plots
+        from sftmix.report.plots import write_dynamics_plots
 
         write_dynamics_plots(out_dir, rows, records=records, dataset=train_dataset, tokenizer=tokenizer)
     return rows

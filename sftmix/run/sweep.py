@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 
 from sftmix.config import resolve_config_path, shipped_configs
-from sftmix.report import _fmt  # one number format for run reports and the sweep table
+from sftmix.report.report import _fmt  # one number format for run reports and the sweep table
+from sftmix.run.validation import validate_settings
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
-from sftmix.validation import validate_settings
 
 log = logging.getLogger("sftmix")
 
-# comparison-row keys of sftmix.report that are not metrics
+# comparison-row keys of sftmix.report.report that are not metrics
 NOT_METRICS = {"model", "label", "n_examples", "n_tokens", "delta_nll_vs_start", "heldout_ppl_example_mean",
                "train_ntp_loss", "train_seconds"}
 HIGHER_IS_BETTER = ("accuracy", "score", "win_rate")
@@ -339,7 +339,7 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def render_markdown(summary: dict) -> str:
-    from sftmix.report import _md_table
+    from sftmix.report.report import _md_table
 
     header, body = table(summary)
     better = [c for c in summary["columns"] if c.endswith(HIGHER_IS_BETTER)]

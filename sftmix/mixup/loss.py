@@ -1,6 +1,6 @@
 """The SFTMix Mixup loss as a pure tensor function (no model, no Trainer).
 
-    from sftmix.loss import mixup_loss
+    from sftmix.mixup.loss import mixup_loss
     loss = mixup_loss(hidden_states, labels, lm_head.weight, pairs, lam)   # scalar L_Mixup, exact gradients
 
 Definitions (paper §3.3, HF label convention: `labels[b, t] != -100` marks a response token and the last hidden state

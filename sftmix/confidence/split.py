@@ -1,6 +1,6 @@
 """The confident/unconfident split of recipe step 1, as plain functions of plain arrays (no model, no Trainer).
 
-    from sftmix.split import confidence, split_confident
+    from sftmix.confidence.split import confidence, split_confident
     conf = confidence(ppl)                       # ppl [C checkpoints, N examples] -> -(1/C) sum_c ppl_c
     flags = split_confident(conf, guids)         # True for the floor(N/2) most confident examples
 
@@ -8,9 +8,9 @@
     kept, desc = select_examples(train_dataset, args)   # paper §5.5: long / score / random
     c, u = nearest_partners(embeddings, flags)   # pairing=nearest
 
-`sftmix.dynamics` (the reference run that measures ppl) and `sftmix.core` (the sampler that pairs the halves) both
-read the rule from here, so the split has one definition. `args` is any object with the Mixup fields
-(sftmix.core.MixupArguments).
+`sftmix.confidence.reference` (the reference run that measures ppl) and `sftmix.mixup.mixin` (the sampler that pairs
+the halves) both read the rule from here, so the split has one definition. `args` is any object with the Mixup fields
+(sftmix.mixup.mixin.MixupArguments).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def split_threshold(confidence, confident) -> float:
 
 def median_split(values, guids=None) -> np.ndarray:
     """Boolean mask, True for the higher half of `values` (exactly floor(N/2) True; the median of an odd N goes to the
-    lower half; ties broken by guid, else by index). The one rule of the project: sftmix.split.split_confident."""
+    lower half; ties broken by guid, else by index). The one rule of the project:
+    sftmix.confidence.split.split_confident."""
     return split_confident(values, guids if guids is not None else [f"{i:012d}" for i in range(len(values))])
 
 

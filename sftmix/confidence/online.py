@@ -1,6 +1,6 @@
 """Online per-example records: each example's response NLL from the NTP training forward itself (no scoring pass).
 
-    from sftmix.online import OnlineRecords, epoch_index
+    from sftmix.confidence.online import OnlineRecords, epoch_index
     records = OnlineRecords()   # trainer.online_records (SFTMixConfig(record_online_dynamics=True))
     records.add({"example_idx": 3, "global_step": 0, "epoch": 0.0, "nll_mean": 2.1, "n_tokens": 9})  # -> True
     records.add({"example_idx": 3, "global_step": 1, "epoch": 0.5, "nll_mean": 2.0, "n_tokens": 9})  # -> False

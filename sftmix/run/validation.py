@@ -1,8 +1,8 @@
 """Everything a run can check before it trains: every setting against its range, every input file (data, evaluation
 sets, chat templates, judge prompts, models) for existence and parse, the run directory for writability.
 
-    from sftmix.validation import validate
-    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by sftmix.pipeline.run
+    from sftmix.run.validation import validate
+    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by sftmix.run.pipeline.run
 
 A mistake found here costs seconds; found after step 1 it would cost the reference run, and the corrected command
 would meet a run directory that holds finished stages. The cross-field checks of the config dataclasses
@@ -76,7 +76,7 @@ def validate_settings(cfg) -> None:
     for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
         _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
     if "sftmix" in run.recipes and tr.mixup_enabled:
-        from sftmix.core import SFTMixMixin
+        from sftmix.mixup.mixin import SFTMixMixin
 
         SFTMixMixin._check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
     if tr.pairing == "nearest" and tr.split_source == "column":
@@ -108,10 +108,10 @@ ONE_RUN = "reference=self (one-run SFTMix)"
 
 
 def check_one_run(cfg) -> None:
-    """reference=self: the settings one-run SFTMix cannot run with (sftmix.core.one_run_problem, the rules the
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.mixup.mixin.one_run_problem, the rules the
     trainer and its callback apply at train time), refused here, before the first stage of the command trains,
     in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
-    from sftmix.core import one_run_problem
+    from sftmix.mixup.mixin import one_run_problem
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes:
@@ -129,7 +129,7 @@ def check_step_counts(cfg, n_train: int) -> None:
     of what the run trains on, so a refusal here is certain; the callback checks the exact count again)."""
     from accelerate import PartialState
 
-    from sftmix.core import OneRunSampler
+    from sftmix.mixup.mixin import OneRunSampler
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes or run.self_confidence != "checkpoints":
@@ -204,7 +204,7 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     if mixup and isinstance(data, dict):
         from types import SimpleNamespace
 
-        from sftmix.core import SFTMixMixin
+        from sftmix.mixup.mixin import SFTMixMixin
 
         # the text model's settings (a multimodal config nests them under text_config)
         text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
@@ -290,7 +290,7 @@ def check_eval_files(cfg) -> None:
     if ecfg.alpacaeval_file:
         _loaded("alpacaeval_file", ecfg.alpacaeval_file, tasks.load_alpaca_eval)  # a file, or AlpacaEval 2 by id
     if judged:
-        from sftmix.judge import load_prompt
+        from sftmix.eval.judge import load_prompt
 
         if not ecfg.judge_model:
             raise SFTMixError(f"{' and '.join(judged)} need{'s' if len(judged) == 1 else ''} a judge: set judge_model "
@@ -308,8 +308,8 @@ def check_mc_protocol(cfg) -> None:
     """The multiple-choice protocol's own checks: eval_rounds against mc_protocol, and under biomistral each set as
     that protocol reads it (PubMedQA's test questions, the published sizes, a shot pool)."""
     from sftmix.config import MC_TASKS
+    from sftmix.eval.evaluate import mc_rounds
     from sftmix.eval.tasks import load_biomistral_sets
-    from sftmix.evaluate import mc_rounds
 
     ecfg = cfg.eval_config()
     mc_rounds(ecfg)

@@ -1,6 +1,6 @@
 """The run report: report.json (everything, machine-readable), report.md and a self-contained report.html.
 
-    from sftmix.report import write_report, print_comparison
+    from sftmix.report.report import write_report, print_comparison
     summary = write_report(cfg)        # reads the run directory cfg.run_dir, writes report.{json,md,html}
     print_comparison(summary)          # the NTP vs SFTMix table (rich) on the held-out examples
 
@@ -65,8 +65,8 @@ def collect(cfg) -> dict:
         confident = [r for r in rows if r["confident"]]
         unconfident = [r for r in rows if not r["confident"]]
 
+        from sftmix.confidence.split import split_threshold
         from sftmix.data import first_user_message
-        from sftmix.split import split_threshold
 
         def brief(r):
             return {"guid": r["guid"], "confidence": r["confidence"], "n_tokens": r.get("n_tokens"),
@@ -276,7 +276,7 @@ def collect_curves_and_answers(cfg) -> dict:
         switch = int(steps if isinstance(steps, int) else max(steps))
     plot = None
     if curves:
-        from sftmix.plots import plot_loss_curves
+        from sftmix.report.plots import plot_loss_curves
 
         plot_loss_curves(curves, d / "plots" / CURVE_PLOT, switch)
         plot = CURVE_PLOT

@@ -1,0 +1,1 @@
+"""Step 1: confidence from training dynamics (reference run, scoring, the split)."""

@@ -1,0 +1,1 @@
+"""The report of a run directory: tables, plots, report.{md,json,html}."""

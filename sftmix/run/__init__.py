@@ -1,0 +1,1 @@
+"""`sftmix run` and `sftmix sweep`: the stages on a run directory, its checks."""
