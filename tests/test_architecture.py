@@ -26,7 +26,7 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:  # relative import
                     up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(up + ([node.module] if node.module else []))
-                # `from sftmix import pipeline` names a module; `from sftmix.x import f` names sftmix.x
+                # `from sftmix.run import pipeline` names a module; `from sftmix.x import f` names sftmix.x
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
                 while t and t not in modules:  # `import sftmix.eval.tasks` as the deepest module that exists

@@ -376,7 +376,7 @@ def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     want = {"pubmedqa": items(load_pubmedqa(str(local / "pubmedqa.json"))),
             "medqa": items(load_medqa(str(local / "medqa.jsonl"))),
             "medmcqa": items(load_medmcqa(str(local / "medmcqa.jsonl"), "0"))}
-    code = ("import json\nfrom sftmix import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+    code = ("import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
             "items = lambda xs: [[it.id, it.text, it.choices, it.answer] for it in xs]\n"
             "got = {'pubmedqa': items(ev.load_pubmedqa('org/pubmedqa')), 'medqa': items(ev.load_medqa('org/medqa')),"
             " 'medmcqa': items(ev.load_medmcqa('org/medmcqa'))}\n"
