@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "sftmix"
+ROOT = PKG.parent
 
 # The layers, bottom to top: a module may import from its own layer or any layer below, never from one above. Each
 # entry is a module or a package prefix; a module takes the layer of its longest matching entry (so `mixup.loss` is
@@ -138,3 +139,49 @@ def test_the_checker_sees_a_cycle():
 def test_no_import_cycle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Re-exports live in sftmix/__init__.py only: everywhere else a name is imported from the module that defines it, so
+# that importing a pure function never drags in a heavier module that happens to import it too.
+
+
+def top_level_names(tree: ast.Module) -> set[str]:
+    """The names a module defines itself (functions, classes, assignments, also under a top-level if/try)."""
+    out = set()
+    for node in tree.body:
+        for n in [node, *ast.walk(node)] if isinstance(node, (ast.If, ast.Try)) else [node]:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(n.name)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign)):
+                for target in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                    out |= {x.id for x in ast.walk(target) if isinstance(x, ast.Name)}
+    return out
+
+
+def imports_through_another_module(sources: dict[str, str], modules: dict[str, set[str]]) -> list[str]:
+    """`file:line module.name` for each `from sftmix.x import name` (x not the root) where x does not define name."""
+    found = []
+    for where, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in modules \
+                    and node.module != "sftmix":
+                found += [f"{where}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name not in modules[node.module] and f"{node.module}.{a.name}" not in modules]
+    return found
+
+
+def test_the_checker_sees_an_import_through_another_module():
+    modules = {"sftmix.a": {"f"}, "sftmix.b": {"g"}, "sftmix.b.c": set()}
+    sources = {"x.py": "from sftmix.b import g, f\nfrom sftmix.a import f\nfrom sftmix.b import c\n"}
+    assert imports_through_another_module(sources, modules) == ["x.py:1 sftmix.b.f"]
+    assert "confidence" in top_level_names(ast.parse((PKG / "confidence" / "split.py").read_text(encoding="utf-8")))
+
+
+def test_names_are_imported_from_their_defining_module():
+    modules = {_module_name(p): top_level_names(ast.parse(p.read_text(encoding="utf-8"))) for p in PKG.rglob("*.py")}
+    files = [p for d in ("sftmix", "tests", "benchmarks", "examples") for p in (ROOT / d).rglob("*.py")]
+    sources = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in files}
+    found = imports_through_another_module(sources, modules)
+    assert not found, "import each name from the module that defines it (re-exports: sftmix/__init__.py only): " + \
+        "; ".join(found)

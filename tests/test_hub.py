@@ -362,7 +362,7 @@ def test_a_download_cut_half_way_resumes(repos, tmp_path):
 def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     """PubMedQA (pqa_labeled), MedQA (4 options) and MedMCQA by Hub id give the same questions as the same rows in
     the local file layouts the loaders already read; the metrics record the Hub commit."""
-    from sftmix.eval.evaluate import load_medmcqa, load_medqa, load_pubmedqa
+    from sftmix.eval.tasks import load_medmcqa, load_medqa, load_pubmedqa
     from sftmix.utils import write_jsonl
 
     local = tmp_path / "local"
@@ -422,7 +422,7 @@ def test_a_run_killed_by_a_failed_download_continues_with_the_missing_files(repo
 
 def test_hub_ids_paths_and_the_trl_field_names(tmp_path, monkeypatch):
     """In-process, no network (offline): what counts as a Hub id, a local path of that name winning, the TRL names."""
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.data import load_records_with_stats
     from sftmix.hub import is_hub_id
 
