@@ -20,6 +20,7 @@ global main process writes it; the lock and fingerprints are its alone).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -44,6 +45,10 @@ OUTPUTS = ("data", "reference", "dynamics", "plots", "eval", "sftmix", "ntp", "c
 
 # ----------------------------------------------------------------------------------------------------------------
 # lock
+
+
+_CANNOT_OPEN = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENOSPC, errno.EDQUOT}
 
 
 def _alive(pid: int) -> bool:
@@ -74,6 +79,8 @@ class RunLock:
         self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._claim)
 
     def __enter__(self):
+        if not self.path.parent.is_dir():  # filelock would create it: the run makes its directory, not the lock
+            raise self._unwritable(errno.ENOTDIR if self.path.parent.exists() else errno.ENOENT)
         try:
             self.lock.acquire()
         except filelock.Timeout:
@@ -82,10 +89,15 @@ class RunLock:
                    f"{holder.get('command')}") if holder else "another process"
             raise SFTMixError(f"{self.path.parent} is in use by another sftmix run ({who}); wait for it to finish, "
                               f"or use another --output_dir.") from None
-        except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            raise SFTMixError(f"{self.path.parent}: cannot write in the run directory ({e.strerror}); choose another "
-                              f"--output_dir or fix its permissions.") from e
+        except OSError as e:  # the lock file cannot be made or opened (flock's own failures propagate as before)
+            if e.errno not in _CANNOT_OPEN:
+                raise
+            raise self._unwritable(e.errno) from e
         return self
+
+    def _unwritable(self, code: int) -> SFTMixError:
+        return SFTMixError(f"{self.path.parent}: cannot write in the run directory ({os.strerror(code)}); choose "
+                           f"another --output_dir or fix its permissions.")
 
     def _claim(self, fd: int) -> None:
         """Called with the lock just taken: say whose lock it replaces, then write ours."""
