@@ -376,12 +376,13 @@ def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     want = {"pubmedqa": items(load_pubmedqa(str(local / "pubmedqa.json"))),
             "medqa": items(load_medqa(str(local / "medqa.jsonl"))),
             "medmcqa": items(load_medmcqa(str(local / "medmcqa.jsonl"), "0"))}
-    code = ("import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+    code = ("import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.eval import tasks\n"
+            "from sftmix.config import EvalConfig\nfrom sftmix.models import load_model_and_tokenizer\n"
             "items = lambda xs: [[it.id, it.text, it.choices, it.answer] for it in xs]\n"
-            "got = {'pubmedqa': items(ev.load_pubmedqa('org/pubmedqa')), 'medqa': items(ev.load_medqa('org/medqa')),"
-            " 'medmcqa': items(ev.load_medmcqa('org/medmcqa'))}\n"
+            "got = {'pubmedqa': items(tasks.load_pubmedqa('org/pubmedqa')), "
+            "'medqa': items(tasks.load_medqa('org/medqa')), 'medmcqa': items(tasks.load_medmcqa('org/medmcqa'))}\n"
             "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
-            "res = ev.run_eval(m, tok, ev.EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), "
+            "res = ev.run_eval(m, tok, EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), "
             f"{str(tmp_path / 'e')!r})\n"
             "print(json.dumps({'items': got, 'source': res['pubmedqa']['source'], 'n': res['pubmedqa']['n']}))\n")
     res = subprocess.run([sys.executable, "-c", code], env=_env(repos, tmp_path / "hf_home"), cwd=ROOT,
