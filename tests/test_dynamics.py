@@ -471,9 +471,6 @@ def test_plots_are_non_empty_pngs(tmp_path):
 
 
 def test_online_mode_with_the_real_trainer(tmp_path, monkeypatch):
-    trainer_src = (dynamics.__file__.rsplit("/", 1)[0]) + "/trainer.py"
-    if "record_online_dynamics" not in open(trainer_src).read():
-        pytest.skip("sftmix.mixup.trainer does not record online dynamics yet")
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(make_records(8, seed=4), tok)  # 8 examples, batch 2, 2 epochs: 8 steps
     rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, online=True, plots=False,
