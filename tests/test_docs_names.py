@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "sftmix"
 DOTTED = re.compile(r"(?<![\w./-])sftmix(?:\.[A-Za-z_]\w*)+")
+IMPORT_LINE = re.compile(r"\bfrom (sftmix(?:\.\w+)*) import \(?((?:\w+(?: as \w+)?(?:, *)?)+)")
 # `sftmix.yaml`, `sftmix.log`: file names that happen to start with the package's name
 FILE_SUFFIXES = {"yaml", "yml", "sbatch", "log", "json", "jsonl", "md", "html", "txt", "py", "toml", "egg"}
 # Stale names known today in files another branch of issue 26 rewrites; the lead empties this after merging. Nothing
@@ -84,8 +85,16 @@ def dotted_names(text: str) -> set[str]:
     return {m.group(0).rstrip(".") for m in DOTTED.finditer(text)}
 
 
-def _sources() -> dict[str, str]:
+def imported_names(text: str) -> set[str]:
+    """`sftmix.m.name` for each name of each `from sftmix.m import name, ...` line in `text` (usage lines in
+    docstrings and docs, code run in a subprocess); a module imported by name is `sftmix.m.sub`."""
+    return {f"{m.group(1)}.{n.split(' as ')[0].strip()}" for m in IMPORT_LINE.finditer(text)
+            for n in m.group(2).split(",") if n.strip()}
+
+
+def _sources(*folders: str) -> dict[str, str]:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(PKG.rglob("*.py"))]
+    files += [p for d in folders for p in sorted((ROOT / d).rglob("*.py"))]
     return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in files}
 
 
@@ -101,6 +110,10 @@ def test_the_resolver_refuses_what_does_not_exist():
     assert "is not a class" in resolve("sftmix.mixup.loss.mixup_loss.x")
     assert dotted_names("see `sftmix.rundir.RunLock`. And sftmix.cli.") == {"sftmix.rundir.RunLock", "sftmix.cli"}
     assert dotted_names("python -m sftmix.evaluate, tests/sftmix.x, a/sftmix.b") == {"sftmix.evaluate"}
+    lines = "    from sftmix.confidence.split import confidence, split_confident as sc\nfrom sftmix import rundir\n"
+    assert imported_names(lines) == {"sftmix.confidence.split.confidence", "sftmix.confidence.split.split_confident",
+                                     "sftmix.rundir"}
+    assert resolve("sftmix.rundir") is None and resolve("sftmix.mixup.trainer.median_split") is not None
 
 
 def test_every_sftmix_name_in_the_docs_and_docstrings_exists():
@@ -110,3 +123,10 @@ def test_every_sftmix_name_in_the_docs_and_docstrings_exists():
     assert not new, "names that no longer exist (moved or renamed?):\n" + "\n".join(new)
     gone = sorted(KNOWN_STALE - set(stale))
     assert not gone, f"KNOWN_STALE lists names that are no longer stale; remove them: {gone}"
+
+
+def test_every_import_line_in_the_docs_docstrings_and_subprocess_code_names_the_defining_module():
+    checkers = {"tests/test_architecture.py", "tests/test_docs_names.py"}  # their fake examples are meant to fail
+    stale = [f"{where}: {name} ({why})" for where, text in _sources("tests", "benchmarks", "examples").items()
+             if where not in checkers for name in sorted(imported_names(text)) if (why := resolve(name))]
+    assert not stale, "imports of names that are not defined there:\n" + "\n".join(stale)
