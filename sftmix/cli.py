@@ -26,9 +26,8 @@ import difflib
 import logging
 import sys
 
-from sftmix.config import (  # noqa: F401  (re-exported: `from sftmix.cli import parse_config` keeps working)
+from sftmix.config import (
     RECIPES,
-    Config,
     RunConfig,
     _eval_args_class,
     _parser_class,

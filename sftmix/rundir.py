@@ -6,8 +6,8 @@
         fp = rundir.Fingerprints(cfg.run_dir)
         fp.refresh("data", marker, {"data file x.jsonl": fp.digest("x.jsonl")}, clear=[DIR / "data"])
 
-Lock: fcntl.flock on DIR/.lock, which holds the holder's pid, host and command. The kernel releases a flock when its
-process dies, so a lock left by a killed run (kill -9) is simply taken over (and the log says so).
+Lock: filelock.FileLock (flock) on DIR/.lock, which holds the holder's pid, host and command. The kernel releases a
+flock when its process dies, so a lock left by a killed run (kill -9) is simply taken over (and the log says so).
 Fingerprints: DIR/fingerprints.json maps each stage to the content hashes of what it read (data file, training
 split, confidence, model weights, evaluation files) plus any setting that may change on a finished run (the
 evaluation settings). A stage's fingerprint is recorded when it starts; if the inputs differ on a later invocation,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +29,8 @@ import shutil
 import socket
 import time
 from pathlib import Path
+
+import filelock
 
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 
@@ -46,6 +47,10 @@ OUTPUTS = ("data", "reference", "dynamics", "plots", "eval", "sftmix", "ntp", "c
 # lock
 
 
+_CANNOT_OPEN = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENOSPC, errno.EDQUOT}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -57,55 +62,69 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive lock of a run directory for the life of one command (see the module docstring)."""
+    """Exclusive lock of a run directory for the life of one command (see the module docstring).
+
+    filelock.FileLock, i.e. flock(2) on DIR/.lock, not SoftFileLock: the kernel drops a flock when its process dies,
+    so a killed run's lock is taken over at once, whereas a soft lock (the file's existence) would outlive kill -9 and
+    need a hand-removed file or a lifetime shorter than a training run. Networked run directories (which
+    check_shared_run_dir requires for several nodes) keep it: Linux maps flock to NFS byte-range locks. The holder's
+    pid, host and command are written into the locked file itself (filelock leaves its contents to the holder), so a
+    refused command can name it."""
 
     def __init__(self, run_dir: str | os.PathLike, command: str):
         self.path = Path(run_dir) / LOCK_NAME
         self.command = command
-        self.fd: int | None = None
+        # timeout=0: a second command is refused at once, never queued behind a run of hours; on_acquired hands us the
+        # locked descriptor (and keeps filelock from a silent soft fallback on a file system without flock)
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._claim)
 
     def __enter__(self):
+        if not self.path.parent.is_dir():  # filelock would create it: the run makes its directory, not the lock
+            raise self._unwritable(errno.ENOTDIR if self.path.parent.exists() else errno.ENOENT)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SFTMixError(f"{self.path.parent}: cannot write in the run directory ({e.strerror}); choose another "
-                              f"--output_dir or fix its permissions.") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            self.lock.acquire()
+        except filelock.Timeout:
             holder = self._read()
-            os.close(self.fd)
-            self.fd = None
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
             who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
                    f"{holder.get('command')}") if holder else "another process"
             raise SFTMixError(f"{self.path.parent} is in use by another sftmix run ({who}); wait for it to finish, "
                               f"or use another --output_dir.") from None
-        old = self._read()
+        except OSError as e:  # the lock file cannot be made or opened (flock's own failures propagate as before)
+            if e.errno not in _CANNOT_OPEN:
+                raise
+            raise self._unwritable(e.errno) from e
+        return self
+
+    def _unwritable(self, code: int) -> SFTMixError:
+        return SFTMixError(f"{self.path.parent}: cannot write in the run directory ({os.strerror(code)}); choose "
+                           f"another --output_dir or fix its permissions.")
+
+    def _claim(self, fd: int) -> None:
+        """Called with the lock just taken: say whose lock it replaces, then write ours."""
+        old = self._read(fd)
         if old.get("pid"):
             same_host = old.get("host") == socket.gethostname()
             state = "no longer running" if same_host and not _alive(int(old["pid"])) else "its lock was released"
             log.info("[sftmix] took over the lock of %s left by pid %s (%s)", self.path.parent, old["pid"], state)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
 
-    def _read(self) -> dict:
+    def _read(self, fd: int | None = None) -> dict:
         try:
-            data = os.pread(self.fd, 4096, 0)
+            if fd is None:
+                data = self.path.read_bytes()[:4096]
+            else:
+                data = os.pread(fd, 4096, 0)
             return json.loads(data) if data.strip() else {}
         except (OSError, ValueError):
             return {}
 
     def __exit__(self, *exc):
-        if self.fd is not None:
+        if self.lock.is_locked:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)  # released cleanly: the next holder has nothing to take over
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+                os.truncate(self.path, 0)  # released cleanly: the next holder has nothing to take over
+            self.lock.release()
         return False
 
 

@@ -11,7 +11,8 @@ from helpers import tiny_dataset
 from test_trainer import COMMON, make_trainer
 
 from sftmix import SFTMixConfig
-from sftmix.mixup.trainer import _mixup_weight_at, nearest_partners, select_examples
+from sftmix.confidence.split import nearest_partners, select_examples
+from sftmix.mixup.mixin import _mixup_weight_at
 from sftmix.models import build_byte_tokenizer
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
 
@@ -117,7 +118,7 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 def _fake_reference(seen):
     """Step 1 whose confidence rises with response length (confidence = response tokens): records the examples the
     reference was given and writes confidence.jsonl as run_reference does."""
-    from sftmix.confidence.reference import split_confident
+    from sftmix.confidence.split import split_confident
 
     def run_reference(model, tok, ds, out_dir, **kw):
         guids, conf = list(ds["guid"]), [float(n) for n in ds["n_response_tokens"]]
@@ -151,8 +152,8 @@ def _run_argv(out, *extra):
 def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_path, monkeypatch):
     import torch
 
-    from sftmix.cli import parse_config
     from sftmix.confidence import reference as dynamics
+    from sftmix.config import parse_config
     from sftmix.data import ensure_chat_template, tokenize_records
     from sftmix.run import pipeline
 
@@ -190,8 +191,9 @@ def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_pat
 
 
 def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subset(tmp_path, monkeypatch, capsys):
-    from sftmix.cli import main, parse_config
+    from sftmix.cli import main
     from sftmix.confidence import reference as dynamics
+    from sftmix.config import parse_config
     from sftmix.run import pipeline
 
     seen = []
@@ -225,7 +227,7 @@ def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subse
 
 
 def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_training(tmp_path, monkeypatch):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.run import pipeline
 
     trainers = _capture_trainers(monkeypatch)
@@ -244,7 +246,7 @@ def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_tra
 
 @pytest.mark.parametrize("subset", ["confident", "unconfident"])
 def test_ntp_subset_without_mixup_trains_that_half_alone(tok, tmp_path, subset):
-    from sftmix.mixup.trainer import median_split
+    from sftmix.confidence.split import median_split
 
     ds = tiny_dataset(32)
     half = median_split(ds["confidence"], ds["guid"]) == (subset == "confident")
@@ -279,7 +281,7 @@ def test_ntp_subset_without_mixup_trains_that_half_alone(tok, tmp_path, subset):
 
 
 def test_weak_reference_configs_name_gemma_2_2b(tmp_path):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
 
     for path in (ROOT / "configs" / "ablations" / "weak_reference.yaml",
                  ROOT / "configs" / "llama3.1-8b_alpaca_weak-reference.yaml"):
@@ -290,7 +292,7 @@ def test_weak_reference_configs_name_gemma_2_2b(tmp_path):
 
 
 def test_sweep_shares_step1_with_a_selection_only_in_the_all_variant(tmp_path):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.run.sweep import _keys, run_argv
 
     abl = ROOT / "configs" / "ablations"

@@ -11,7 +11,7 @@ from helpers import Interrupt, interrupt_at, sigkill_script
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from sftmix.confidence.callback import ConfidenceCallback
-from sftmix.confidence.reference import score_examples
+from sftmix.confidence.scoring import score_examples
 from sftmix.data import tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
@@ -448,7 +448,7 @@ def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
     """reference=self writes dynamics/schedule.json too, but there is no reference run to stand in for NTP."""
     from pathlib import Path
 
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.run import pipeline
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")

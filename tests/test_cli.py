@@ -13,7 +13,8 @@ import pytest
 import yaml
 from helpers import sigkill_script
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.utils import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

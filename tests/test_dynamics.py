@@ -12,17 +12,14 @@ from sftmix.confidence import reference as dynamics
 from sftmix.confidence.reference import (
     build_confidence,
     compare_online,
-    confidence,
     join_confidence,
     online_confidence,
     online_confidence_rows,
     run_reference,
-    run_scoring,
-    score_examples,
     scoring_steps,
-    split_confident,
-    variability,
 )
+from sftmix.confidence.scoring import run_scoring, score_examples
+from sftmix.confidence.split import confidence, split_confident, variability
 from sftmix.data import ensure_chat_template, tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl

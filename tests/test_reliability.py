@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.utils import SFTMixError, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

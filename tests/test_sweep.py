@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.run.sweep import merge, run_argv
 from sftmix.utils import SFTMixError, write_jsonl
 

@@ -1,6 +1,8 @@
 """Recipe step 1: the reference model's training dynamics, each example's confidence, and the confident split.
 
-    from sftmix.confidence.reference import score_examples, confidence, split_confident, run_reference, join_confidence
+    from sftmix.confidence.reference import run_reference, join_confidence
+    from sftmix.confidence.scoring import score_examples
+    from sftmix.confidence.split import confidence, split_confident
     rows = score_examples(model, tokenized_ds, batch_size=16)   # [{guid, nll_mean, n_tokens, ppl}] in dataset order
     conf = confidence(ppl)                                      # ppl [C, N] -> -ppl.mean(0)   (paper eq. 1)
     confident = split_confident(conf, guids)                    # bool [N], exactly floor(N/2) True
@@ -47,14 +49,8 @@ import numpy as np
 from transformers import TrainerCallback
 
 from sftmix.confidence.online import epoch_index
-from sftmix.confidence.scoring import (  # noqa: F401  (re-exported: step 1's scorer, as `from sftmix.confidence.reference import ...`)
-    ScoringResult,
-    run_scoring,
-    score_examples,
-    share_batches,
-    world_and_rank,
-)
-from sftmix.confidence.split import confidence, split_confident, variability  # noqa: F401  (step 1's API, re-exported)
+from sftmix.confidence.scoring import run_scoring
+from sftmix.confidence.split import confidence, split_confident, variability
 from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, resume_checkpoint, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from transformers import Trainer, TrainingArguments
 
 from sftmix.confidence.online import OnlineRecords
 from sftmix.confidence.scoring import LOGIT_SCALE_ATTRS
-from sftmix.confidence.split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
+from sftmix.confidence.split import confident_flags, nearest_partners, select_examples
 from sftmix.mixup.loss import mixup_loss
 from sftmix.utils import SFTMixError, last_complete_checkpoint
 

@@ -32,25 +32,8 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix.mixup.loss import mixup_loss
 
-# The TRL-free component (sampler, collator, split and selection, capture, Mixup term, guard); re-exported here
-from sftmix.mixup.mixin import (  # noqa: F401
-    MIXUP_ROLES,
-    NTP_SUBSETS,
-    PAIRINGS,
-    SELECTIONS,
-    SPLIT_SOURCES,
-    WEIGHT_SCHEDULES,
-    BalancedPairSampler,
-    MixupArguments,
-    SFTMixCollator,
-    SFTMixMixin,
-    _mixup_weight_at,
-    confident_flags,
-    median_split,
-    nearest_partners,
-    prepare_train_dataset,
-    select_examples,
-)
+# the TRL-free component (sampler, collator, capture, Mixup term, guard)
+from sftmix.mixup.mixin import MixupArguments, SFTMixMixin, prepare_train_dataset
 from sftmix.utils import SFTMixError
 
 if Version(trl.__version__) < Version("1.16"):  # the [axolotl] extra allows TRL 1.9; SFTMixTrainer needs 1.16's head
