@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 from helpers import tiny_records  # noqa: E402
 
-from sftmix.confidence.reference import run_reference, run_scoring  # noqa: E402
+from sftmix.confidence.reference import run_reference  # noqa: E402
+from sftmix.confidence.scoring import run_scoring  # noqa: E402
 from sftmix.data import tokenize_records  # noqa: E402
 from sftmix.eval.evaluate import EvalConfig, eval_multiple_choice, heldout_nll  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
@@ -48,7 +49,7 @@ def reference(tok, run_dir):
     ds, _ = tokenize_records(tiny_records(36, seed=6, with_confidence=False), tok)
     run_reference(build_tiny_model(tok, seed=0), tok, ds, run_dir, num_checkpoints=3,
                   per_device_train_batch_size=4 // WORLD, learning_rate=3e-3, seed=1, score_batch_size=3,
-                  plots=False, show_progress=False, use_cpu=True, dataloader_num_workers=0)
+                  show_progress=False, use_cpu=True, dataloader_num_workers=0)
     return {"done": True}
 
 

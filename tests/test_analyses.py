@@ -117,7 +117,7 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 def _fake_reference(seen):
     """Step 1 whose confidence rises with response length (confidence = response tokens): records the examples the
     reference was given and writes confidence.jsonl as run_reference does."""
-    from sftmix.confidence.reference import split_confident
+    from sftmix.confidence.split import split_confident
 
     def run_reference(model, tok, ds, out_dir, **kw):
         guids, conf = list(ds["guid"]), [float(n) for n in ds["n_response_tokens"]]

@@ -11,7 +11,7 @@ from helpers import Interrupt, interrupt_at, sigkill_script
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from sftmix.confidence.callback import ConfidenceCallback
-from sftmix.confidence.reference import score_examples
+from sftmix.confidence.scoring import score_examples
 from sftmix.data import tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
@@ -235,7 +235,7 @@ def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, co
     `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
     not step-relative."""
     from sftmix.confidence.callback import ONLINE_DETREND, restore_self_confidence
-    from sftmix.confidence.reference import online_confidence_rows
+    from sftmix.confidence.online import online_confidence_rows
     from sftmix.config import SELF_CONFIDENCE_MODES
 
     assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled

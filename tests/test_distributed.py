@@ -194,7 +194,7 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
 
 
 def test_batch_shares_are_balanced_by_tokens_and_deterministic():
-    from sftmix.confidence.reference import share_batches
+    from sftmix.confidence.scoring import share_batches
 
     # one long batch outweighs several short ones: the shares balance tokens, not counts
     assert share_batches([100, 30, 30, 30, 10, 10], 2) == [[0, 5], [1, 2, 3, 4]]
