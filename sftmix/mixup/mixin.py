@@ -46,10 +46,15 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
-from sftmix.confidence.callback import one_run_problem  # the one-run rules' home: the switch's callback
 from sftmix.confidence.online import OnlineRecords
 from sftmix.confidence.scoring import LOGIT_SCALE_ATTRS
-from sftmix.confidence.split import confident_flags, median_split, nearest_partners, select_examples  # noqa: F401  (re-exported)
+from sftmix.confidence.split import (  # noqa: F401  (re-exported)
+    confident_flags,
+    median_split,
+    nearest_partners,
+    one_run_problem,  # pure rules, shared with step 1's callback
+    select_examples,
+)
 from sftmix.mixup.loss import mixup_loss
 from sftmix.utils import SFTMixError, last_complete_checkpoint
 
