@@ -96,6 +96,8 @@ class ConfidenceCallback(TrainerCallback):
                 raise SFTMixError(f"{name} steps must be increasing optimizer steps >= 1; got {steps}.")
         if num_checkpoints is not None:
             num_checkpoints = _whole(f"{name} num_checkpoints", num_checkpoints)
+        if hidden_at not in (None, "last_response", "last_prompt"):  # refused now, not at the last scoring step
+            raise SFTMixError(f"{name} hidden_at must be None, 'last_response' or 'last_prompt', got {hidden_at!r}.")
         if save_checkpoints not in SCORING_CHECKPOINTS:
             raise SFTMixError(f"scoring_checkpoints must be one of {', '.join(SCORING_CHECKPOINTS)}, got "
                               f"{save_checkpoints!r}.")
