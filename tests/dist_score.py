@@ -29,8 +29,10 @@ from helpers import tiny_records  # noqa: E402
 
 from sftmix.confidence.reference import run_reference  # noqa: E402
 from sftmix.confidence.scoring import run_scoring  # noqa: E402
+from sftmix.config import EvalConfig  # noqa: E402
 from sftmix.data import tokenize_records  # noqa: E402
-from sftmix.eval.evaluate import EvalConfig, eval_multiple_choice, heldout_nll  # noqa: E402
+from sftmix.eval.evaluate import heldout_nll  # noqa: E402
+from sftmix.eval.mc import eval_multiple_choice  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import atomic_write_json  # noqa: E402
 
