@@ -399,10 +399,10 @@ def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
 
 def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
     """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
-    and the share of examples the two median splits put on the same side (sftmix.confidence.reference.compare_online).
+    and the share of examples the two median splits put on the same side (sftmix.confidence.online.compare_online).
     With online one-run confidence, `raw_online` is the same comparison for the recorded NLL without the step-relative
     correction (what the correction buys)."""
-    from sftmix.confidence.reference import compare_online, online_confidence
+    from sftmix.confidence.online import compare_online, online_confidence
 
     a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
     if not (a.exists() and b.exists()):

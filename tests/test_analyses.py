@@ -124,7 +124,8 @@ def _fake_reference(seen):
         guids, conf = list(ds["guid"]), [float(n) for n in ds["n_response_tokens"]]
         seen.append(guids)
         flags = split_confident(conf, guids)
-        rows = [{"guid": g, "confidence": c, "confident": bool(f)} for g, c, f in zip(guids, conf, flags)]
+        rows = [{"guid": g, "confidence": c, "variability": 0.0, "confident": bool(f)}  # what the stage's plots read
+                for g, c, f in zip(guids, conf, flags)]
         write_jsonl(Path(out_dir) / "confidence.jsonl", rows)
         return rows
 

@@ -159,6 +159,8 @@ def test_confidence_callback_steps_counts_and_score_data_are_checked_when_made(t
     with pytest.raises(SFTMixError, match=r"1 row\(s\) have no response token.*row 0"):
         ConfidenceCallback([{"input_ids": [1], "labels": [-100], "guid": "a"}], tmp_path, steps=[2])
     (tmp_path / "file").write_text("x")
+    with pytest.raises(SFTMixError, match="ConfidenceCallback hidden_at must be None, 'last_response' or "):
+        ConfidenceCallback(ds, tmp_path, steps=[2], hidden_at="first")
     with pytest.raises(SFTMixError, match="is a file, not a folder"):
         ConfidenceCallback(ds, tmp_path / "file", steps=[2])
 
@@ -235,7 +237,7 @@ def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, co
     `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
     not step-relative."""
     from sftmix.confidence.callback import ONLINE_DETREND, restore_self_confidence
-    from sftmix.confidence.reference import online_confidence_rows
+    from sftmix.confidence.online import online_confidence_rows
     from sftmix.config import SELF_CONFIDENCE_MODES
 
     assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled

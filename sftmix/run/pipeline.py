@@ -368,7 +368,7 @@ def _restore_confidence(cfg, marker: Path) -> None:
     if not marker.exists() or conf.exists() or not _state().is_main_process:
         return
     if cfg.run.confidence_mode == "checkpoints":
-        from sftmix.confidence.reference import build_confidence
+        from sftmix.confidence.callback import build_confidence
 
         try:
             build_confidence(cfg.run_dir, cfg.run.num_checkpoints)
@@ -460,7 +460,6 @@ def stage_dynamics(cfg) -> None:
         spec = run.reference_model or run.model
         model, tok = load_model(cfg, spec)
         ds = tokenize(cfg, records, tok, "reference")
-        online = run.confidence_mode == "online"
         # The reference is plain NTP on all the data: none of the Mixup / selection fields; its own epochs and lr.
         # Checkpoints: as configured for the target runs (scoring_checkpoints=trainer), or only at each scoring step.
         drop = (*settings_of("mixup", "selection"), "output_dir", "num_train_epochs", "max_steps", "learning_rate",
@@ -476,8 +475,12 @@ def stage_dynamics(cfg) -> None:
                 num_train_epochs=run.reference_epochs, per_device_train_batch_size=train.per_device_train_batch_size,
                 gradient_accumulation_steps=train.gradient_accumulation_steps,
                 learning_rate=run.reference_learning_rate or train.learning_rate, seed=train.seed,
-                score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints, online=online,
-                online_split=online, records=records, show_progress=not train.disable_tqdm, **{**extra, **names})
+                score_batch_size=run.score_batch_size, scoring_checkpoints=run.scoring_checkpoints,
+                confidence=run.confidence_mode, show_progress=not train.disable_tqdm, **{**extra, **names})
+        if _state().is_main_process:  # step 1 imports nothing from the report: its plots are drawn here
+            from sftmix.report.plots import write_dynamics_plots
+
+            write_dynamics_plots(cfg.run_dir, rows, records=records, dataset=ds, tokenizer=tok)
         if _state().is_main_process:  # step 1's scoring points and split, in the same tracker run
             tracking.log_points(cfg, "reference", tracking.step1_points(cfg.run_dir))
         n_conf = sum(bool(r["confident"]) for r in rows)

@@ -108,10 +108,10 @@ ONE_RUN = "reference=self (one-run SFTMix)"
 
 
 def check_one_run(cfg) -> None:
-    """reference=self: the settings one-run SFTMix cannot run with (sftmix.mixup.mixin.one_run_problem, the rules the
-    trainer and its callback apply at train time), refused here, before the first stage of the command trains,
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.confidence.split.one_run_problem, the
+    rules the trainer and its callback apply at train time), refused here, before the first stage of the command trains,
     in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
-    from sftmix.mixup.mixin import one_run_problem
+    from sftmix.confidence.split import one_run_problem
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes:
