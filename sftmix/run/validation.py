@@ -2,7 +2,7 @@
 sets, chat templates, judge prompts, models) for existence and parse, the run directory for writability.
 
     from sftmix.run.validation import validate
-    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by sftmix.run.pipeline.run
+    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by run.session.session
 
 A mistake found here costs seconds; found after step 1 it would cost the reference run, and the corrected command
 would meet a run directory that holds finished stages. The cross-field checks of the config dataclasses
