@@ -153,12 +153,11 @@ def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_pat
 
     from sftmix import recipe
     from sftmix.cli import parse_config
-    from sftmix.confidence import reference as dynamics
     from sftmix.data import ensure_chat_template, tokenize_records
-    from sftmix.run import context
+    from sftmix.run import context, stages
 
     seen = []
-    monkeypatch.setattr(dynamics, "run_reference", _fake_reference(seen))
+    monkeypatch.setattr(stages, "run_reference", _fake_reference(seen))
     trainers = _capture_trainers(monkeypatch)
     out = tmp_path / "subset"
     cfg = parse_config(_run_argv(out, "--selection", "long", "--selection_k", "12", "--recipes", "sftmix"))
@@ -193,11 +192,10 @@ def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_pat
 def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subset(tmp_path, monkeypatch, capsys):
     from sftmix import recipe
     from sftmix.cli import main, parse_config
-    from sftmix.confidence import reference as dynamics
-    from sftmix.run import context, examples
+    from sftmix.run import context, examples, stages
 
     seen = []
-    monkeypatch.setattr(dynamics, "run_reference", _fake_reference(seen))
+    monkeypatch.setattr(stages, "run_reference", _fake_reference(seen))
     trainers = _capture_trainers(monkeypatch)
     out = tmp_path / "all"
     argv = _run_argv(out, "--selection", "long", "--selection_k", "12", "--selection_split", "all", "--recipes",
@@ -216,7 +214,7 @@ def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subse
     cfg = parse_config(_run_argv(tmp_path / "all2", "--selection", "random", "--selection_k", "12",
                                  "--selection_split", "all", "--recipes", "sftmix", "--max_steps", "1"))
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dynamics, "run_reference", _fake_reference(seen))
+        m.setattr(stages, "run_reference", _fake_reference(seen))
         recipe.run(cfg, "dynamics")
         examples.check_split_halves(cfg)
         ds, _ = examples.selected_target_dataset(cfg, context.train_records(cfg))

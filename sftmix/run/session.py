@@ -22,7 +22,7 @@ from sftmix.console import log_to_file
 from sftmix.run.config_file import resolve_sources, save_sources, write_config
 from sftmix.run.context import is_main, state
 from sftmix.run.validation import make_run_dir, validate
-from sftmix.rundir import RunLock, check_shared_run_dir
+from sftmix.rundir import RunDir, RunLock, check_shared_run_dir
 from sftmix.utils import SFTMixError
 
 
@@ -38,7 +38,7 @@ def session(cfg, command: str):
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         if is_main():
-            log_to_file(cfg.run_dir)  # the libraries' full output; the console keeps one line per stage
+            log_to_file(RunDir(cfg.run_dir).log_file)  # the libraries' full output; the console: a line a stage
         if command != "report":  # Hub ids -> commit shas, before anything runs (offline / gated errors come first)
             cfg.sources = resolve_sources(cfg)
         write_config(cfg)
