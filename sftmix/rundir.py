@@ -1,6 +1,9 @@
-"""The run directory's safety: one run at a time, inputs never inside its outputs, and stage fingerprints.
+"""The run directory: its layout (every file name, declared once), one run at a time, inputs never inside its
+outputs, stage fingerprints, and the one train_result.json schema.
 
     from sftmix import rundir
+    d = rundir.RunDir(cfg.run_dir)                        # d.train, d.confidence, d.model("sftmix"), d.report("html")
+    rundir.write_train_result(d.train_result("ntp"), recipe="ntp", metrics=..., global_step=..., log_history=...)
     with rundir.RunLock(cfg.run_dir, "sftmix run ..."):   # a second run on DIR: SFTMixError naming the holder
         rundir.check_inputs_outside(cfg)                  # a data/eval/template/model path inside DIR's outputs
         fp = rundir.Fingerprints(cfg.run_dir)
