@@ -40,8 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.config import resolve_config_path, shipped_configs
-from sftmix.report.report import _fmt  # one number format for run reports and the sweep table
+from sftmix.config import (
+    _read_yaml,
+    parse_config,
+    resolve_config_path,
+    settings_of,
+    shipped_configs,
+    unaffected_settings,
+)
+from sftmix.report.report import _fmt, _md_table  # one number format and table for run reports and the sweep
 from sftmix.run.validation import validate_settings
 from sftmix.rundir import RunDir
 from sftmix.utils import SFTMixError, atomic_dir, atomic_write_json, atomic_write_text
@@ -81,8 +88,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
     """`--key value` arguments from an overrides YAML, and its reference_model (applied separately)."""
-    from sftmix.config import _read_yaml
-
     values = _read_yaml(path)
     argv, reference = [], values.pop("reference_model", None)
     for key, value in values.items():
@@ -99,8 +104,6 @@ def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
 
 def run_argv(config: Path, run_dir: Path, overrides: Path | None = None, extra: list[str] = ()) -> list[str]:
     """The arguments after `sftmix run` for one config of a sweep."""
-    from sftmix.config import _read_yaml
-
     argv = ["--config", str(config), "--output_dir", str(run_dir)]
     if overrides is not None:
         more, reference = _overrides_argv(overrides)
@@ -114,8 +117,6 @@ def _keys(cfg) -> tuple[str, str]:
     """(step-1 key, start-eval key): configs with equal keys share the data split and step 1 (and the evaluation of
     the untrained start model). Settings step 1 does not read (sftmix.config.unaffected_settings) are left out;
     any other, including a setting added later, keeps runs apart, which is always correct."""
-    from sftmix.config import settings_of, unaffected_settings
-
     flat = json.loads(json.dumps(cfg.flat(), default=str, sort_keys=True))
     eval_fields = set(settings_of("eval"))
     skip = unaffected_settings("dynamics", cfg)
@@ -181,8 +182,6 @@ def share_step1(donor: Path, run_dir: Path, step1: bool, start_eval: bool) -> li
 def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None, extra: list[str] = (),
               reuse: bool = True, launcher: list[str] | None = None) -> list[dict]:
     """Run every config (`sftmix run` in a subprocess) into out_dir/<stem>; returns one status dict per config."""
-    from sftmix.config import parse_config
-
     stems = [c.stem for c in configs]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -231,8 +230,6 @@ def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None,
 
 def _config_diff(config: dict, base: dict, recipe: str) -> str:
     """What a run's config changes relative to the baseline's (settings the recipe actually reads)."""
-    from sftmix.config import settings_of
-
     skip = {"output_dir", "run_name", "judge_api_key"} | set(settings_of("runtime"))
     if recipe != "sftmix":
         skip |= set(settings_of("mixup"))  # the NTP baseline runs without the Mixup settings
@@ -341,8 +338,6 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def render_markdown(summary: dict) -> str:
-    from sftmix.report.report import _md_table
-
     header, body = table(summary)
     better = [c for c in summary["columns"] if c.endswith(HIGHER_IS_BETTER)]
     lines = [f"# SFTMix sweep: {summary['output_dir']}\n", f"{summary['created']}. One row per trained variant "
