@@ -135,3 +135,18 @@ def test_every_training_run_writes_the_same_train_result_keys(tmp_path):
     assert ntp["reused_reference_checkpoint"], "the setup no longer reuses the reference run: the test checks nothing"
     assert list(ntp) == list(sftmix)
     assert ntp["recipe"] == "ntp" and ntp["use_peft"] is False and sftmix["confidence_source"] == "separate"
+    # a run directory from before the one schema: the reused NTP run's and the reference's files as the old code
+    # wrote them still make a report (the keys they lack read as None)
+    old_keys = {"ntp": ("recipe", "metrics", "global_step", "resumed_from", "reused_reference_checkpoint",
+                        "n_train_examples", "selection", "duplicates_per_epoch", "mixup_enabled", "mixup_weight",
+                        "log_history"),
+                "reference": ("metrics", "global_step", "n_train_examples", "log_history")}
+    for name, keys in old_keys.items():
+        path = out / name / "train_result.json"
+        full = json.loads(path.read_text())
+        path.write_text(json.dumps({k: full[k] for k in keys if k in full}))
+    assert run(cfg, "report") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["ntp"]["train"]["reused_reference_checkpoint"] == ntp["reused_reference_checkpoint"]
+    assert report["models"]["ntp"]["train"]["global_step"] == ntp["global_step"]
+    assert "NTP (= the reference run)" in report["curves"]["runs"]
