@@ -101,7 +101,9 @@ def run_command(argv: list[str]) -> int:
     cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
     cfg = parse_config(rest)
 
-    return sftmix_recipe.run(cfg, command, recipe=recipe)
+    if command == "run":
+        return sftmix_recipe.main(cfg)  # the whole recipe, top to bottom
+    return sftmix_recipe.run(cfg, command, recipe=recipe)  # one stage
 
 
 def configs_command(argv: list[str]) -> int:
