@@ -465,14 +465,18 @@ def write_train_result(path: str | os.PathLike, *, recipe: str | None, metrics: 
 
 
 def read_train_result(path: str | os.PathLike) -> dict | None:
-    """A train_result.json, None if absent or unreadable. Old run directories wrote fewer keys (the reference's had
-    no recipe, a reused NTP run no confidence_source): every key of TRAIN_RESULT_KEYS is present, None if missing."""
+    """A train_result.json, None if absent. Old run directories wrote fewer keys (the reference's had no recipe, a
+    reused NTP run no confidence_source): every key of TRAIN_RESULT_KEYS is present, None if missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        data = e
+    if not isinstance(data, dict):  # written atomically: a damaged one was edited or copied by hand
+        raise SFTMixError(f"{path} is not a training result (a JSON object): {data!s:.80}; delete it (that run "
+                          f"trains again) or restore it.")
     out = {k: data.get(k) for k in TRAIN_RESULT_KEYS}
     out["metrics"] = out["metrics"] or {}
     out["log_history"] = out["log_history"] or []

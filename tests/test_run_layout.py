@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftmix.rundir import TRAIN_RESULT_KEYS, RunDir, read_train_result, write_train_result
-from sftmix.utils import atomic_dir
+from sftmix.utils import SFTMixError, atomic_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -97,8 +97,9 @@ def test_train_result_has_one_schema_and_reads_old_ones(tmp_path):
     assert set(TRAIN_RESULT_KEYS) <= set(got) and got["recipe"] is None and got["global_step"] == 3
     assert got["metrics"] == {"train_loss": 2.0}
     assert read_train_result(tmp_path / "missing.json") is None
-    (tmp_path / "torn.json").write_text('{"metrics": ')
-    assert read_train_result(tmp_path / "torn.json") is None
+    (tmp_path / "torn.json").write_text('{"metrics": ')  # damaged by hand: named, not taken for "not trained"
+    with pytest.raises(SFTMixError, match="torn.json is not a training result"):
+        read_train_result(tmp_path / "torn.json")
 
 
 def test_atomic_dir_publishes_a_whole_folder_or_nothing(tmp_path):
