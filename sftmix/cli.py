@@ -93,12 +93,16 @@ def run_command(argv: list[str]) -> int:
         _parser_class()((RunConfig, SFTMixConfig, _eval_args_class()), prog=f"sftmix {command}").print_help()
         return 0
     _setup_logging()
-    from sftmix.run import pipeline
+    # imported here, not at the top: `sftmix --help`, `sftmix configs` and a mistyped command need no torch / TRL
+    from sftmix import recipe as sftmix_recipe
+    from sftmix.run.context import cpu_launch
 
-    pipeline.cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
+    cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
     cfg = parse_config(rest)
 
-    return pipeline.run(cfg, command, recipe=recipe)
+    if command == "run":
+        return sftmix_recipe.main(cfg)  # the whole recipe, top to bottom
+    return sftmix_recipe.run(cfg, command, recipe=recipe)  # one stage
 
 
 def configs_command(argv: list[str]) -> int:

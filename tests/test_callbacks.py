@@ -451,14 +451,14 @@ def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
     from pathlib import Path
 
     from sftmix.config import parse_config
-    from sftmix.run import pipeline
+    from sftmix.run import publish
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
     argv = ["--config", smoke, "--output_dir", str(tmp_path), "--reference_epochs", "2"]
     (tmp_path / "dynamics").mkdir()
     (tmp_path / "dynamics" / "schedule.json").write_text('{"steps": [5, 10], "num_checkpoints": 2}')
     # (before the check, this schedule without step 1's max_steps was read as the reference's: a KeyError)
-    assert pipeline._reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
+    assert publish.reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
 
 
 def test_step1_alone_is_refused_with_reference_self(tmp_path, capsys):

@@ -203,7 +203,7 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
 
 
 def test_run_directory_with_another_config_is_refused(tmp_path, capsys):
-    from sftmix.run.pipeline import write_config
+    from sftmix.run.config_file import write_config
 
     out = tmp_path / "r"
     write_config(parse_config(["--config", SMOKE, "--output_dir", str(out), "--mixup_weight", "0.4"]))

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from sftmix import rundir
+from sftmix.run.fingerprints import model_digest
 from sftmix.rundir import Fingerprints, RunLock, check_inputs_outside, file_sha256
 from sftmix.utils import SFTMixError
 
@@ -166,15 +167,15 @@ def test_a_folders_digest_covers_names_and_contents_but_not_hidden_files_or_chec
 
 def test_model_digest_names_what_identifies_the_start_model(tmp_path):
     fp = Fingerprints(tmp_path, write=False)
-    assert fp.model_digest("tiny-random:3") == "tiny-random:3"
+    assert model_digest(fp, "tiny-random:3") == "tiny-random:3"
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text('{"a": 1}')
-    before = fp.model_digest(str(folder))
+    before = model_digest(fp, str(folder))
     assert before == f"hf-dir:{fp.digest(folder)}"
     (folder / "config.json").write_text('{"a": 2}')
-    assert fp.model_digest(str(folder)) != before
-    assert fp.model_digest(str(tmp_path / "no_such_model.gguf")).startswith("unresolved:")
+    assert model_digest(fp, str(folder)) != before
+    assert model_digest(fp, str(tmp_path / "no_such_model.gguf")).startswith("unresolved:")
 
 
 def test_a_stage_whose_inputs_changed_loses_its_outputs_and_says_what_changed(tmp_path, logs):

@@ -121,7 +121,7 @@ def run_reference(
     )
     cfg = SFTMixConfig(**{**defaults, **extra, **training_args})
     # fingerprint=False: the stage fingerprint of `sftmix run` clears dynamics/ when an input changes, and
-    # schedule.json keeps the reference's schema (its max_steps tells sftmix.run.pipeline the final checkpoint)
+    # schedule.json keeps the reference's schema (its max_steps tells sftmix.run.publish the final checkpoint)
     callback = ConfidenceCallback(train_dataset, out_dir, num_checkpoints=num_checkpoints,
                                   batch_size=score_batch_size, show_progress=show_progress,
                                   hidden_at="last_response", save_checkpoints=scoring_checkpoints, score=score,
