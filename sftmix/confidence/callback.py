@@ -24,9 +24,9 @@ run into the same folder with another fingerprint rescores from scratch (the old
 a warning) when it starts at step 0; resumed from a Trainer checkpoint past files of the old run, which it cannot
 rescore, it is refused in one line. The reference run of `sftmix run` (sftmix.confidence.reference.run_reference)
 passes fingerprint=False: its stage fingerprint (sftmix.run.fingerprints) already clears dynamics/ when an
-input changes, and schedule.json keeps the schedule only (another schedule in the folder is refused). The arguments and the score
-data (columns, duplicate guids, rows without a response token) are checked when the callback is made, not at the
-first scoring step.
+input changes, and schedule.json keeps the schedule only (another schedule in the folder is refused). The arguments
+and the score data (columns, duplicate guids, rows without a response token) are checked when the callback is made,
+not at the first scoring step.
 """
 
 from __future__ import annotations
