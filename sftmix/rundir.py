@@ -413,6 +413,10 @@ class RunDir:
         return self.dynamics / "online_summary.json"
 
     @property
+    def online_confidence(self) -> Path:  # each example's confidence from the online records
+        return self.dynamics / "online_confidence.jsonl"
+
+    @property
     def online_records(self) -> Path:
         return self.dynamics / "online_records.jsonl"
 

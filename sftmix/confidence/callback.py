@@ -44,6 +44,7 @@ from transformers import TrainerCallback
 from sftmix.confidence.online import online_confidence_rows, save_online_records, saved_online_records
 from sftmix.confidence.scoring import check_score_columns, run_scoring
 from sftmix.confidence.split import confidence, one_run_problem, split_confident, variability
+from sftmix.rundir import RunDir
 from sftmix.utils import SFTMixError, atomic_open, atomic_write_json, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class ConfidenceCallback(TrainerCallback):
                               f"{save_checkpoints!r}.")
         self.score_dataset = score_dataset
         self.out_dir = Path(out_dir)
-        self.dir = self.out_dir / "dynamics"
+        self.dir = RunDir(self.out_dir).dynamics
         self.fixed_steps = steps
         self.num_checkpoints = num_checkpoints
         self.batch_size = _whole(f"{name} batch_size", batch_size)
@@ -122,15 +123,15 @@ class ConfidenceCallback(TrainerCallback):
         self.data_sha256 = _check_score_dataset(score_dataset, name)
 
     def scoring_path(self, k: int) -> Path:
-        return self.dir / f"ckpt_{k}.jsonl"
+        return RunDir(self.out_dir).scores(k)
 
     @property
     def hidden_path(self) -> Path:
-        return self.dir / "hidden_final.npz"
+        return RunDir(self.out_dir).hidden_final
 
     @property
     def records_path(self) -> Path:
-        return self.dir / "online_records.jsonl"
+        return RunDir(self.out_dir).online_records
 
     def schedule_steps(self, args, state) -> list[int]:
         """The optimizer steps to score at (called at the start of training, when max_steps is known)."""
@@ -170,7 +171,7 @@ class ConfidenceCallback(TrainerCallback):
                               f"them (step {state.global_step}); resume from an earlier Trainer checkpoint, or delete "
                               f"{args.output_dir} and {self.dir} and train from the start.")
         if state.is_world_process_zero:
-            atomic_write_json(self.dir / "schedule.json", self.schedule)
+            atomic_write_json(RunDir(self.out_dir).schedule, self.schedule)
         self._restore_records(args, state)
         self._log_resume(state.global_step)
 
@@ -197,7 +198,7 @@ class ConfidenceCallback(TrainerCallback):
                              hidden_at=np.array(self.hidden_at))
             write_jsonl(self.scoring_path(k), res.rows)
             self.schedule.setdefault("scoring", {})[str(k)] = {"step": state.global_step, **res.stats}
-            atomic_write_json(self.dir / "schedule.json", self.schedule)
+            atomic_write_json(RunDir(self.out_dir).schedule, self.schedule)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._save_records(state, control)  # save_strategy="epoch" decides to save here
@@ -209,7 +210,7 @@ class ConfidenceCallback(TrainerCallback):
     def _same_run_schedule(self, record: dict, state) -> dict:
         """The schedule to write: `record`, with what an earlier start of the same run scored; files of another run
         are removed to rescore (or refused, see `_replace_other_run`)."""
-        path = self.dir / "schedule.json"
+        path = RunDir(self.out_dir).schedule
         old = json.loads(path.read_text()) if path.exists() else {}
         if not self.use_fingerprint:
             if old and any(old.get(key) != val for key, val in record.items()):
@@ -236,7 +237,7 @@ class ConfidenceCallback(TrainerCallback):
                               f"one resumes at step {step}, after {', '.join(stuck)}, which it cannot rescore: resume "
                               f"with that run's settings, or use another out_dir (or delete {self.dir} and train from "
                               f"the start).")
-        stale = files + [p for p in (self.dir / "self_split.json",) if p.exists()]
+        stale = files + [p for p in (RunDir(self.out_dir).self_split,) if p.exists()]
         if stale:
             logger.warning("%s holds the data map of another run (%s): removing its %s and rescoring", self.dir,
                            diff or "no fingerprint", ", ".join(p.name for p in stale))
@@ -339,7 +340,7 @@ def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = 
     """Read run_dir/dynamics/ckpt_{1..C}.jsonl (the C scoring steps) and write run_dir/confidence.jsonl (atomically);
     return its rows (in ckpt_1 order): guid, n_tokens, confidence, variability, ppl_1..ppl_C, confident."""
     run_dir = Path(run_dir)
-    ddir = run_dir / "dynamics"
+    ddir = RunDir(run_dir).dynamics
     if num_checkpoints is None:
         found = sorted(int(p.stem.split("_")[1]) for p in ddir.glob("ckpt_*.jsonl") if p.stem.split("_")[1].isdigit())
         num_checkpoints = len(found)
@@ -349,7 +350,7 @@ def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = 
     if missing:
         raise SFTMixError(
             f"{ddir}: scoring file(s) {', '.join(f'ckpt_{k}.jsonl' for k in missing)} missing; run the reference "
-            f"step again (scored steps are skipped; if its training had finished, delete {run_dir / 'reference'} "
+            f"step again (scored steps are skipped; if its training had finished, delete {RunDir(run_dir).reference} "
             f"too) or set num_checkpoints to what was scored."
         )
     per_step = [read_jsonl(ddir / f"ckpt_{k}.jsonl") for k in range(1, num_checkpoints + 1)]
@@ -377,7 +378,7 @@ def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = 
         row["confident"] = bool(confident[i])
         out.append(row)
     if write:
-        write_jsonl(run_dir / "confidence.jsonl", out)
+        write_jsonl(RunDir(run_dir).confidence, out)
     return out
 
 
@@ -415,7 +416,7 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     @property
     def marker(self) -> Path:
-        return self.dir / "self_split.json"
+        return RunDir(self.out_dir).self_split
 
     def _ntp_steps(self, args, state) -> int:
         epochs = getattr(args, "self_reference_epochs", 0) or 0
@@ -463,7 +464,7 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     def self_split(self, guids, write: bool = True) -> np.ndarray:
         """The confident flags of `guids` (the training rows, in order) from the NTP epochs."""
-        conf = self.out_dir / "confidence.jsonl"
+        conf = RunDir(self.out_dir).confidence
         if self.marker.exists():  # the split was taken (a resumed run): read it, or rebuild it from what was kept
             rows = read_jsonl(conf) if conf.exists() else restore_self_confidence(self.out_dir, guids, write=write)
         else:
@@ -499,20 +500,21 @@ def restore_self_confidence(out_dir, guids, write: bool = True) -> list[dict]:
     written again; `guids` are the training rows in order. The same rows as the switch wrote: the records are the
     whole NTP epochs'."""
     out_dir = Path(out_dir)
-    ddir = out_dir / "dynamics"
-    marker = json.loads((ddir / "self_split.json").read_text())
+    d = RunDir(out_dir)
+    ddir = d.dynamics
+    marker = json.loads(d.self_split.read_text())
     if marker.get("self_confidence") == "checkpoints":
         rows = build_confidence(out_dir, len(marker["steps"]), write=write)
     else:
-        path = ddir / "online_records.jsonl"
+        path = d.online_records
         if not path.exists():
-            raise SFTMixError(f"{out_dir / 'confidence.jsonl'} and {path} are both missing, so the split of this "
-                              f"one-run SFTMix cannot be rebuilt; delete {out_dir / 'sftmix'} and {ddir} and train the "
+            raise SFTMixError(f"{d.confidence} and {path} are both missing, so the split of this "
+                              f"one-run SFTMix cannot be rebuilt; delete {d.recipe('sftmix')} and {ddir} and train the "
                               f"recipe again.")
         rows = online_confidence_rows(read_jsonl(path), guids,
                                       relative=ONLINE_DETREND[marker.get("self_confidence") or "online"])
         if write:
-            write_jsonl(out_dir / "confidence.jsonl", rows)
-    source = "ckpt_*.jsonl" if marker.get("self_confidence") == "checkpoints" else "online_records.jsonl"
-    logger.warning("%s was missing: rebuilt from %s", out_dir / "confidence.jsonl", ddir / source)
+            write_jsonl(d.confidence, rows)
+    source = ddir / "ckpt_*.jsonl" if marker.get("self_confidence") == "checkpoints" else d.online_records
+    logger.warning("%s was missing: rebuilt from %s", d.confidence, source)
     return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.confidence.split import split_confident
+from sftmix.rundir import RunDir
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 
@@ -235,9 +236,9 @@ def write_online_summary(run_dir, online_records, guids, confidence_rows=None, e
         by_guid = {r["guid"]: r["confidence"] for r in confidence_rows}
         scored = np.array([by_guid.get(g, np.nan) for g in guids])
         summary.update(compare_online(oc["confidence"], scored, guids))
-    write_jsonl(run_dir / "dynamics" / "online_confidence.jsonl", [
+    write_jsonl(RunDir(run_dir).online_confidence, [
         {"guid": g, "online_confidence": None if np.isnan(c) else float(c), "occurrences": int(o)}
         for g, c, o in zip(guids, oc["confidence"], oc["occurrences"])
     ])
-    atomic_write_json(run_dir / "dynamics" / "online_summary.json", summary)
+    atomic_write_json(RunDir(run_dir).online_summary, summary)
     return summary

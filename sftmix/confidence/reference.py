@@ -55,7 +55,8 @@ from sftmix.confidence.online import (
     online_split_rows,
     write_online_summary,
 )
-from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, resume_checkpoint, write_jsonl
+from sftmix.rundir import RunDir, write_train_result
+from sftmix.utils import SFTMixError, read_jsonl, resume_checkpoint, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +101,14 @@ def run_reference(
                           f"{confidence!r}.")
     online, score = confidence != "checkpoints", confidence != "online_only"
     out_dir = Path(out_dir)
-    conf_path = out_dir / "confidence.jsonl"
+    conf_path = RunDir(out_dir).confidence
     main = PartialState().is_main_process  # several processes: each computes the rows, the main one writes the files
     if conf_path.exists():
         logger.info("%s exists: reference step already done", conf_path)
         return read_jsonl(conf_path)
     from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 
-    ref_dir = out_dir / "reference"
+    ref_dir = RunDir(out_dir).reference
     # SFTMixTrainer with mixup_weight=0 is trl.SFTTrainer step for step (plain NTP); it also records online
     # dynamics (adding an `example_idx` column) when asked, so online on/off trains the very same run
     extra = {"mixup_weight": 0.0, "record_online_dynamics": online}
@@ -133,10 +134,9 @@ def run_reference(
     result = trainer.train(resume_from_checkpoint=last)
     # The reference's own training metrics: the NTP baseline reuses this run when it is the identical run.
     if main:
-        atomic_write_json(ref_dir / "train_result.json", {"metrics": result.metrics,
-                                                          "global_step": result.global_step,
-                                                          "n_train_examples": len(train_dataset),
-                                                          "log_history": trainer.state.log_history})
+        write_train_result(RunDir(out_dir).train_result("reference"), recipe=None, metrics=result.metrics,
+                           global_step=result.global_step, log_history=trainer.state.log_history,
+                           n_train_examples=len(train_dataset))
     guids = list(train_dataset["guid"])
     if not score:
         n_tok = train_dataset["n_response_tokens"] if "n_response_tokens" in train_dataset.column_names else None
