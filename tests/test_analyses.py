@@ -11,7 +11,8 @@ from helpers import tiny_dataset
 from test_trainer import COMMON, make_trainer
 
 from sftmix import SFTMixConfig
-from sftmix.mixup.trainer import _mixup_weight_at, nearest_partners, select_examples
+from sftmix.confidence.split import nearest_partners, select_examples
+from sftmix.mixup.args import mixup_weight_at
 from sftmix.models import build_byte_tokenizer
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
 
@@ -95,7 +96,7 @@ def test_nearest_pairing_in_trainer(tok, tmp_path):
                                                     ("linear_decay", 0.2, 0.1, 0.0), ("cosine", 0.2, 0.1, 0.0)])
 def test_mixup_weight_schedules(tmp_path, schedule, start, mid, end):
     a = args(tmp_path, mixup_weight_schedule=schedule)
-    got = [_mixup_weight_at(a, s, 10) for s in (0, 5, 10)]
+    got = [mixup_weight_at(a, s, 10) for s in (0, 5, 10)]
     np.testing.assert_allclose(got, [start, mid, end], atol=1e-12)
 
 
@@ -244,7 +245,7 @@ def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_tra
 
 @pytest.mark.parametrize("subset", ["confident", "unconfident"])
 def test_ntp_subset_without_mixup_trains_that_half_alone(tok, tmp_path, subset):
-    from sftmix.mixup.trainer import median_split
+    from sftmix.confidence.split import median_split
 
     ds = tiny_dataset(32)
     half = median_split(ds["confidence"], ds["guid"]) == (subset == "confident")

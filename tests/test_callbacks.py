@@ -187,7 +187,7 @@ def step_logs(trainer):
 
 @pytest.mark.parametrize("confidence", ["checkpoints", "online"])
 def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch, confidence):
-    from sftmix.mixup.mixin import OneRunSampler
+    from sftmix.mixup.sampling import OneRunSampler
 
     tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
     tr, cb = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")

@@ -10,18 +10,17 @@ from helpers import capture_pairs, naive_mixup_loss, tiny_dataset, tiny_records
 from transformers import Trainer, TrainingArguments
 
 import sftmix.mixup.mixin
-import sftmix.mixup.trainer
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.data import tokenize_records
-from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
+from sftmix.mixup.hf import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
 
 COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3, bf16=False,
               gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, seed=0)
 KINDS = ["trl", "hf"]
-# the module whose `mixup_loss` each trainer calls (patched to inject a NaN)
-LOSS_MODULE = {"trl": sftmix.mixup.trainer, "hf": sftmix.mixup.mixin}
+# the module whose `mixup_loss` both trainers call (patched there, where it is looked up, to inject a NaN)
+LOSS_MODULE = {"trl": sftmix.mixup.mixin, "hf": sftmix.mixup.mixin}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from dist_train import run, save_models
 from helpers import tiny_dataset
 
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.mixup.trainer import BalancedPairSampler, median_split
+from sftmix.confidence.split import median_split
+from sftmix.mixup.sampling import BalancedPairSampler
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
 

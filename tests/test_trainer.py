@@ -7,7 +7,8 @@ from helpers import capture_pairs, naive_mixup_loss, tiny_dataset
 from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.mixup.trainer import BalancedPairSampler, median_split
+from sftmix.confidence.split import median_split
+from sftmix.mixup.sampling import BalancedPairSampler
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
 

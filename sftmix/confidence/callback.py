@@ -44,7 +44,7 @@ from sftmix.confidence.reference import (
     scoring_steps,
 )
 from sftmix.confidence.scoring import run_scoring
-from sftmix.mixup.mixin import one_run_problem
+from sftmix.mixup.args import one_run_problem
 from sftmix.utils import SFTMixError, atomic_write_json, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -741,8 +741,8 @@ def _with_split(cfg, ds):
 
 def select_target_examples(cfg, ds):
     """The data selection of the run (paper §5.5) on a dataset tokenized by the target's tokenizer, as
-    sftmix.mixup.trainer.select_examples ranks it: (dataset, description), or (ds, None) without a selection."""
-    from sftmix.mixup.trainer import select_examples
+    sftmix.confidence.split.select_examples ranks it: (dataset, description), or (ds, None) without a selection."""
+    from sftmix.confidence.split import select_examples
 
     if cfg.train.selection == "none":
         return ds, None
@@ -773,7 +773,7 @@ def check_split_halves(cfg) -> None:
     """Refuse, before any training, a selection (or label split) that leaves fewer than 2 examples in a half of the
     SFTMix split, which the balanced sampler needs; one line naming the counts and the fix."""
     from sftmix.confidence.reference import join_confidence
-    from sftmix.mixup.trainer import confident_flags
+    from sftmix.confidence.split import confident_flags
 
     train = cfg.train
     if (train.selection == "none" and train.split_source != "column") or (

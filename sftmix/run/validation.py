@@ -76,9 +76,9 @@ def validate_settings(cfg) -> None:
     for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
         _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
     if "sftmix" in run.recipes and tr.mixup_enabled:
-        from sftmix.mixup.mixin import SFTMixMixin
+        from sftmix.mixup.guard import check_supported
 
-        SFTMixMixin._check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
+        check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
     if tr.pairing == "nearest" and tr.split_source == "column":
         # nearest pairing uses step 1's hidden states, and a column split skips step 1
         raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
@@ -108,10 +108,10 @@ ONE_RUN = "reference=self (one-run SFTMix)"
 
 
 def check_one_run(cfg) -> None:
-    """reference=self: the settings one-run SFTMix cannot run with (sftmix.mixup.mixin.one_run_problem, the rules the
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.mixup.args.one_run_problem, the rules the
     trainer and its callback apply at train time), refused here, before the first stage of the command trains,
     in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
-    from sftmix.mixup.mixin import one_run_problem
+    from sftmix.mixup.args import one_run_problem
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes:
@@ -129,7 +129,7 @@ def check_step_counts(cfg, n_train: int) -> None:
     of what the run trains on, so a refusal here is certain; the callback checks the exact count again)."""
     from accelerate import PartialState
 
-    from sftmix.mixup.mixin import OneRunSampler
+    from sftmix.mixup.sampling import OneRunSampler
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes or run.self_confidence != "checkpoints":
@@ -204,12 +204,12 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     if mixup and isinstance(data, dict):
         from types import SimpleNamespace
 
-        from sftmix.mixup.mixin import SFTMixMixin
+        from sftmix.mixup.guard import check_model_config
 
         # the text model's settings (a multimodal config nests them under text_config)
         text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
         try:
-            SFTMixMixin.check_model_config("the model", SimpleNamespace(**text))
+            check_model_config("the model", SimpleNamespace(**text))
         except SFTMixError as e:
             raise SFTMixError(f"{setting}={spec}: {e}") from None
     if info["kind"] == "hf-dir":

@@ -204,7 +204,7 @@ def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
     from axolotl.train import setup_model_and_trainer
 
     from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer
-    from sftmix.mixup.mixin import BalancedPairSampler
+    from sftmix.mixup.sampling import BalancedPairSampler
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
@@ -228,7 +228,7 @@ def test_axolotl_mixup_equals_the_core_on_the_same_batch(setup, cfg, tmp_path):
     from axolotl.integrations.base import PluginManager
     from axolotl.train import setup_model_and_trainer
 
-    from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
+    from sftmix.mixup.hf import SFTMixHFTrainer, SFTMixTrainingArguments
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)

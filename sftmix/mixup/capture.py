@@ -1,0 +1,77 @@
+"""Capture of the NTP forward: the backbone's last hidden states (the LM head's input) and the model's outputs, taken
+from the forward pass the trainer runs for its NTP loss, so the Mixup term needs no second backbone pass.
+
+    from sftmix.mixup.capture import StepCapture, capture_loss_forward
+    trainer._captured = StepCapture()
+    capture_loss_forward(causal_lm, lambda: trainer._captured, is_loss_forward=lambda kw: True,
+                         in_forward=lambda pairs, lam, labels: mixup_term(...))   # once, after Trainer.__init__
+    trainer._captured = StepCapture(want_hidden=True)    # each step: before the NTP loss runs the model
+    trainer._captured.pending = (pairs, lam, labels)     # -> in_forward runs inside the model's forward
+    ... the NTP loss ...                                 # -> _captured.hidden, .outputs, .mix
+
+`causal_lm` is the transformers causal LM itself (under PEFT, `model.get_base_model()`). Used by
+sftmix.mixup.mixin.SFTMixMixin; any trainer that calls the model (or its backbone) for its loss can use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepCapture:
+    """What one compute_loss shares with the backbone's forward hook and the wrapped model forward: compute_loss sets
+    `want_hidden` and `pending` (the batch's Mixup pairs, lam and labels); the hook stores the backbone's output (the
+    LM head's input) in `hidden`; the wrapped forward stores the NTP `outputs` and, still inside the model's forward,
+    turns `pending` into the Mixup term `mix` (the `in_forward` of capture_loss_forward)."""
+
+    want_hidden: bool = False
+    pending: tuple | None = None
+    hidden: torch.Tensor | None = None
+    outputs: object = None
+    mix: torch.Tensor | None = None
+
+    def take_pending(self) -> tuple:
+        pending, self.pending = self.pending, None
+        return pending
+
+
+def capture_loss_forward(causal_lm, step: Callable[[], StepCapture], is_loss_forward: Callable[[dict], bool],
+                         in_forward: Callable[..., torch.Tensor]) -> None:
+    """Hook `causal_lm` once: in every forward, the StepCapture that `step()` returns then gets the backbone's last
+    hidden states (when it wants them) and, for the loss forward (`is_loss_forward(kwargs)`), the model's outputs and
+    `in_forward(*pending)` computed inside that forward."""
+
+    def keep_hidden(module, args, output):
+        captured = step()
+        if captured.want_hidden:
+            captured.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    # The backbone's output is the LM head's input (after the final norm). The NTP forward calls the backbone as a
+    # module, so a forward hook sees it without a second pass.
+    causal_lm.base_model.register_forward_hook(keep_hidden)
+    # PEFT calls `model.forward` directly (no module hooks), so the bound forward is wrapped to see the NTP outputs.
+    model_forward = causal_lm.forward
+
+    def forward_and_capture(_self, *a, **kw):
+        out = model_forward(*a, **kw)
+        if is_loss_forward(kw):
+            captured = step()
+            captured.outputs = out
+            if captured.pending is not None and torch.is_grad_enabled():
+                # Still inside the model's forward: FSDP keeps the LM head gathered here (FSDP1 with use_orig_params
+                # exposes only its shard once the forward has returned), and ZeRO-3 reduces the gradients of what
+                # runs inside its engine's forward.
+                captured.mix = in_forward(*captured.take_pending())
+        return out
+
+    # The Trainer keeps the dataset columns the model's forward signature names (remove_unused_columns), so the
+    # wrapper states the wrapped forward's signature. Not functools.wraps: its __wrapped__ would let accelerate's
+    # unwrap_model(keep_fp32_wrapper=False), which follows __wrapped__ down to the original forward, drop this wrapper.
+    forward_and_capture.__signature__ = inspect.signature(type(causal_lm).forward)
+    causal_lm.forward = types.MethodType(forward_and_capture, causal_lm)
