@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from sftmix.mixup.capture import StepCapture
 from sftmix.mixup.guard import lm_head_weight
 from sftmix.mixup.loss import gather_mixup_tokens
+from sftmix.mixup.sampling import pair_lam
 from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 from sftmix.utils import atomic_write_json
 
@@ -107,7 +108,8 @@ class NaiveSFTMixTrainer(SFTMixTrainer):
                               ignore_index=-100, reduction="sum") / n_items
         c_rows, u_rows = torch.nonzero(confident).flatten(), torch.nonzero(~confident).flatten()
         pairs = torch.stack([c_rows, u_rows], dim=1).to(hidden.device)
-        lam = self._draw_lam(example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu(), hidden.device)
+        rows = example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu()
+        lam = pair_lam(rows, self.args, getattr(getattr(self, "pair_sampler", None), "epoch", 0), hidden.device)
         mix = naive_batched_mixup_loss(hidden, labels.to(hidden.device), lm_head_weight(self._causal_lm), pairs, lam)
         return ntp + self.args.mixup_weight * mix
 
@@ -394,7 +396,7 @@ def time_mixup_loss(v: Variant, device, reps: int) -> list[float]:
     weight = lm_head_weight(tr._causal_lm).detach().clone().requires_grad_()
     labels, conf = batch["labels"].to(device), batch["confident"]
     pairs = torch.stack([torch.nonzero(conf).flatten(), torch.nonzero(~conf).flatten()], dim=1)
-    lam = tr._draw_lam(batch["example_idx"][pairs], device)
+    lam = pair_lam(batch["example_idx"][pairs], tr.args, 0, device)
     pairs = pairs.to(device)
     times = []
     for i in range(reps + 1):

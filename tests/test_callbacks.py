@@ -178,7 +178,7 @@ def one_run_trainer(tok, ds, out, extra_callbacks=(), confidence="checkpoints", 
     args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": online, **kw})
     cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8, confidence=confidence)
     return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[cb, *extra_callbacks]), cb
+                         self_reference=cb, callbacks=list(extra_callbacks)), cb
 
 
 def step_logs(trainer):

@@ -88,10 +88,11 @@ def test_the_guard_alone_stops_a_plain_trainer_on_an_infinite_gradient(tok, tmp_
         assert torch.equal(p.detach(), q)
 
 
-def test_one_run_sftmix_binds_its_callback_when_the_trainer_is_built(tok, tmp_path):
-    """self_reference_epochs > 0: the SelfReferenceCallback given in `callbacks` is bound (trainer.self_reference, its
-    `trainer`) in __init__; without one, the trainer refuses to be built (not at the switch, an epoch later); an
-    object that merely has a `self_split` method is not taken for it."""
+def test_one_run_sftmix_is_given_its_callback_explicitly(tok, tmp_path):
+    """self_reference_epochs > 0: the SelfReferenceCallback given as `self_reference=` is added first among the
+    trainer's callbacks and bound to it (its `trainer`) in __init__; without it the trainer refuses to be built (not at
+    the switch, an epoch later), also when a callback with a `self_split` method (or the callback itself) is among
+    `callbacks`: nothing is found by duck typing."""
     from sftmix import SFTMixConfig, SFTMixTrainer
     from sftmix.confidence.callback import SelfReferenceCallback
 
@@ -100,14 +101,18 @@ def test_one_run_sftmix_binds_its_callback_when_the_trainer_is_built(tok, tmp_pa
                         self_reference_epochs=1, record_online_dynamics=True, max_length=None,
                         **{**COMMON, "learning_rate": 3e-3})
     cb = SelfReferenceCallback(ds, tmp_path, confidence="online")
-    tr = SFTMixTrainer(model=build_tiny_model(tok), args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    other = TrainerCallback()
+    tr = SFTMixTrainer(model=build_tiny_model(tok), args=args, train_dataset=ds, processing_class=tok,
+                       self_reference=cb, callbacks=[other])
     assert tr.self_reference is cb and cb.trainer is tr
+    mine = [c for c in tr.callback_handler.callbacks if c in (cb, other)]
+    assert mine == [cb, other]
 
     class LooksLikeOne(TrainerCallback):
         def self_split(self, guids, write=True):
             raise AssertionError("not a SelfReferenceCallback")
 
-    for callbacks in ([], [LooksLikeOne()]):
-        with pytest.raises(SFTMixError, match=r"self_reference_epochs=1 needs exactly one .*SelfReferenceCallback"):
+    for callbacks in ([], [LooksLikeOne()], [SelfReferenceCallback(ds, tmp_path / "x", confidence="online")]):
+        with pytest.raises(SFTMixError, match=r"self_reference_epochs=1 \(one-run SFTMix\) .* self_reference="):
             SFTMixTrainer(model=build_tiny_model(tok), args=args, train_dataset=ds, processing_class=tok,
                           callbacks=callbacks)

@@ -8,7 +8,8 @@
 
     # one-run SFTMix: NTP for self_reference_epochs while this scores the data, then Mixup on its split
     cb = SelfReferenceCallback(tokenized_ds, "out", num_checkpoints=2)
-    trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds, callbacks=[cb])
+    trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds,
+                            self_reference=cb)
 
 `score_dataset` is tokenized with labels (-100 outside the response) and a guid column (sftmix.data.tokenize_records).
 Scoring is sftmix.confidence.scoring.run_scoring (the scorer of step 1) at the end of the chosen optimizer steps, on
@@ -242,8 +243,8 @@ class SelfReferenceCallback(ConfidenceCallback):
     confidence="checkpoints": C scoring passes spread over those epochs (checkpoint k at step ceil(k*T_E/C), T_E the
     last step of those epochs), as ConfidenceCallback scores, then sftmix.confidence.reference.build_confidence.
 
-    SFTMixMixin finds this callback among the trainer's callbacks when self_reference_epochs > 0 and binds itself
-    as `callback.trainer`."""
+    The SFTMix trainer is given this callback as `self_reference=` (sftmix.mixup.mixin.SFTMixMixin): it adds it to its
+    callbacks and binds itself as `callback.trainer`."""
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 2, batch_size: int = 16,
                  show_progress: bool = False, confidence: str = "online"):

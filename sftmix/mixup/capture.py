@@ -11,6 +11,7 @@ from the forward pass the trainer runs for its NTP loss, so the Mixup term needs
 
 `causal_lm` is the transformers causal LM itself (under PEFT, `model.get_base_model()`). Used by
 sftmix.mixup.mixin.SFTMixMixin; any trainer that calls the model (or its backbone) for its loss can use it.
+record_online turns the captured outputs of an NTP step into online-dynamics records (record_online_dynamics).
 """
 
 from __future__ import annotations
@@ -75,3 +76,25 @@ def capture_loss_forward(causal_lm, step: Callable[[], StepCapture], is_loss_for
     # unwrap_model(keep_fp32_wrapper=False), which follows __wrapped__ down to the original forward, drop this wrapper.
     forward_and_capture.__signature__ = inspect.signature(type(causal_lm).forward)
     causal_lm.forward = types.MethodType(forward_and_capture, causal_lm)
+
+
+def record_online(records, outputs, example_idx, acc, state) -> None:
+    """Add a micro-batch's per-example response NLL (from the captured `outputs`: TRL's per-token log-probs), from
+    every process, to `records` (an OnlineRecords: `trainer.online_records`); `acc` is the trainer's accelerator.
+
+    `gather`, not `gather_for_metrics`: at the end of the dataloader the latter cuts each batch to the dataset's
+    remainder, which is wrong for every micro-batch but the last of an accumulation window (the Trainer fetches
+    the whole window before the first forward) and for samplers that round the epoch up. OnlineRecords keeps one
+    record per (epoch, example), so a row repeated to fill the last batch is not counted twice."""
+    nll_sum = -(outputs.log_probs.detach().float()).sum(dim=1)
+    n_tok = outputs.label_mask.sum(dim=1)
+    idx = example_idx.to(nll_sum.device)
+    if acc.num_processes > 1:  # equal shapes for the gather (even_batches=False can leave a short last batch)
+        idx = acc.pad_across_processes(idx, pad_index=-1)
+        nll_sum, n_tok = acc.pad_across_processes(nll_sum), acc.pad_across_processes(n_tok)
+    gathered = acc.gather((idx, nll_sum, n_tok))
+    epoch = float(state.epoch or 0.0)
+    for i, s, n in zip(*(t.tolist() for t in gathered)):
+        if i >= 0 and n > 0:
+            records.add({"example_idx": int(i), "global_step": state.global_step,
+                         "epoch": epoch, "nll_mean": s / n, "n_tokens": int(n)})

@@ -19,9 +19,9 @@
 - sftmix.mixup.guard: the support checks, and the non-finite guard (a loss, gradient or weight) before the update.
 This class: compute_loss returns NTP + mu * Mixup (normalised like the Trainer normalises the NTP loss under gradient
 accumulation), logs `ntp_loss` and `mixup_loss`, and records online dynamics (`record_online_dynamics`).
-One-run SFTMix (`self_reference_epochs=N`, and a sftmix.confidence.callback.SelfReferenceCallback in `callbacks`,
-which the trainer binds to itself): OneRunSampler gives random order (plain NTP, no Mixup term) for N epochs, then
-balanced pairs on the split the callback takes then.
+One-run SFTMix (`self_reference_epochs=N` and `self_reference=SelfReferenceCallback(...)` of
+sftmix.confidence.callback, which the trainer adds to its callbacks and binds to itself): OneRunSampler gives random
+order (plain NTP, no Mixup term) for N epochs, then balanced pairs on the split the callback takes then.
 This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
 sftmix.mixup.trainer.SFTMixTrainer is trl.SFTTrainer with it; sftmix.mixup.hf.SFTMixHFTrainer is transformers.Trainer.
 """
@@ -35,13 +35,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from sftmix.confidence.callback import SelfReferenceCallback
 from sftmix.confidence.online import OnlineRecords
 from sftmix.mixup.args import mixup_weight_at
-from sftmix.mixup.capture import StepCapture, capture_loss_forward
+from sftmix.mixup.capture import StepCapture, capture_loss_forward, record_online
 from sftmix.mixup.guard import NonFiniteGuard, check_lm_head, check_parallelism, lm_head_weight
 from sftmix.mixup.loss import mixup_loss
-from sftmix.mixup.sampling import OneRunSampler, SFTMixCollator, prepare_train_dataset, train_sampler
+from sftmix.mixup.sampling import OneRunSampler, SFTMixCollator, pair_lam, prepare_train_dataset, train_sampler
 from sftmix.utils import SFTMixError
 
 
@@ -57,7 +56,12 @@ class SFTMixMixin(NonFiniteGuard):
     # inside the forward, where lm_head_weight's checks refuse a sharded head with a one-line error.
     mixup_after_forward = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, self_reference=None, **kwargs):
+        # One-run SFTMix's callback (sftmix.confidence.callback.SelfReferenceCallback) is given explicitly, as TRL's
+        # trainers add their own callbacks: first among the user's callbacks, bound to this trainer in setup_sftmix.
+        self.self_reference = self_reference
+        if self_reference is not None:
+            kwargs["callbacks"] = [self_reference, *(kwargs.get("callbacks") or [])]
         # The training rows are prepared before the Trainer's __init__ (which may tokenize them and reads their
         # columns), whether the base trainer is given them by keyword or in its positional order.
         args = list(args)
@@ -92,7 +96,12 @@ class SFTMixMixin(NonFiniteGuard):
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._sftmix_logs_metrics = True
         self.online_records = OnlineRecords()
-        self.self_reference = self._bind_self_reference()
+        if getattr(self, "self_reference", None) is not None:
+            self.self_reference.trainer = self  # its online mode reads (and restores) `online_records`
+        elif args.self_reference_epochs:
+            raise SFTMixError(f"self_reference_epochs={args.self_reference_epochs} (one-run SFTMix) takes its split "
+                              "from a sftmix.confidence.callback.SelfReferenceCallback: give it to the trainer as "
+                              "self_reference=SelfReferenceCallback(train_dataset, out_dir).")
         self._captured = StepCapture()
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._causal_lm = causal_lm
@@ -105,18 +114,6 @@ class SFTMixMixin(NonFiniteGuard):
         # _mixup_term is looked up at each call, so that a subclass (or an instance) replacing it is the one used
         capture_loss_forward(causal_lm, lambda: self._captured, self._is_loss_forward,
                              lambda *pending: self._mixup_term(*pending))
-
-    def _bind_self_reference(self) -> SelfReferenceCallback | None:
-        """One-run SFTMix's callback among `callbacks`, bound to this trainer (its online mode reads
-        `online_records`); with self_reference_epochs > 0 there must be exactly one."""
-        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SelfReferenceCallback)]
-        for cb in found:
-            cb.trainer = self
-        if self.args.self_reference_epochs and len(found) != 1:
-            raise SFTMixError(f"self_reference_epochs={self.args.self_reference_epochs} needs exactly one "
-                              f"sftmix.confidence.callback.SelfReferenceCallback in the trainer's callbacks "
-                              f"(found {len(found)}).")
-        return found[0] if len(found) == 1 else None
 
     # -- hooks a trainer may override -------------------------------------------------------------------------------
     def _is_loss_forward(self, forward_kwargs: dict) -> bool:
@@ -146,8 +143,8 @@ class SFTMixMixin(NonFiniteGuard):
         return self.pair_sampler
 
     def _one_run_split(self) -> np.ndarray:
-        """The confident flags of the training rows at the switch to Mixup (one-run SFTMix), from the bound
-        SelfReferenceCallback."""
+        """The confident flags of the training rows at the switch to Mixup (one-run SFTMix), from the
+        SelfReferenceCallback given as `self_reference`."""
         if "guid" not in self.train_dataset.column_names:
             raise SFTMixError("one-run SFTMix joins the split by guid: the training data needs a `guid` column "
                               "(sftmix.data.tokenize_records adds one).")
@@ -157,16 +154,6 @@ class SFTMixMixin(NonFiniteGuard):
         return flags
 
     # -- loss -------------------------------------------------------------------------------------------------------
-    def _draw_lam(self, pair_rows: torch.Tensor, device) -> torch.Tensor:
-        """lam ~ Beta(alpha, alpha) for each pair, from a generator seeded by (seed, epoch, confident example,
-        unconfident example). A pair gets the same lam however the batch is split: across gradient accumulation,
-        across processes, and after a resume."""
-        epoch = self.pair_sampler.epoch if getattr(self, "pair_sampler", None) is not None else 0
-        alpha = self.args.mixup_alpha
-        lam = [np.random.default_rng([self.args.seed, epoch, int(c), int(u)]).beta(alpha, alpha)
-               for c, u in pair_rows.tolist()]
-        return torch.tensor(lam, dtype=torch.float32, device=device)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         confident = inputs.pop("confident", None)
         mixup_labels = inputs.pop("mixup_labels", None)
@@ -184,7 +171,8 @@ class SFTMixMixin(NonFiniteGuard):
                 raise RuntimeError(f"unbalanced SFTMix batch ({len(c_rows)} confident, {len(u_rows)} unconfident); "
                                    "the BalancedPairSampler should make this impossible")
             pairs = torch.stack([c_rows, u_rows], dim=1).to(labels.device)
-            lam = self._draw_lam(example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu(), labels.device)
+            rows = example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu()
+            lam = pair_lam(rows, self.args, getattr(getattr(self, "pair_sampler", None), "epoch", 0), labels.device)
             self._captured.pending = (pairs, lam, labels)  # computed by forward_and_capture, see sftmix.mixup.capture
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
@@ -193,7 +181,7 @@ class SFTMixMixin(NonFiniteGuard):
         if (training and self.args.record_online_dynamics and example_idx is not None
                 and getattr(outputs, "log_probs", None) is not None
                 and not getattr(getattr(self, "pair_sampler", None), "mixup_phase", False)):  # one-run: NTP epochs
-            self._record_online(outputs, example_idx)
+            record_online(self.online_records, outputs, example_idx, self.accelerator, self.state)
         if not use_mixup:
             self._captured = StepCapture()
             self._log_losses(training, ntp_loss, outputs, None, num_items_in_batch, example_idx)
@@ -290,27 +278,6 @@ class SFTMixMixin(NonFiniteGuard):
             if bad:
                 values = f"NTP loss {g[:, 4].tolist()}, Mixup loss {g[:, 3].tolist() if mix is not None else 'off'}"
                 raise SFTMixError(self._nonfinite_message(" and ".join(bad) + " loss", values, example_idx))
-
-    def _record_online(self, outputs, example_idx):
-        """Add this micro-batch's per-example response NLL, from every process, to `online_records`.
-
-        `gather`, not `gather_for_metrics`: at the end of the dataloader the latter cuts each batch to the dataset's
-        remainder, which is wrong for every micro-batch but the last of an accumulation window (the Trainer fetches
-        the whole window before the first forward) and for samplers that round the epoch up. OnlineRecords keeps one
-        record per (epoch, example), so a row repeated to fill the last batch is not counted twice."""
-        nll_sum = -(outputs.log_probs.detach().float()).sum(dim=1)
-        n_tok = outputs.label_mask.sum(dim=1)
-        idx = example_idx.to(nll_sum.device)
-        acc = self.accelerator
-        if acc.num_processes > 1:  # equal shapes for the gather (even_batches=False can leave a short last batch)
-            idx = acc.pad_across_processes(idx, pad_index=-1)
-            nll_sum, n_tok = acc.pad_across_processes(nll_sum), acc.pad_across_processes(n_tok)
-        gathered = acc.gather((idx, nll_sum, n_tok))
-        epoch = float(self.state.epoch or 0.0)
-        for i, s, n in zip(*(t.tolist() for t in gathered)):
-            if i >= 0 and n > 0:
-                self.online_records.add({"example_idx": int(i), "global_step": self.state.global_step,
-                                         "epoch": epoch, "nll_mean": s / n, "n_tokens": int(n)})
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL's SFTTrainer logs self._metrics itself; for other trainers the mean of each metric since the last log

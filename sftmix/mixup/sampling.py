@@ -1,9 +1,10 @@
 """Which rows train together: the training rows prepared for SFTMix, the balanced-pair samplers, the collator.
 
-    from sftmix.mixup.sampling import BalancedPairSampler, SFTMixCollator, prepare_train_dataset, train_sampler
+    from sftmix.mixup.sampling import SFTMixCollator, pair_lam, prepare_train_dataset, train_sampler
     ds, description = prepare_train_dataset(ds, args)     # selection, a bool `confident` column, `example_idx`
     sampler = train_sampler(ds, args)                     # BalancedPairSampler (or OneRunSampler(split_fn=...))
     collator = SFTMixCollator(base_collator, args.ntp_subset)  # `confident`, `example_idx` as tensors
+    lam = pair_lam(example_idx[pairs], args, epoch=0, device="cpu")  # each pair's mixing coefficient
 
 Each micro-batch of the sampler holds batch_size/2 confident rows followed by their batch_size/2 unconfident
 partners; the collator passes the flags through to the loss (sftmix.mixup.mixin). Pure functions of the dataset's
@@ -203,6 +204,15 @@ def prepare_train_dataset(train_dataset, args):
         train_dataset = train_dataset.add_column("example_idx", list(range(len(train_dataset))))
     train_dataset._sftmix_prepared = (args, description)
     return train_dataset, description
+
+
+def pair_lam(pair_rows: torch.Tensor, args, epoch: int, device) -> torch.Tensor:
+    """lam ~ Beta(mixup_alpha, mixup_alpha) for each (confident, unconfident) row pair, from a generator seeded by
+    (seed, epoch, confident example, unconfident example). A pair gets the same lam however the batch is split: across
+    gradient accumulation, across processes, and after a resume."""
+    alpha = args.mixup_alpha
+    lam = [np.random.default_rng([args.seed, epoch, int(c), int(u)]).beta(alpha, alpha) for c, u in pair_rows.tolist()]
+    return torch.tensor(lam, dtype=torch.float32, device=device)
 
 
 def train_sampler(dataset, args, split_fn=None):
