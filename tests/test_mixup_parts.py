@@ -116,3 +116,25 @@ def test_one_run_sftmix_is_given_its_callback_explicitly(tok, tmp_path):
         with pytest.raises(SFTMixError, match=r"self_reference_epochs=1 \(one-run SFTMix\) .* self_reference="):
             SFTMixTrainer(model=build_tiny_model(tok), args=args, train_dataset=ds, processing_class=tok,
                           callbacks=callbacks)
+
+
+def test_a_subclass_written_for_the_two_calls_still_prepares_its_rows_once(tok, tmp_path):
+    """Code that calls prepare_train_dataset before the Trainer's __init__ and setup_sftmix() after it (the earlier
+    way) gets the rows prepared once: with ntp_subset=confident and Mixup off a second preparation would halve the
+    confident half again (8 -> 4 of 16 rows); and the set-up runs once (one collator wrapper)."""
+    from sftmix.mixup.hf import SFTMixTrainingArguments
+    from sftmix.mixup.mixin import SFTMixMixin
+    from sftmix.mixup.sampling import SFTMixCollator, prepare_train_dataset
+
+    class TwoCalls(SFTMixMixin, Trainer):
+        def __init__(self, *a, args=None, train_dataset=None, **kw):
+            train_dataset, _ = prepare_train_dataset(train_dataset, args)
+            super().__init__(*a, args=args, train_dataset=train_dataset, **kw)
+            self.setup_sftmix()
+
+    args = SFTMixTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                                   mixup_weight=0.0, ntp_subset="confident", **COMMON)
+    tr = TwoCalls(model=build_tiny_model(tok), args=args, train_dataset=rows(tok), processing_class=tok,
+                  data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+    assert len(tr.train_dataset) == 8
+    assert isinstance(tr.data_collator, SFTMixCollator) and not isinstance(tr.data_collator.base, SFTMixCollator)
