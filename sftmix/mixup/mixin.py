@@ -22,7 +22,7 @@ accumulation), logs `ntp_loss` and `mixup_loss`, and records online dynamics (`r
 One-run SFTMix (`self_reference_epochs=N` and `self_reference=SelfReferenceCallback(...)` of
 sftmix.confidence.callback, which the trainer adds to its callbacks and binds to itself): OneRunSampler gives random
 order (plain NTP, no Mixup term) for N epochs, then balanced pairs on the split the callback takes then.
-This module imports only torch and transformers (no TRL): it runs next to any TRL version, e.g. axolotl's pin.
+Neither this module nor its parts import TRL: they run next to any TRL version, e.g. axolotl's pin.
 sftmix.mixup.trainer.SFTMixTrainer is trl.SFTTrainer with it; sftmix.mixup.hf.SFTMixHFTrainer is transformers.Trainer.
 """
 
