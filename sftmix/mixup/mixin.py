@@ -40,7 +40,7 @@ from sftmix.mixup.args import mixup_weight_at
 from sftmix.mixup.capture import StepCapture, capture_loss_forward, record_online
 from sftmix.mixup.guard import NonFiniteGuard, check_lm_head, check_parallelism, lm_head_weight
 from sftmix.mixup.loss import mixup_loss
-from sftmix.mixup.sampling import OneRunSampler, SFTMixCollator, pair_lam, prepare_train_dataset, train_sampler
+from sftmix.mixup.sampling import OneRunSampler, SFTMixCollator, batch_pairs, prepare_train_dataset, train_sampler
 from sftmix.utils import SFTMixError
 
 
@@ -165,14 +165,8 @@ class SFTMixMixin(NonFiniteGuard):
         self._captured = StepCapture(want_hidden=use_mixup)
         if use_mixup:
             labels = mixup_labels if mixup_labels is not None else inputs["labels"]
-            c_rows = torch.nonzero(confident).flatten()
-            u_rows = torch.nonzero(~confident).flatten()
-            if len(c_rows) != len(u_rows) or len(c_rows) == 0:
-                raise RuntimeError(f"unbalanced SFTMix batch ({len(c_rows)} confident, {len(u_rows)} unconfident); "
-                                   "the BalancedPairSampler should make this impossible")
-            pairs = torch.stack([c_rows, u_rows], dim=1).to(labels.device)
-            rows = example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu()
-            lam = pair_lam(rows, self.args, getattr(getattr(self, "pair_sampler", None), "epoch", 0), labels.device)
+            epoch = getattr(getattr(self, "pair_sampler", None), "epoch", 0)
+            pairs, lam = batch_pairs(confident, example_idx, self.args, epoch, labels.device)
             self._captured.pending = (pairs, lam, labels)  # computed by forward_and_capture, see sftmix.mixup.capture
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)

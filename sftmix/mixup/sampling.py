@@ -1,10 +1,10 @@
 """Which rows train together: the training rows prepared for SFTMix, the balanced-pair samplers, the collator.
 
-    from sftmix.mixup.sampling import SFTMixCollator, pair_lam, prepare_train_dataset, train_sampler
+    from sftmix.mixup.sampling import SFTMixCollator, batch_pairs, prepare_train_dataset, train_sampler
     ds, description = prepare_train_dataset(ds, args)     # selection, a bool `confident` column, `example_idx`
     sampler = train_sampler(ds, args)                     # BalancedPairSampler (or OneRunSampler(split_fn=...))
     collator = SFTMixCollator(base_collator, args.ntp_subset)  # `confident`, `example_idx` as tensors
-    lam = pair_lam(example_idx[pairs], args, epoch=0, device="cpu")  # each pair's mixing coefficient
+    pairs, lam = batch_pairs(batch["confident"], batch["example_idx"], args, epoch=0, device="cpu")  # in the loss
 
 Each micro-batch of the sampler holds batch_size/2 confident rows followed by their batch_size/2 unconfident
 partners; the collator passes the flags through to the loss (sftmix.mixup.mixin). Pure functions of the dataset's
@@ -213,6 +213,19 @@ def pair_lam(pair_rows: torch.Tensor, args, epoch: int, device) -> torch.Tensor:
     alpha = args.mixup_alpha
     lam = [np.random.default_rng([args.seed, epoch, int(c), int(u)]).beta(alpha, alpha) for c, u in pair_rows.tolist()]
     return torch.tensor(lam, dtype=torch.float32, device=device)
+
+
+def batch_pairs(confident: torch.Tensor, example_idx, args, epoch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of a balanced micro-batch, the i-th confident row with the i-th unconfident row ([P, 2] row indices
+    on `device`), and each pair's lam (pair_lam of the rows' `example_idx`, or of the row indices without it)."""
+    c_rows = torch.nonzero(confident).flatten()
+    u_rows = torch.nonzero(~confident).flatten()
+    if len(c_rows) != len(u_rows) or len(c_rows) == 0:
+        raise RuntimeError(f"unbalanced SFTMix batch ({len(c_rows)} confident, {len(u_rows)} unconfident); "
+                           "the BalancedPairSampler should make this impossible")
+    pairs = torch.stack([c_rows, u_rows], dim=1).to(device)
+    rows = example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu()
+    return pairs, pair_lam(rows, args, epoch, device)
 
 
 def train_sampler(dataset, args, split_fn=None):
