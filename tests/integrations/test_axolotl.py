@@ -5,7 +5,7 @@ the merge of the plugin's pydantic args, validation and normalisation) of a YAML
 dataset pipeline through the plugin's load_datasets (Alpaca rows tokenized by axolotl, guids joined to a confidence
 file); axolotl's own model and trainer setup (setup_model_and_trainer: the builder asks the plugin for the trainer
 class and training arguments); training steps that log ntp_loss and mixup_loss; and the Mixup loss of the axolotl
-trainer against an independent computation and against sftmix.mixup.mixin's SFTMixHFTrainer on the same batch and
+trainer against an independent computation and against sftmix.mixup.hf's SFTMixHFTrainer on the same batch and
 weights. Skipped where axolotl is not installed (the main environment)."""
 
 import json
