@@ -37,7 +37,7 @@ class SFTMixHFTrainer(SFTMixMixin, Trainer):
                  data_collator=None, processing_class=None, **kwargs):
         if args is None:
             args = SFTMixTrainingArguments(output_dir="sftmix-output")
-        elif not callable(getattr(args, "validate_mixup_args", None)):
+        elif not isinstance(args, MixupArguments):
             raise SFTMixError("SFTMixHFTrainer needs SFTMixTrainingArguments (transformers.TrainingArguments with the "
                               "Mixup fields).")
         if args.record_online_dynamics:

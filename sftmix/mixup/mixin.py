@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sftmix.confidence.online import OnlineRecords
-from sftmix.mixup.args import mixup_weight_at
+from sftmix.mixup.args import MixupArguments, mixup_weight_at
 from sftmix.mixup.capture import StepCapture, capture_loss_forward, record_online
 from sftmix.mixup.guard import NonFiniteGuard, check_lm_head, check_parallelism, lm_head_weight
 from sftmix.mixup.loss import mixup_loss
@@ -70,7 +70,7 @@ class SFTMixMixin(NonFiniteGuard):
         given = {**dict(zip(names, args)), **kwargs}
         training_args = given.get("args")
         self.selection_description = None
-        if callable(getattr(training_args, "validate_mixup_args", None)):
+        if isinstance(training_args, MixupArguments):
             prepared, self.selection_description = prepare_train_dataset(given.get("train_dataset"), training_args)
             if "train_dataset" in names:
                 args[names.index("train_dataset")] = prepared
@@ -86,7 +86,7 @@ class SFTMixMixin(NonFiniteGuard):
             return
         self._sftmix_set_up = True
         args = self.args
-        if not callable(getattr(args, "validate_mixup_args", None)):
+        if not isinstance(args, MixupArguments):
             raise SFTMixError(f"{type(self).__name__} needs training arguments with the SFTMix fields "
                               f"(MixupArguments), got {type(args).__name__}.")
         args.validate_mixup_args()
