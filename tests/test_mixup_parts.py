@@ -138,3 +138,32 @@ def test_a_subclass_written_for_the_two_calls_still_prepares_its_rows_once(tok, 
                   data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
     assert len(tr.train_dataset) == 8
     assert isinstance(tr.data_collator, SFTMixCollator) and not isinstance(tr.data_collator.base, SFTMixCollator)
+
+
+def test_the_capture_survives_accelerates_mixed_precision_wrapping_and_unwrapping(tok):
+    """The wrapped forward states the model's signature (the Trainer keeps the dataset columns it names), and it still
+    captures after accelerate's bf16 autocast wrapper is put around it (prepare) and taken off again
+    (unwrap_model(keep_fp32_wrapper=False), as a save does)."""
+    import inspect
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from sftmix.mixup.capture import StepCapture, capture_loss_forward
+
+    model = build_tiny_model(tok)
+    own = list(inspect.signature(model.forward).parameters)
+    captured = StepCapture(want_hidden=True)
+    capture_loss_forward(model, lambda: captured, lambda kw: True, lambda *pending: None)
+    assert list(inspect.signature(model.forward).parameters) == own and own[0] == "input_ids"
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state other tests' Trainers set up
+    try:
+        acc = Accelerator(mixed_precision="bf16", cpu=True)
+        for wrapped in (acc.prepare(model), None):
+            if wrapped is None:
+                wrapped = acc.unwrap_model(model, keep_fp32_wrapper=False)
+            captured.outputs = captured.hidden = None
+            wrapped(input_ids=torch.tensor([[1, 2, 3]]))  # under prepare, accelerate returns fp32 copies of the outputs
+            assert captured.outputs is not None and captured.hidden.shape == (1, 3, model.config.hidden_size)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,8 +16,7 @@ record_online turns the captured outputs of an NTP step into online-dynamics rec
 
 from __future__ import annotations
 
-import inspect
-import types
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,10 +55,14 @@ def capture_loss_forward(causal_lm, step: Callable[[], StepCapture], is_loss_for
     # The backbone's output is the LM head's input (after the final norm). The NTP forward calls the backbone as a
     # module, so a forward hook sees it without a second pass.
     causal_lm.base_model.register_forward_hook(keep_hidden)
-    # PEFT calls `model.forward` directly (no module hooks), so the bound forward is wrapped to see the NTP outputs.
+    # PEFT calls `model.forward` directly (no module hooks), so the model's forward is wrapped to see the NTP outputs.
+    # functools.wraps: inspect.signature follows __wrapped__ to the model's own signature, from which the Trainer
+    # keeps the dataset columns (remove_unused_columns). accelerate's mixed-precision wrapper goes around this one and
+    # its unwrap_model(keep_fp32_wrapper=False) stops at it (tests/test_mixup_parts.py).
     model_forward = causal_lm.forward
 
-    def forward_and_capture(_self, *a, **kw):
+    @functools.wraps(model_forward)
+    def forward_and_capture(*a, **kw):
         out = model_forward(*a, **kw)
         if is_loss_forward(kw):
             captured = step()
@@ -71,11 +74,7 @@ def capture_loss_forward(causal_lm, step: Callable[[], StepCapture], is_loss_for
                 captured.mix = in_forward(*captured.take_pending())
         return out
 
-    # The Trainer keeps the dataset columns the model's forward signature names (remove_unused_columns), so the
-    # wrapper states the wrapped forward's signature. Not functools.wraps: its __wrapped__ would let accelerate's
-    # unwrap_model(keep_fp32_wrapper=False), which follows __wrapped__ down to the original forward, drop this wrapper.
-    forward_and_capture.__signature__ = inspect.signature(type(causal_lm).forward)
-    causal_lm.forward = types.MethodType(forward_and_capture, causal_lm)
+    causal_lm.forward = forward_and_capture
 
 
 def record_online(records, outputs, example_idx, acc, state) -> None:
