@@ -1,6 +1,7 @@
 """The Mixup trainer in parts (sftmix.mixup.*): a Trainer subclass gets SFTMix by putting the mixin first (no calls
-before or after the Trainer's __init__), the non-finite guard works on a plain transformers.Trainer, and one-run SFTMix
-binds its SelfReferenceCallback by type when the trainer is built."""
+before or after the Trainer's __init__; code written for those calls still prepares once), the non-finite guard works
+on a plain transformers.Trainer, one-run SFTMix is given its SelfReferenceCallback explicitly (self_reference=), and
+the captured loss forward keeps its signature and survives accelerate's mixed-precision wrapper."""
 
 import pytest
 import torch
