@@ -38,7 +38,7 @@ there, else synthetic records with Alpaca-like lengths.
    - with Mixup on: one backbone forward per optimizer step (a forward hook counts it; a hook on decoder layer 0
      counts as many calls as in the NTP trainer, so no extra pass through the layers) and the step's loss equal to an
      independent computation (full fp64 logits from the backbone's hidden states: NTP cross-entropy + mu * L_Mixup);
-   - step-1 scoring (sftmix.confidence.reference.score_examples, batched and padded) equal to a full-logits
+   - step-1 scoring (sftmix.confidence.scoring.score_examples, batched and padded) equal to a full-logits
    computation, one
      unpadded example at a time;
    - the non-finite guard: a NaN Mixup loss, and a non-finite gradient with a finite loss, each stop training with
@@ -357,7 +357,7 @@ def check_one_forward_and_loss(checks: Checks, kit: TrainerKit) -> None:
 def check_scoring(checks: Checks, kit: TrainerKit) -> None:
     """score_examples (length-sorted, padded batches, TRL's chunked head) vs one unpadded example at a time with fp64
     full logits from the backbone's hidden states."""
-    from sftmix.confidence.reference import score_examples
+    from sftmix.confidence.scoring import score_examples
     from sftmix.data import tokenize_records
 
     name = "scoring " + ("bf16" if kit.bf16 else "fp32")

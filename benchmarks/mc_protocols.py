@@ -32,7 +32,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mc_protocols.json"))
     args = ap.parse_args(argv)
 
-    from sftmix.eval.evaluate import EvalConfig, run_eval
+    from sftmix.config import EvalConfig
+    from sftmix.eval.evaluate import run_eval
     from sftmix.models import load_model_and_tokenizer
     from sftmix.utils import atomic_write_json
 

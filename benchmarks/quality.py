@@ -7,7 +7,7 @@
 
 What it runs: SmolLM2-135M-Instruct (`smollm2`) on N examples of ../shared/data/alpaca_4500.json; per seed what
 `sftmix run --config benchmarks/quality.yaml --seed S ...` runs (step 1: reference + confidence at C checkpoints; NTP
-and SFTMix from the same start; the evaluation; the report), stage by stage through sftmix.run.pipeline so that each
+and SFTMix from the same start; the evaluation; the report), stage by stage through sftmix.recipe.run so that each
 stage's CPU time is measured, in its own run directory under --work_dir (the results record the equivalent command).
 Rerunning the same command resumes: finished stages are skipped, an interrupted training resumes from its last
 checkpoint.
@@ -249,7 +249,7 @@ def reuse_start_eval(run_dir: Path, done: list[Path]) -> None:
         return
 
 
-# The stages of `sftmix run`, one pipeline command at a time (in this process, through sftmix.run.pipeline), so that
+# The stages of `sftmix run`, one pipeline command at a time (in this process, through sftmix.recipe.run), so that
 # each one's CPU time is measured on its own: on a busy machine the wall time says little, while CPU s / cores estimates
 # the wall time on a free one.
 STAGE_COMMANDS = (("dynamics", "dynamics", None), ("train:ntp", "train", "ntp"), ("train:sftmix", "train", "sftmix"),
@@ -277,11 +277,11 @@ def run_stage(cfg, name: str, command: str, recipe: str | None, costs: dict, cos
     and CPU seconds kept in `costs` (saved to costs_path), so that they survive a resume."""
     import gc
 
-    from sftmix.run import pipeline
+    from sftmix import recipe as sftmix_recipe
 
     timings_before = _json(cfg.run_dir / "timings.json") or {}
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    pipeline.run(cfg, command, recipe=recipe)
+    sftmix_recipe.run(cfg, command, recipe=recipe)
     gc.collect()
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     timings_after = _json(cfg.run_dir / "timings.json") or {}
@@ -399,10 +399,10 @@ def seed_metrics(run_dir: Path, self_dir: Path | None = None) -> dict:
 
 def _confidence_agreement(run_dir: Path, self_dir: Path) -> dict | None:
     """Spearman correlation of one-run confidence (the target's own NTP epochs) with step 1's (the reference run),
-    and the share of examples the two median splits put on the same side (sftmix.confidence.reference.compare_online).
+    and the share of examples the two median splits put on the same side (sftmix.confidence.online.compare_online).
     With online one-run confidence, `raw_online` is the same comparison for the recorded NLL without the step-relative
     correction (what the correction buys)."""
-    from sftmix.confidence.reference import compare_online, online_confidence
+    from sftmix.confidence.online import compare_online, online_confidence
 
     a, b = run_dir / "confidence.jsonl", self_dir / "confidence.jsonl"
     if not (a.exists() and b.exists()):
@@ -616,7 +616,7 @@ def render_markdown(res: dict) -> str:
     cost = res["cost"]
     lines += ["", "## Cost", "",
               f"This invocation: {cost['wall_seconds']:.0f} s wall, {cost['cpu_seconds']:.0f} s CPU. "
-              f"Per pipeline command (sftmix.run.pipeline.run in this process, model loading included), mean over the "
+              f"Per pipeline command (sftmix.recipe.run in this process, model loading included), mean over the "
               f"seeds, as measured by the invocation that ran it. On a busy machine the wall time is inflated; "
               f"CPU s / cores estimates the "
               f"wall time on a free one.", "",

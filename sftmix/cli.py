@@ -26,9 +26,8 @@ import difflib
 import logging
 import sys
 
-from sftmix.config import (  # noqa: F401  (re-exported: `from sftmix.cli import parse_config` keeps working)
+from sftmix.config import (
     RECIPES,
-    Config,
     RunConfig,
     _eval_args_class,
     _parser_class,
@@ -94,12 +93,16 @@ def run_command(argv: list[str]) -> int:
         _parser_class()((RunConfig, SFTMixConfig, _eval_args_class()), prog=f"sftmix {command}").print_help()
         return 0
     _setup_logging()
-    from sftmix.run import pipeline
+    # imported here, not at the top: `sftmix --help`, `sftmix configs` and a mistyped command need no torch / TRL
+    from sftmix import recipe as sftmix_recipe
+    from sftmix.run.context import cpu_launch
 
-    pipeline.cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
+    cpu_launch()  # before parse_config: the training config sets up the process group when it is parsed
     cfg = parse_config(rest)
 
-    return pipeline.run(cfg, command, recipe=recipe)
+    if command == "run":
+        return sftmix_recipe.main(cfg)  # the whole recipe, top to bottom
+    return sftmix_recipe.run(cfg, command, recipe=recipe)  # one stage
 
 
 def configs_command(argv: list[str]) -> int:

@@ -38,7 +38,7 @@ SELECTION_SPLITS = ("subset", "all")
 MC_TASKS = ("pubmedqa", "medqa", "medqa5", "medmcqa")
 
 # Which stage reads each setting, declared once: every field of RunConfig and of the Mixup fields
-# (sftmix.mixup.mixin.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields
+# (sftmix.mixup.args.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields
 # of transformers' TrainingArguments / TRL's SFTConfig that are not read by every training run; any other training field
 # is "train", every EvalConfig field "eval" (EVAL_TASK_FIELDS: which evaluation task reads which). `settings_of` and
 # `unaffected_settings` answer the questions the pipeline, the sweep and the benchmarks ask. (A table, not
@@ -424,9 +424,10 @@ class EvalConfig:
     judge_timeout: float = field(default=120.0, metadata={"help": (
         "Seconds per judge request before it counts as timed out.")})
     judge_max_retries: int = field(default=4, metadata={"help": (
-        "Retries per judgment (exponential backoff) on timeouts, HTTP 429/5xx and malformed replies.")})
+        "Retries per judgment (exponential backoff) on transport errors, timeouts, HTTP 408/409/425/429/500/502/503/"
+        "504, malformed replies and replies without a verdict (the same one twice in a row is final).")})
     judge_backoff: float = field(default=1.0, metadata={"help": (
-        "First backoff delay in seconds; doubles with each retry.")})
+        "First backoff delay in seconds; doubles with each retry, up to 60 s.")})
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
     judge_max_tokens: int = field(default=2048, metadata={"help": (
         "max_tokens of each judge reply (FastChat's MT-Bench judge: 2048).")})

@@ -2,7 +2,7 @@
 libraries' full output in the run's log file.
 
     from sftmix.console import setup_logging, log_to_file
-    setup_logging(); log_to_file(run_dir)   # DIR/logs/sftmix.log
+    setup_logging(); log_to_file(RunDir(run_dir).log_file)   # DIR/logs/sftmix.log
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def _quiet_library_bars() -> None:
         enable_progress_bars()
 
 
-def log_to_file(run_dir: Path) -> Path:
-    """Copy everything sftmix and the libraries log (transformers, datasets, huggingface_hub, TRL, ...) to
-    DIR/logs/sftmix.log, with time stamps and logger names, appending across reruns."""
-    path = Path(run_dir) / "logs" / "sftmix.log"
+def log_to_file(path: Path) -> Path:
+    """Copy everything sftmix and the libraries log (transformers, datasets, huggingface_hub, TRL, ...) to `path`
+    (a run's DIR/logs/sftmix.log, sftmix.rundir.RunDir.log_file), with time stamps and logger names, appending across
+    reruns."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

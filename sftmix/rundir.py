@@ -1,13 +1,16 @@
-"""The run directory's safety: one run at a time, inputs never inside its outputs, and stage fingerprints.
+"""The run directory: its layout (every file name, declared once), one run at a time, inputs never inside its
+outputs, stage fingerprints, and the one train_result.json schema.
 
     from sftmix import rundir
+    d = rundir.RunDir(cfg.run_dir)                        # d.train, d.confidence, d.model("sftmix"), d.report("html")
+    rundir.write_train_result(d.train_result("ntp"), recipe="ntp", metrics=..., global_step=..., log_history=...)
     with rundir.RunLock(cfg.run_dir, "sftmix run ..."):   # a second run on DIR: SFTMixError naming the holder
         rundir.check_inputs_outside(cfg)                  # a data/eval/template/model path inside DIR's outputs
         fp = rundir.Fingerprints(cfg.run_dir)
         fp.refresh("data", marker, {"data file x.jsonl": fp.digest("x.jsonl")}, clear=[DIR / "data"])
 
-Lock: fcntl.flock on DIR/.lock, which holds the holder's pid, host and command. The kernel releases a flock when its
-process dies, so a lock left by a killed run (kill -9) is simply taken over (and the log says so).
+Lock: filelock.FileLock (flock) on DIR/.lock, which holds the holder's pid, host and command. The kernel releases a
+flock when its process dies, so a lock left by a killed run (kill -9) is simply taken over (and the log says so).
 Fingerprints: DIR/fingerprints.json maps each stage to the content hashes of what it read (data file, training
 split, confidence, model weights, evaluation files) plus any setting that may change on a finished run (the
 evaluation settings). A stage's fingerprint is recorded when it starts; if the inputs differ on a later invocation,
@@ -20,8 +23,8 @@ global main process writes it; the lock and fingerprints are its alone).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,6 +34,8 @@ import socket
 import time
 from pathlib import Path
 
+import filelock
+
 from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sftmix")
@@ -38,12 +43,15 @@ log = logging.getLogger("sftmix")
 LOCK_NAME = ".lock"
 FINGERPRINTS = "fingerprints.json"
 # What a run writes in its directory (besides config.yaml, which reruns read on purpose): no input may lie there.
-OUTPUTS = ("data", "reference", "dynamics", "plots", "eval", "sftmix", "ntp", "confidence.jsonl", "report.md",
-           "report.json", "report.html", "timings.json", FINGERPRINTS, LOCK_NAME, "judge_cache.jsonl")
+# (The names come from RunDir, the layout's one declaration, at the end of this module.)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # lock
+
+
+_CANNOT_OPEN = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENOSPC, errno.EDQUOT}
 
 
 def _alive(pid: int) -> bool:
@@ -57,55 +65,69 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive lock of a run directory for the life of one command (see the module docstring)."""
+    """Exclusive lock of a run directory for the life of one command (see the module docstring).
+
+    filelock.FileLock, i.e. flock(2) on DIR/.lock, not SoftFileLock: the kernel drops a flock when its process dies,
+    so a killed run's lock is taken over at once, whereas a soft lock (the file's existence) would outlive kill -9 and
+    need a hand-removed file or a lifetime shorter than a training run. Networked run directories (which
+    check_shared_run_dir requires for several nodes) keep it: Linux maps flock to NFS byte-range locks. The holder's
+    pid, host and command are written into the locked file itself (filelock leaves its contents to the holder), so a
+    refused command can name it."""
 
     def __init__(self, run_dir: str | os.PathLike, command: str):
         self.path = Path(run_dir) / LOCK_NAME
         self.command = command
-        self.fd: int | None = None
+        # timeout=0: a second command is refused at once, never queued behind a run of hours; on_acquired hands us the
+        # locked descriptor (and keeps filelock from a silent soft fallback on a file system without flock)
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._claim)
 
     def __enter__(self):
+        if not self.path.parent.is_dir():  # filelock would create it: the run makes its directory, not the lock
+            raise self._unwritable(errno.ENOTDIR if self.path.parent.exists() else errno.ENOENT)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SFTMixError(f"{self.path.parent}: cannot write in the run directory ({e.strerror}); choose another "
-                              f"--output_dir or fix its permissions.") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            self.lock.acquire()
+        except filelock.Timeout:
             holder = self._read()
-            os.close(self.fd)
-            self.fd = None
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
             who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
                    f"{holder.get('command')}") if holder else "another process"
             raise SFTMixError(f"{self.path.parent} is in use by another sftmix run ({who}); wait for it to finish, "
                               f"or use another --output_dir.") from None
-        old = self._read()
+        except OSError as e:  # the lock file cannot be made or opened (flock's own failures propagate as before)
+            if e.errno not in _CANNOT_OPEN:
+                raise
+            raise self._unwritable(e.errno) from e
+        return self
+
+    def _unwritable(self, code: int) -> SFTMixError:
+        return SFTMixError(f"{self.path.parent}: cannot write in the run directory ({os.strerror(code)}); choose "
+                           f"another --output_dir or fix its permissions.")
+
+    def _claim(self, fd: int) -> None:
+        """Called with the lock just taken: say whose lock it replaces, then write ours."""
+        old = self._read(fd)
         if old.get("pid"):
             same_host = old.get("host") == socket.gethostname()
             state = "no longer running" if same_host and not _alive(int(old["pid"])) else "its lock was released"
             log.info("[sftmix] took over the lock of %s left by pid %s (%s)", self.path.parent, old["pid"], state)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
 
-    def _read(self) -> dict:
+    def _read(self, fd: int | None = None) -> dict:
         try:
-            data = os.pread(self.fd, 4096, 0)
+            if fd is None:
+                data = self.path.read_bytes()[:4096]
+            else:
+                data = os.pread(fd, 4096, 0)
             return json.loads(data) if data.strip() else {}
         except (OSError, ValueError):
             return {}
 
     def __exit__(self, *exc):
-        if self.fd is not None:
+        if self.lock.is_locked:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)  # released cleanly: the next holder has nothing to take over
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+                os.truncate(self.path, 0)  # released cleanly: the next holder has nothing to take over
+            self.lock.release()
         return False
 
 
@@ -179,8 +201,9 @@ def input_paths(cfg) -> list[tuple[str, str]]:
 def check_inputs_outside(cfg) -> None:
     """Refuse an input path that lies in what the run writes (DIR/data/, DIR/sftmix/, DIR/report.md, ...)."""
     root = Path(cfg.run_dir).resolve()
-    outputs = [root / name for name in OUTPUTS]
-    default_heldout = root / "data" / "heldout.jsonl"  # the eval default itself, read on purpose
+    layout = RunDir(root)
+    outputs = layout.outputs()
+    default_heldout = layout.heldout  # the eval default itself, read on purpose
     for key, value in input_paths(cfg):
         p = Path(value).resolve()
         if key == "heldout_file" and p == default_heldout:
@@ -255,24 +278,6 @@ class Fingerprints:
             h.update(f"{rel.as_posix()}\x1f{self.file_digest(f)}\x1e".encode())
         return h.hexdigest()
 
-    def model_digest(self, spec: str, cache_dir: str | None = None) -> str:
-        """The start model's identity: the resolved spec plus the hash of its files (a built-in random model is
-        its spec: it is built from code and seed)."""
-        from sftmix.models import resolve_model
-
-        try:
-            info = resolve_model(spec, cache_dir=cache_dir)
-        except SFTMixError:
-            return f"unresolved:{spec}"  # loading it reports the problem
-        if info.get("kind") == "tiny-random":
-            return f"tiny-random:{info['seed']}"
-        if info.get("kind") == "hub" and info.get("sha"):
-            return f"hub:{info['repo_id']}@{info['sha']}"  # a commit names its files: no need to hash gigabytes
-        path = info.get("path")
-        if path and Path(path).exists():
-            return f"{info.get('kind')}:{self.digest(path)}"
-        return f"{info.get('kind')}:{spec}"
-
     def refresh(self, stage: str, marker: Path | None, inputs: dict, clear=(), force_reason: str | None = None) -> bool:
         """Record `inputs` for `stage`; if they differ from those of the earlier run, remove `clear` (the stage's
         outputs, its done marker included) so that it runs again, and say what changed. Returns True if stale."""
@@ -311,3 +316,187 @@ def _describe(key: str, old: dict, new: dict) -> str:
     if key.startswith("setting "):
         return f"{key} changed ({old[key]!r} -> {new[key]!r})"
     return f"{key} changed"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the layout: every file name of a run directory, declared once
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory, by role (every stage, the report, the sweep and the benchmarks name them here).
+
+        d = RunDir(cfg.run_dir)
+        d.train, d.confidence, d.split, d.model("sftmix"), d.train_result("ntp"), d.eval_result("start")
+    """
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # the run
+    @property
+    def config(self) -> Path:  # the resolved config (written first; a rerun compares against it)
+        return self.root / "config.yaml"
+
+    @property
+    def sources(self) -> Path:  # the commit sha of every Hub model and dataset
+        return self.root / "sources.json"
+
+    @property
+    def fingerprints(self) -> Path:
+        return self.root / FINGERPRINTS
+
+    @property
+    def timings(self) -> Path:  # each stage's wall time
+        return self.root / "timings.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs / "sftmix.log"
+
+    # data
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.data / "train.jsonl"
+
+    @property
+    def heldout(self) -> Path:
+        return self.data / "heldout.jsonl"
+
+    @property
+    def data_stats(self) -> Path:  # the data stage's done marker
+        return self.data / "stats.json"
+
+    def tokenize_stats(self, name: str) -> Path:  # name: "reference" or "target" (whose tokenizer)
+        return self.data / f"tokenize_{name}.json"
+
+    # step 1
+    @property
+    def reference(self) -> Path:  # the reference run (its Trainer checkpoints, train_result.json)
+        return self.root / "reference"
+
+    @property
+    def dynamics(self) -> Path:  # the scores at each scoring step and what step 1 derives from them
+        return self.root / "dynamics"
+
+    @property
+    def split(self) -> Path:  # step 1's done marker
+        return self.dynamics / "split.json"
+
+    @property
+    def self_split(self) -> Path:  # one-run SFTMix (reference=self) marks its split here
+        return self.dynamics / "self_split.json"
+
+    @property
+    def schedule(self) -> Path:  # the scoring steps
+        return self.dynamics / "schedule.json"
+
+    def scores(self, k: int) -> Path:  # the rows scored at scoring step k
+        return self.dynamics / f"ckpt_{k}.jsonl"
+
+    @property
+    def hidden_final(self) -> Path:  # the reference's last hidden states (pairing=nearest, the hidden map)
+        return self.dynamics / "hidden_final.npz"
+
+    @property
+    def online_summary(self) -> Path:
+        return self.dynamics / "online_summary.json"
+
+    @property
+    def online_records(self) -> Path:
+        return self.dynamics / "online_records.jsonl"
+
+    @property
+    def confidence(self) -> Path:  # one row per training example: confidence, variability, confident
+        return self.root / "confidence.jsonl"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    # steps 2-3: one folder per recipe
+    def recipe(self, name: str) -> Path:
+        return self.root / name
+
+    def model(self, name: str) -> Path:  # the published model of a recipe (merged, if trained with LoRA)
+        return self.root / name / "model"
+
+    def adapter(self, name: str) -> Path:  # a LoRA run's adapter, beside its merged model
+        return self.root / name / "adapter"
+
+    def train_result(self, name: str) -> Path:  # a training run's done marker (schema: write_train_result)
+        return self.root / name / "train_result.json"
+
+    # evaluation and report
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def eval_result(self, name: str) -> Path:  # one model's metrics: the eval stage's done marker for it
+        return self.eval / f"{name}.json"
+
+    def eval_details(self, name: str) -> Path:  # one model's predictions and per-example rows
+        return self.eval / name
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.root / "judge_cache.jsonl"
+
+    def report(self, ext: str) -> Path:  # ext: "md", "json" or "html"
+        return self.root / f"report.{ext}"
+
+    def outputs(self, recipes=("sftmix", "ntp")) -> list[Path]:
+        """What a run writes here (config.yaml aside: reruns read it on purpose); no input may lie inside."""
+        return [self.data, self.reference, self.dynamics, self.plots, self.eval, *map(self.recipe, recipes),
+                self.confidence, self.report("md"), self.report("json"), self.report("html"), self.timings,
+                self.fingerprints, self.root / LOCK_NAME, self.judge_cache]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train_result.json: a training run's done marker and summary, one schema for every run that writes one
+
+TRAIN_RESULT_KEYS = ("recipe", "metrics", "global_step", "resumed_from", "reused_reference_checkpoint",
+                     "n_train_examples", "selection", "duplicates_per_epoch", "mixup_enabled", "mixup_weight",
+                     "confidence_source", "self_confidence", "use_peft", "trainable_parameters", "log_history")
+
+
+def write_train_result(path: str | os.PathLike, *, recipe: str | None, metrics: dict, global_step: int,
+                       log_history: list, **fields) -> dict:
+    """Write a train_result.json (atomically): the keys of TRAIN_RESULT_KEYS, None where a run has no value (the
+    reference run has no recipe, an NTP run no Mixup weight). Returns what it wrote."""
+    unknown = set(fields) - set(TRAIN_RESULT_KEYS)
+    if unknown:  # a typo would write a key no reader looks for
+        raise TypeError(f"write_train_result: unknown fields {sorted(unknown)}")
+    given = {"recipe": recipe, "metrics": metrics, "global_step": global_step, "log_history": log_history, **fields}
+    result = {k: given.get(k) for k in TRAIN_RESULT_KEYS}
+    atomic_write_json(path, result)
+    return result
+
+
+def read_train_result(path: str | os.PathLike) -> dict | None:
+    """A train_result.json, None if absent. Old run directories wrote fewer keys (the reference's had no recipe, a
+    reused NTP run no confidence_source): every key of TRAIN_RESULT_KEYS is present, None if missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        data = e
+    if not isinstance(data, dict):  # written atomically: a damaged one was edited or copied by hand
+        raise SFTMixError(f"{path} is not a training result (a JSON object): {data!s:.80}; delete it (that run "
+                          f"trains again) or restore it.")
+    out = {k: data.get(k) for k in TRAIN_RESULT_KEYS}
+    out["metrics"] = out["metrics"] or {}
+    out["log_history"] = out["log_history"] or []
+    return {**data, **out}

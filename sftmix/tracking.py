@@ -28,6 +28,8 @@ import logging
 import os
 from pathlib import Path
 
+from sftmix.rundir import RunDir
+
 log = logging.getLogger("sftmix")
 
 
@@ -111,19 +113,20 @@ def step1_points(run_dir: Path) -> list[tuple[int, dict]]:
 
     from sftmix.utils import read_jsonl
 
-    schedule = run_dir / "dynamics" / "schedule.json"
+    d = RunDir(run_dir)
+    schedule = d.schedule
     if not schedule.is_file():
         return []
     sched = json.loads(schedule.read_text())
     points = []
     for k, step in enumerate(sched.get("steps") or [], start=1):
-        ckpt = run_dir / "dynamics" / f"ckpt_{k}.jsonl"
+        ckpt = d.scores(k)
         if ckpt.is_file():
             ppl = [r["ppl"] for r in read_jsonl(ckpt) if r.get("ppl") is not None]
             if ppl:
                 points.append((int(step), {"step1_mean_ppl": float(np.mean(ppl)),
                                            "step1_median_ppl": float(np.median(ppl))}))
-    conf = run_dir / "confidence.jsonl"
+    conf = d.confidence
     if conf.is_file() and points:
         rows = read_jsonl(conf)
         n_conf = sum(bool(r.get("confident")) for r in rows)

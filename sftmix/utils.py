@@ -2,6 +2,7 @@
 
     from sftmix.utils import SFTMixError, atomic_write_json, write_jsonl, read_jsonl
     write_jsonl("run/confidence.jsonl", rows)      # tmp file + fsync + rename: never half-written
+    with atomic_dir("run/sftmix/model") as tmp: ...  # a folder: filled in model.tmp, renamed when complete
     rows = read_jsonl("run/confidence.jsonl")       # bad line -> SFTMixError naming file and line
 
 Every output of a run goes through these so that an interrupted run never leaves a truncated file behind
@@ -121,6 +122,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise SFTMixError(f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object.")
             rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, publish: bool = True) -> Iterator[Path]:
+    """A folder written whole or not at all: yields an empty `PATH.tmp` to fill; on success it replaces `path`.
+
+        with atomic_dir(out / "model", publish=is_main) as tmp:   # a saved model, copied files, ...
+            model.save_pretrained(tmp)
+
+    Why: a stage counts as done when its output exists, so a run killed while saving must not leave a half-written
+    `path`. publish=False (the other processes of a distributed save, which write into the same folder) neither
+    clears nor renames: only the process that publishes does."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if publish:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    yield tmp
+    if publish:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
 def _json_default(obj: Any) -> Any:

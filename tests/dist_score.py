@@ -8,8 +8,10 @@ Modes (comma-separated, run one after the other in the same processes):
   scoring    run_scoring of a fixed model (hidden states too): rows, hidden states, each process's share;
   fsdp2      scoring and eval (below) on the model sharded by FSDP2 at load time (transformers'
              distributed_config, as in tests/dist_train.py): every process takes part in every sharded forward;
-  reference  run_reference (DDP training under the Trainer, scoring at 3 checkpoints) into RUN_DIR, per-device batch
-             4 / N so that the global batch is that of one process;
+  reference  run_reference (DDP training under the Trainer, scoring at 3 scoring steps) into RUN_DIR, per-device
+             batch 4 / N so that the global batch is that of one process;
+  datamap    ConfidenceCallback (the data map) on a plain transformers.Trainer (DDP, per-device batch 4 / N) into
+             RUN_DIR/map, with each process's scoring forwards counted by a hook on the model;
   eval       heldout_nll and eval_multiple_choice (MedQA-style, 3 shots, multi-token options " A".." D") with
              distributed=True, and heldout_nll on the main process alone (the default distributed=False).
 Used by tests/test_distributed.py (launched with torchrun: `accelerate launch --cpu` starts one process here).
@@ -25,9 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 from helpers import tiny_records  # noqa: E402
 
-from sftmix.confidence.reference import run_reference, run_scoring  # noqa: E402
+from sftmix.confidence.reference import run_reference  # noqa: E402
+from sftmix.confidence.scoring import run_scoring  # noqa: E402
+from sftmix.config import EvalConfig  # noqa: E402
 from sftmix.data import tokenize_records  # noqa: E402
-from sftmix.eval.evaluate import EvalConfig, eval_multiple_choice, heldout_nll  # noqa: E402
+from sftmix.eval.evaluate import heldout_nll  # noqa: E402
+from sftmix.eval.mc import eval_multiple_choice  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import atomic_write_json  # noqa: E402
 
@@ -48,8 +53,43 @@ def reference(tok, run_dir):
     ds, _ = tokenize_records(tiny_records(36, seed=6, with_confidence=False), tok)
     run_reference(build_tiny_model(tok, seed=0), tok, ds, run_dir, num_checkpoints=3,
                   per_device_train_batch_size=4 // WORLD, learning_rate=3e-3, seed=1, score_batch_size=3,
-                  plots=False, show_progress=False, use_cpu=True, dataloader_num_workers=0)
+                  show_progress=False, use_cpu=True, dataloader_num_workers=0)
     return {"done": True}
+
+
+def datamap(tok, run_dir):
+    """The data map of a plain Trainer run, scored at steps 3 and 6. A forward pre-hook on the model counts what this
+    process scores: the real tokens and rows of every eval-mode forward of more than one row (36 examples in batches
+    of 3 leave no real batch of one row; a process with fewer batches runs one-row dummy forwards, not counted)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from sftmix.confidence.callback import ConfidenceCallback
+
+    ds, _ = tokenize_records(tiny_records(36, seed=6, with_confidence=False), tok)
+    model = build_tiny_model(tok, seed=0)
+    mine = {"tokens": 0, "rows": 0, "forwards": 0}
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if not module.training and mask is not None and mask.shape[0] > 1:
+            mine["tokens"] += int(mask.sum())
+            mine["rows"] += int(mask.shape[0])
+            mine["forwards"] += 1
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    cb = ConfidenceCallback(ds, os.path.join(run_dir, "map"), steps=[3, 6], batch_size=3)
+    args = TrainingArguments(output_dir=os.path.join(run_dir, "out"), per_device_train_batch_size=4 // WORLD,
+                             max_steps=6, learning_rate=3e-3, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, seed=1, dataloader_num_workers=0)
+    train = ds.remove_columns([c for c in ds.column_names if c not in ("input_ids", "labels")])
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[cb],
+            data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)).train()
+    per_process = [None] * WORLD
+    if WORLD > 1:
+        torch.distributed.all_gather_object(per_process, {**mine, "scored": cb.scored})
+    else:
+        per_process = [{**mine, "scored": cb.scored}]
+    return {"per_process": per_process}
 
 
 def evaluation(model, tok, mc_file, out_dir, main_only=True):
@@ -99,6 +139,8 @@ def main():
                                                 main_only=False)}
         elif mode == "reference":
             results[mode] = reference(tok, os.path.join(a.run_dir, "ref"))
+        elif mode == "datamap":
+            results[mode] = datamap(tok, a.run_dir)
         elif mode == "eval":
             results[mode] = evaluation(model, tok, a.mc_file, os.path.join(a.run_dir, "eval"))
         else:

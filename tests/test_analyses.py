@@ -118,13 +118,14 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 def _fake_reference(seen):
     """Step 1 whose confidence rises with response length (confidence = response tokens): records the examples the
     reference was given and writes confidence.jsonl as run_reference does."""
-    from sftmix.confidence.reference import split_confident
+    from sftmix.confidence.split import split_confident
 
     def run_reference(model, tok, ds, out_dir, **kw):
         guids, conf = list(ds["guid"]), [float(n) for n in ds["n_response_tokens"]]
         seen.append(guids)
         flags = split_confident(conf, guids)
-        rows = [{"guid": g, "confidence": c, "confident": bool(f)} for g, c, f in zip(guids, conf, flags)]
+        rows = [{"guid": g, "confidence": c, "variability": 0.0, "confident": bool(f)}  # what the stage's plots read
+                for g, c, f in zip(guids, conf, flags)]
         write_jsonl(Path(out_dir) / "confidence.jsonl", rows)
         return rows
 
@@ -152,22 +153,22 @@ def _run_argv(out, *extra):
 def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_path, monkeypatch):
     import torch
 
-    from sftmix.cli import parse_config
-    from sftmix.confidence import reference as dynamics
+    from sftmix import recipe
+    from sftmix.config import parse_config
     from sftmix.data import ensure_chat_template, tokenize_records
-    from sftmix.run import pipeline
+    from sftmix.run import context, stages
 
     seen = []
-    monkeypatch.setattr(dynamics, "run_reference", _fake_reference(seen))
+    monkeypatch.setattr(stages, "run_reference", _fake_reference(seen))
     trainers = _capture_trainers(monkeypatch)
     out = tmp_path / "subset"
     cfg = parse_config(_run_argv(out, "--selection", "long", "--selection_k", "12", "--recipes", "sftmix"))
     assert cfg.run.selection_split == "subset"  # the paper's way is the default
-    assert pipeline.run(cfg, "dynamics") == 0
+    assert recipe.run(cfg, "dynamics") == 0
     # the reference saw the 12 examples with the longest responses (target tokens), nothing else
     tok = build_byte_tokenizer()
     ensure_chat_template(tok, "auto")
-    full, _ = tokenize_records(pipeline.train_records(cfg), tok, max_length=cfg.train.max_length)
+    full, _ = tokenize_records(context.train_records(cfg), tok, max_length=cfg.train.max_length)
     length = dict(zip(full["guid"], full["n_response_tokens"]))
     (step1,) = seen
     assert len(step1) == 12 and len(full) == 40
@@ -176,7 +177,7 @@ def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_pat
     assert (split["n_examples"], split["n_confident"], split["n_unconfident"]) == (12, 6, 6)
     assert "12 of 40" in split["selection"]
     try:
-        assert pipeline.run(cfg, "train") == 0
+        assert recipe.run(cfg, "train") == 0
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     (tr,) = trainers
@@ -191,12 +192,13 @@ def test_selection_long_runs_step1_on_the_subset_equal_halves_no_repeats(tmp_pat
 
 
 def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subset(tmp_path, monkeypatch, capsys):
-    from sftmix.cli import main, parse_config
-    from sftmix.confidence import reference as dynamics
-    from sftmix.run import pipeline
+    from sftmix import recipe
+    from sftmix.cli import main
+    from sftmix.config import parse_config
+    from sftmix.run import context, examples, stages
 
     seen = []
-    monkeypatch.setattr(dynamics, "run_reference", _fake_reference(seen))
+    monkeypatch.setattr(stages, "run_reference", _fake_reference(seen))
     trainers = _capture_trainers(monkeypatch)
     out = tmp_path / "all"
     argv = _run_argv(out, "--selection", "long", "--selection_k", "12", "--selection_split", "all", "--recipes",
@@ -215,19 +217,19 @@ def test_selection_split_all_keeps_full_data_flags_and_refuses_a_one_sided_subse
     cfg = parse_config(_run_argv(tmp_path / "all2", "--selection", "random", "--selection_k", "12",
                                  "--selection_split", "all", "--recipes", "sftmix", "--max_steps", "1"))
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dynamics, "run_reference", _fake_reference(seen))
-        pipeline.run(cfg, "dynamics")
-        pipeline.check_split_halves(cfg)
-        ds, _ = pipeline._selected_target_dataset(cfg, pipeline.train_records(cfg))
+        m.setattr(stages, "run_reference", _fake_reference(seen))
+        recipe.run(cfg, "dynamics")
+        examples.check_split_halves(cfg)
+        ds, _ = examples.selected_target_dataset(cfg, context.train_records(cfg))
     full = {r["guid"]: r["confident"] for r in read_jsonl(tmp_path / "all2" / "confidence.jsonl")}
     assert len(full) == 40 and len(seen[-1]) == 40 and len(ds) == 12
-    joined = pipeline._with_split(cfg, ds)  # what stage_train trains on: the selected rows, full-data flags
+    joined = examples.with_split(cfg, ds)  # what stage_train trains on: the selected rows, full-data flags
     assert joined["confident"] == [full[g] for g in ds["guid"]]
 
 
 def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_training(tmp_path, monkeypatch):
-    from sftmix.cli import parse_config
-    from sftmix.run import pipeline
+    from sftmix import recipe
+    from sftmix.config import parse_config
 
     trainers = _capture_trainers(monkeypatch)
     data = [json.loads(x) for x in (ROOT / "configs" / "data" / "smoke_labeled.jsonl").read_text().splitlines()]
@@ -239,7 +241,7 @@ def test_selection_leaving_fewer_than_two_in_a_column_half_is_refused_before_tra
                                  "quality", "--split_confident_values", "High"))
     with pytest.raises(SFTMixError, match=r"^selection=score \(\d+ of 40 examples with score >= 20.0\) leaves \d+ "
                                           r"confident and [01] unconfident examples by the split column 'quality'"):
-        pipeline.run(cfg, "run")
+        recipe.run(cfg, "run")
     assert not trainers and not (tmp_path / "run" / "sftmix").exists()
 
 
@@ -280,7 +282,7 @@ def test_ntp_subset_without_mixup_trains_that_half_alone(tok, tmp_path, subset):
 
 
 def test_weak_reference_configs_name_gemma_2_2b(tmp_path):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
 
     for path in (ROOT / "configs" / "ablations" / "weak_reference.yaml",
                  ROOT / "configs" / "llama3.1-8b_alpaca_weak-reference.yaml"):
@@ -291,7 +293,7 @@ def test_weak_reference_configs_name_gemma_2_2b(tmp_path):
 
 
 def test_sweep_shares_step1_with_a_selection_only_in_the_all_variant(tmp_path):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.run.sweep import _keys, run_argv
 
     abl = ROOT / "configs" / "ablations"

@@ -125,7 +125,7 @@ def test_no_space_left_is_one_clear_line_and_leaves_no_partial_file(tmp_path, mo
 
 
 def test_data_on_bad_skip_counts_instead_of_failing(tmp_path):
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.data import load_records_with_stats
 
     path = tmp_path / "two_bad.jsonl"

@@ -149,9 +149,10 @@ def test_the_four_medical_sets_by_hub_id_in_their_real_layouts_and_splits(tmp_pa
         shas = add_medical_sets(hub, tmp_path / "repos", n_test=6, n_train=5)
         code = (
             "import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.eval.tasks import load_mc\n"
+            "from sftmix.config import EvalConfig\n"
             "from sftmix.models import load_model_and_tokenizer\nfrom sftmix.utils import read_jsonl\n"
             "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
-            f"cfg = ev.EvalConfig(**{MEDICAL_IDS!r}, mc_protocol='biomistral', num_shots=2, eval_rounds=2, "
+            f"cfg = EvalConfig(**{MEDICAL_IDS!r}, mc_protocol='biomistral', num_shots=2, eval_rounds=2, "
             "mc_check_sizes=False)\n"
             f"res = ev.run_eval(m, tok, cfg, {str(tmp_path / 'e')!r})\n"
             "out = {}\n"
@@ -181,11 +182,12 @@ def test_the_four_medical_sets_by_hub_id_in_their_real_layouts_and_splits(tmp_pa
         assert out["medqa"]["split_check"] == {"expected": 1273, "found": 6}
         assert all(out[t]["rounds"] == 2 for t in ("pubmedqa", "medqa", "medqa5", "medmcqa"))
 
-        code = ("from sftmix.eval import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+        code = ("from sftmix.eval import evaluate as ev\nfrom sftmix.config import EvalConfig\n"
+                "from sftmix.models import load_model_and_tokenizer\n"
                 "from sftmix.utils import one_line_errors\n"
                 "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
                 "with one_line_errors('t'):\n"
-                "    ev.run_eval(m, tok, ev.EvalConfig(medqa_file='GBaker/MedQA-USMLE-4-options', "
+                "    ev.run_eval(m, tok, EvalConfig(medqa_file='GBaker/MedQA-USMLE-4-options', "
                 f"mc_protocol='biomistral'), {str(tmp_path / 'e2')!r})\n")
         res = _hub_run(hub, tmp_path, code)
         assert res.returncode == 2

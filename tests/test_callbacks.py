@@ -11,7 +11,7 @@ from helpers import Interrupt, interrupt_at, sigkill_script
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from sftmix.confidence.callback import ConfidenceCallback
-from sftmix.confidence.reference import score_examples
+from sftmix.confidence.scoring import score_examples
 from sftmix.data import tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
@@ -159,6 +159,8 @@ def test_confidence_callback_steps_counts_and_score_data_are_checked_when_made(t
     with pytest.raises(SFTMixError, match=r"1 row\(s\) have no response token.*row 0"):
         ConfidenceCallback([{"input_ids": [1], "labels": [-100], "guid": "a"}], tmp_path, steps=[2])
     (tmp_path / "file").write_text("x")
+    with pytest.raises(SFTMixError, match="ConfidenceCallback hidden_at must be None, 'last_response' or "):
+        ConfidenceCallback(ds, tmp_path, steps=[2], hidden_at="first")
     with pytest.raises(SFTMixError, match="is a file, not a folder"):
         ConfidenceCallback(ds, tmp_path / "file", steps=[2])
 
@@ -235,7 +237,7 @@ def test_one_run_online_variants_split_on_their_own_detrend(tmp_path, tok_ds, co
     `online`, the split from their raw or linearly de-trended PPL; a lost confidence.jsonl is rebuilt the same way,
     not step-relative."""
     from sftmix.confidence.callback import ONLINE_DETREND, restore_self_confidence
-    from sftmix.confidence.reference import online_confidence_rows
+    from sftmix.confidence.online import online_confidence_rows
     from sftmix.config import SELF_CONFIDENCE_MODES
 
     assert set(SELF_CONFIDENCE_MODES) == {"checkpoints", *ONLINE_DETREND}  # the setting's values, all handled
@@ -448,15 +450,15 @@ def test_one_run_never_reuses_a_reference_as_the_ntp_baseline(tmp_path):
     """reference=self writes dynamics/schedule.json too, but there is no reference run to stand in for NTP."""
     from pathlib import Path
 
-    from sftmix.cli import parse_config
-    from sftmix.run import pipeline
+    from sftmix.config import parse_config
+    from sftmix.run import publish
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
     argv = ["--config", smoke, "--output_dir", str(tmp_path), "--reference_epochs", "2"]
     (tmp_path / "dynamics").mkdir()
     (tmp_path / "dynamics" / "schedule.json").write_text('{"steps": [5, 10], "num_checkpoints": 2}')
     # (before the check, this schedule without step 1's max_steps was read as the reference's: a KeyError)
-    assert pipeline._reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
+    assert publish.reference_ntp_checkpoint(parse_config(argv + ["--reference", "self"])) is None
 
 
 def test_step1_alone_is_refused_with_reference_self(tmp_path, capsys):

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from helpers import sigkill_script
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.utils import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
 
 
 def test_run_directory_with_another_config_is_refused(tmp_path, capsys):
-    from sftmix.run.pipeline import write_config
+    from sftmix.run.config_file import write_config
 
     out = tmp_path / "r"
     write_config(parse_config(["--config", SMOKE, "--output_dir", str(out), "--mixup_weight", "0.4"]))

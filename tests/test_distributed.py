@@ -194,8 +194,33 @@ def test_step1_scoring_and_evaluation_shared_by_two_processes_equal_one(tmp_path
         tmp_path / "one" / "eval" / "medqa_predictions.jsonl")
 
 
+def test_data_map_callback_scores_a_share_per_process_with_the_rows_of_one(tmp_path):
+    """ConfidenceCallback on a plain transformers.Trainer under two processes (DDP, gloo): each process scores only
+    its share of the examples at each scoring step (a hook on the model counts each process's scoring tokens), the
+    shares add up to what one process scores, and the files are those of one process."""
+    one = _dist_score(tmp_path, "one", 1, "datamap")["datamap"]["per_process"]
+    two = _dist_score(tmp_path, "two", 2, "datamap")["datamap"]["per_process"]
+    assert len(one) == 1 and len(two) == 2
+    assert one[0]["scored"] == two[0]["scored"] == two[1]["scored"] == [1, 2]  # both scoring steps, on every process
+    total = one[0]["tokens"]
+    assert one[0]["rows"] == 2 * 36  # one process scores all 36 examples at each of the 2 scoring steps
+    # each process scores only its share (before: every process scored all 36 examples, twice the total work)
+    assert sum(p["rows"] for p in two) == 2 * 36 and sum(p["tokens"] for p in two) == total
+    _about_half(two, "tokens")
+    assert all(p["tokens"] < total for p in two)
+    for k in (1, 2):  # DDP trains to weights equal to ~1e-8 relative (see the test above): scores equal to 1e-6
+        a = read_jsonl(tmp_path / "one" / "map" / "dynamics" / f"ckpt_{k}.jsonl")
+        b = read_jsonl(tmp_path / "two" / "map" / "dynamics" / f"ckpt_{k}.jsonl")
+        assert [(r["guid"], r["n_tokens"]) for r in b] == [(r["guid"], r["n_tokens"]) for r in a] and len(a) == 36
+        np.testing.assert_allclose([r["nll_mean"] for r in b], [r["nll_mean"] for r in a], rtol=1e-6)
+    sched = json.loads((tmp_path / "two" / "map" / "dynamics" / "schedule.json").read_text())
+    for stats in sched["scoring"].values():
+        assert stats["num_processes"] == 2 and stats["examples"] == 36
+        assert sum(p["examples"] for p in stats["per_process"]) == 36
+
+
 def test_batch_shares_are_balanced_by_tokens_and_deterministic():
-    from sftmix.confidence.reference import share_batches
+    from sftmix.confidence.scoring import share_batches
 
     # one long batch outweighs several short ones: the shares balance tokens, not counts
     assert share_batches([100, 30, 30, 30, 10, 10], 2) == [[0, 5], [1, 2, 3, 4]]

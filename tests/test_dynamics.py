@@ -8,21 +8,12 @@ import pytest
 import torch
 from helpers import Interrupt, interrupt_at
 
-from sftmix.confidence import reference as dynamics
-from sftmix.confidence.reference import (
-    build_confidence,
-    compare_online,
-    confidence,
-    join_confidence,
-    online_confidence,
-    online_confidence_rows,
-    run_reference,
-    run_scoring,
-    score_examples,
-    scoring_steps,
-    split_confident,
-    variability,
-)
+from sftmix.confidence import callback as scoring_callback
+from sftmix.confidence.callback import build_confidence, scoring_steps
+from sftmix.confidence.online import compare_online, online_confidence, online_confidence_rows
+from sftmix.confidence.reference import join_confidence, run_reference
+from sftmix.confidence.scoring import run_scoring, score_examples
+from sftmix.confidence.split import confidence, split_confident, variability
 from sftmix.data import ensure_chat_template, tokenize_records
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
@@ -361,18 +352,18 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     records = make_records(16, seed=2)
     ds, _ = tokenize_records(records, tok)  # 16 examples, batch 2: 8 steps, checkpoints at steps 2, 4, 6, 8
     calls = []
-    real = dynamics.run_scoring
+    real = scoring_callback.run_scoring
 
     def counting(*a, **kw):
         calls.append(kw["desc"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(dynamics, "run_scoring", counting)
+    monkeypatch.setattr(scoring_callback, "run_scoring", counting)
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
         run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[interrupt_at(5)],
                       scoring_checkpoints="always", **REF_KW)
-    assert calls == ["scoring checkpoint 1/4", "scoring checkpoint 2/4"]
+    assert calls == ["scoring step 1/4", "scoring step 2/4"]
     assert not (run / "confidence.jsonl").exists()
     assert (run / "reference" / "checkpoint-4").is_dir()  # saved at the scoring step, whatever save_strategy says
     # a kill while saving leaves a newer, half-written checkpoint: resume must skip it (and remove it)
@@ -381,12 +372,16 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     (torn / "model.safetensors").write_bytes(b"\0" * 10)
 
     calls.clear()
-    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, records=records, scoring_checkpoints="always",
-                         **REF_KW)
-    assert calls == ["scoring checkpoint 3/4", "scoring checkpoint 4/4"]  # 1 and 2 were not scored again
+    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, scoring_checkpoints="always", **REF_KW)
+    assert calls == ["scoring step 3/4", "scoring step 4/4"]  # 1 and 2 were not scored again
     assert all((c / "trainer_state.json").exists() for c in (run / "reference").glob("checkpoint-*"))
     assert len(rows) == 16 and sum(r["confident"] for r in rows) == 8
     assert rows == read_jsonl(run / "confidence.jsonl")
+    # the caller draws the plots (sftmix.run.pipeline.stage_dynamics: step 1 imports nothing from the report); the
+    # hidden-state map is drawn from dynamics/hidden_final.npz, which the last scoring step wrote
+    from sftmix.report.plots import write_dynamics_plots
+
+    write_dynamics_plots(run, rows, records=records, dataset=ds, tokenizer=tok)
     for name in ("confidence_hist.png", "data_map.png", "hidden_map.png"):
         data = (run / "plots" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
@@ -398,7 +393,7 @@ def test_run_reference_resumes_and_skips_scored_checkpoints(tmp_path, monkeypatc
     assert run_reference(build_tiny_model(tok, seed=0), tok, ds, run, **REF_KW) == rows and calls == []
 
     # the interrupted + resumed run equals an uninterrupted one with the same seed
-    fresh = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "fresh", plots=False, **REF_KW)
+    fresh = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "fresh", **REF_KW)
     np.testing.assert_allclose([r["confidence"] for r in fresh], [r["confidence"] for r in rows], rtol=1e-4)
     assert [r["confident"] for r in fresh] == [r["confident"] for r in rows]
     # training changed the model: ppl moves between checkpoints
@@ -415,26 +410,26 @@ def test_default_saves_as_the_trainer_says_and_a_resume_rescores_correctly(tmp_p
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(make_records(16, seed=2), tok)  # 8 steps, scoring at 2, 4, 6, 8
     calls = []
-    real = dynamics.run_scoring
-    monkeypatch.setattr(dynamics, "run_scoring", lambda *a, **kw: calls.append(kw["desc"]) or real(*a, **kw))
-    kw = dict(REF_KW, plots=False, save_strategy=save, save_steps=5)
+    real = scoring_callback.run_scoring
+    monkeypatch.setattr(scoring_callback, "run_scoring", lambda *a, **kw: calls.append(kw["desc"]) or real(*a, **kw))
+    kw = dict(REF_KW, save_strategy=save, save_steps=5)
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
         run_reference(build_tiny_model(tok, seed=0), tok, ds, run, callbacks=[interrupt_at(7)], **kw)
-    assert calls == [f"scoring checkpoint {k}/4" for k in (1, 2, 3)]
+    assert calls == [f"scoring step {k}/4" for k in (1, 2, 3)]
     saved = sorted(p.name for p in (run / "reference").glob("checkpoint-*"))
     assert saved == (["checkpoint-5"] if save == "steps" else [])  # none at the scoring steps 2, 4, 6
     first = {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)}
 
     calls.clear()
-    with caplog.at_level(logging.INFO, logger="sftmix.confidence.reference"):
+    with caplog.at_level(logging.INFO, logger="sftmix.confidence.callback"):
         rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, run, **kw)
-    assert calls == ["scoring checkpoint 4/4"]  # 1-3 kept: the retrained steps reproduce the same weights
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming the reference at")]
+    assert calls == ["scoring step 4/4"]  # 1-3 kept: the retrained steps reproduce the same weights
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming at")]
     start = 5 if save == "steps" else 0
-    assert lines == [(f"resuming the reference at step {start}: retraining steps {start + 1}..6 (done before the "
-                      f"interruption, past the last saved checkpoint); checkpoint(s) [1, 2, 3] already scored "
-                      f"(kept), scoring checkpoint(s) [4] at step(s) [8]")]
+    assert lines == [(f"resuming at step {start}: retraining steps {start + 1}..6 (done before the interruption, past "
+                      f"the last saved checkpoint); scoring step(s) [1, 2, 3] already scored (kept), scoring step(s) "
+                      f"[4] at optimizer step(s) [8]")]
     assert {k: (run / "dynamics" / f"ckpt_{k}.jsonl").read_bytes() for k in (1, 2, 3)} == first
 
     fresh = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "fresh", **kw)
@@ -474,12 +469,9 @@ def test_plots_are_non_empty_pngs(tmp_path):
 
 
 def test_online_mode_with_the_real_trainer(tmp_path, monkeypatch):
-    trainer_src = (dynamics.__file__.rsplit("/", 1)[0]) + "/trainer.py"
-    if "record_online_dynamics" not in open(trainer_src).read():
-        pytest.skip("sftmix.mixup.trainer does not record online dynamics yet")
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(make_records(8, seed=4), tok)  # 8 examples, batch 2, 2 epochs: 8 steps
-    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, online=True, plots=False,
+    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, confidence="checkpoints_vs_online",
                          num_train_epochs=2, **REF_KW)
     assert len(list((tmp_path / "dynamics").glob("ckpt_*.jsonl"))) == 4
     summary = json.loads((tmp_path / "dynamics" / "online_summary.json").read_text())
@@ -496,15 +488,29 @@ def test_online_mode_with_the_real_trainer(tmp_path, monkeypatch):
 
     # online-only: the same run without any scoring pass gives the same online confidence, now in confidence.jsonl
     calls = []
-    real = dynamics.run_scoring
-    monkeypatch.setattr(dynamics, "run_scoring", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    only = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "only", online=True,
-                         score_checkpoints=False, num_train_epochs=2, **REF_KW)
+    real = scoring_callback.run_scoring
+    monkeypatch.setattr(scoring_callback, "run_scoring", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    only = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "only", confidence="online_only",
+                         num_train_epochs=2, **REF_KW)
     assert calls == [] and not list((tmp_path / "only" / "dynamics").glob("ckpt_*.jsonl"))
     assert [r["guid"] for r in only] == [r["guid"] for r in online] and sum(r["confident"] for r in only) == 4
     np.testing.assert_allclose([r["confidence"] for r in only], [r["online_confidence"] for r in online], rtol=1e-5)
     assert set(only[0]) == {"guid", "n_tokens", "confidence", "variability", "ppl_1", "ppl_2", "confident"}
-    assert (tmp_path / "only" / "plots" / "data_map.png").exists()
     assert "spearman" not in json.loads((tmp_path / "only" / "dynamics" / "online_summary.json").read_text())
-    with pytest.raises(SFTMixError, match="needs online=True"):
+    with pytest.raises(SFTMixError, match="needs online=True"):  # the earlier flag keywords are still read
         run_reference(None, tok, ds, tmp_path / "x", score_checkpoints=False)
+    with pytest.raises(SFTMixError, match="confidence must be one of checkpoints, checkpoints_vs_online, online, "
+                                          "online_only; got 'scored'"):
+        run_reference(None, tok, ds, tmp_path / "x", confidence="scored")
+
+
+def test_run_reference_reads_the_earlier_flag_keywords_as_its_one_choice():
+    from sftmix.confidence.reference import _legacy_confidence
+
+    for flags, choice in (({}, None), ({"online": False}, "checkpoints"), ({"online": True}, "checkpoints_vs_online"),
+                          ({"online": True, "online_split": True}, "online"),
+                          ({"online": True, "score_checkpoints": False}, "online_only"),
+                          ({"online_split": True}, "checkpoints")):  # online_split alone was ignored, as before
+        kw = {**flags, "bf16": False}
+        assert _legacy_confidence(kw) == choice, flags
+        assert kw == {"bf16": False}  # popped: they never reach the SFTMixConfig

@@ -8,19 +8,11 @@ import random
 import pytest
 import torch
 
-from sftmix.eval.evaluate import (
-    EvalConfig,
-    MCItem,
-    eval_multiple_choice,
-    generate,
-    heldout_nll,
-    load_mc,
-    pick_shots,
-    run_eval,
-    score_choices,
-    split_shots,
-    wilson_interval,
-)
+from sftmix.config import EvalConfig
+from sftmix.eval.evaluate import heldout_nll, run_eval
+from sftmix.eval.generation import generate
+from sftmix.eval.mc import eval_multiple_choice, score_choices, wilson_interval
+from sftmix.eval.tasks import MCItem, load_mc, pick_shots, split_shots
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
 

@@ -1,5 +1,5 @@
 """A Gemma-2 reference for step 1 (paper §5.1, weak_reference.yaml): its final logit soft-capping must be applied
-wherever step 1 reads the LM head: checkpoint scoring (sftmix.confidence.reference.run_scoring, which calls the head
+wherever step 1 reads the LM head: checkpoint scoring (sftmix.confidence.scoring.run_scoring, which calls the head
 itself), the
 reference's NTP training (TRL's fused head) and the online records. A tiny random Gemma2 built here, with a small cap
 and a large head so that the cap changes every log-probability."""
@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_records
 
 from sftmix import SFTMixConfig, SFTMixTrainer
-from sftmix.confidence.reference import run_scoring
+from sftmix.confidence.scoring import run_scoring
 from sftmix.data import ensure_chat_template, tokenize_records
 from sftmix.models import build_byte_tokenizer
 from sftmix.utils import SFTMixError

@@ -362,7 +362,7 @@ def test_a_download_cut_half_way_resumes(repos, tmp_path):
 def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     """PubMedQA (pqa_labeled), MedQA (4 options) and MedMCQA by Hub id give the same questions as the same rows in
     the local file layouts the loaders already read; the metrics record the Hub commit."""
-    from sftmix.eval.evaluate import load_medmcqa, load_medqa, load_pubmedqa
+    from sftmix.eval.tasks import load_medmcqa, load_medqa, load_pubmedqa
     from sftmix.utils import write_jsonl
 
     local = tmp_path / "local"
@@ -376,12 +376,13 @@ def test_evaluation_sets_by_hub_id_read_as_their_local_files(repos, tmp_path):
     want = {"pubmedqa": items(load_pubmedqa(str(local / "pubmedqa.json"))),
             "medqa": items(load_medqa(str(local / "medqa.jsonl"))),
             "medmcqa": items(load_medmcqa(str(local / "medmcqa.jsonl"), "0"))}
-    code = ("import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.models import load_model_and_tokenizer\n"
+    code = ("import json\nfrom sftmix.eval import evaluate as ev\nfrom sftmix.eval import tasks\n"
+            "from sftmix.config import EvalConfig\nfrom sftmix.models import load_model_and_tokenizer\n"
             "items = lambda xs: [[it.id, it.text, it.choices, it.answer] for it in xs]\n"
-            "got = {'pubmedqa': items(ev.load_pubmedqa('org/pubmedqa')), 'medqa': items(ev.load_medqa('org/medqa')),"
-            " 'medmcqa': items(ev.load_medmcqa('org/medmcqa'))}\n"
+            "got = {'pubmedqa': items(tasks.load_pubmedqa('org/pubmedqa')), "
+            "'medqa': items(tasks.load_medqa('org/medqa')), 'medmcqa': items(tasks.load_medmcqa('org/medmcqa'))}\n"
             "m, tok = load_model_and_tokenizer('tiny-random:0', device='cpu')\n"
-            "res = ev.run_eval(m, tok, ev.EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), "
+            "res = ev.run_eval(m, tok, EvalConfig(pubmedqa_file='org/pubmedqa', num_shots=1), "
             f"{str(tmp_path / 'e')!r})\n"
             "print(json.dumps({'items': got, 'source': res['pubmedqa']['source'], 'n': res['pubmedqa']['n']}))\n")
     res = subprocess.run([sys.executable, "-c", code], env=_env(repos, tmp_path / "hf_home"), cwd=ROOT,
@@ -422,7 +423,7 @@ def test_a_run_killed_by_a_failed_download_continues_with_the_missing_files(repo
 
 def test_hub_ids_paths_and_the_trl_field_names(tmp_path, monkeypatch):
     """In-process, no network (offline): what counts as a Hub id, a local path of that name winning, the TRL names."""
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
     from sftmix.data import load_records_with_stats
     from sftmix.hub import is_hub_id
 

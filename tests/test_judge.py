@@ -280,7 +280,8 @@ def test_progress_line_counts_failures(server, caplog):
 
 def test_run_eval_preflight_before_generation_and_deterministic_failures_not_reasked(server, tmp_path, monkeypatch):
     import sftmix.eval.judged as judged
-    from sftmix.eval.evaluate import EvalConfig, run_eval
+    from sftmix.config import EvalConfig
+    from sftmix.eval.evaluate import run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
     from sftmix.utils import SFTMixError
 

@@ -138,7 +138,8 @@ def test_answers_from_a_server_of_the_model_under_test(served, tmp_path, monkeyp
     from hub_stub import write_mt_bench
 
     import sftmix.eval.judged as judged
-    from sftmix.eval.evaluate import EvalConfig, run_eval
+    from sftmix.config import EvalConfig
+    from sftmix.eval.evaluate import run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
 
     url, model_dir = served

@@ -123,7 +123,8 @@ class _Judge(BaseHTTPRequestHandler):
 
 def test_run_eval_rounds_per_turn_per_category_and_fastchat_temperatures(tmp_path, monkeypatch):
     import sftmix.eval.judged as judged
-    from sftmix.eval.evaluate import EvalConfig, run_eval
+    from sftmix.config import EvalConfig
+    from sftmix.eval.evaluate import run_eval
     from sftmix.models import build_byte_tokenizer, build_tiny_model
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)

@@ -108,8 +108,8 @@ def test_two_run_online_reference_under_gradient_accumulation_records_every_exam
     # 2, 2 epochs: the last window of each epoch is a micro-batch of 4 rows and one of 2, fetched together
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(tiny_records(14, seed=5, with_confidence=False), tok)
-    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, online=True, score_checkpoints=False,
-                         plots=False, num_train_epochs=2, per_device_train_batch_size=4,
+    rows = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path, confidence="online_only",
+                         num_train_epochs=2, per_device_train_batch_size=4,
                          gradient_accumulation_steps=2, num_checkpoints=4, learning_rate=3e-3, show_progress=False,
                          seed=1)
     assert [r["guid"] for r in rows] == list(ds["guid"])
@@ -126,7 +126,7 @@ def test_a_resumed_online_reference_has_the_records_of_its_checkpoint_or_refuses
 
     tok = build_byte_tokenizer()
     ds, _ = tokenize_records(tiny_records(12, seed=6, with_confidence=False), tok)
-    kw = dict(online=True, score_checkpoints=False, plots=False, num_train_epochs=2, per_device_train_batch_size=4,
+    kw = dict(confidence="online_only", num_train_epochs=2, per_device_train_batch_size=4,
               num_checkpoints=2, learning_rate=3e-3, show_progress=False, seed=1, save_strategy="steps", save_steps=2)
     want = run_reference(build_tiny_model(tok, seed=0), tok, ds, tmp_path / "whole", **kw)
     # 3 steps per epoch; killed at the end of step 4 after its records were written, before checkpoint-4 was saved:

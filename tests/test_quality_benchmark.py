@@ -157,7 +157,7 @@ def test_spread_kinds_and_config():
                                                                                             "rewrite")
     assert q.instruction_kind("What is the capital of France?")[0] == "question (wh-/yes-no)"
     assert q.instruction_kind("Zebras are striped.") == ("other", "zebras")
-    from sftmix.cli import parse_config
+    from sftmix.config import parse_config
 
     cfg = parse_config(["--config", str(ROOT / "benchmarks" / "quality.yaml"), "--output_dir", "unused"])
     t = cfg.train

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.utils import SFTMixError, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys, l
 
 def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
     from sftmix.data import content_key, load_records, split_heldout
-    from sftmix.run import pipeline
+    from sftmix.run import stages
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     data = tmp_path / "dup.jsonl"
@@ -252,7 +253,7 @@ def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
         assert not {content_key(r) for r in train} & {content_key(r) for r in held}, seed
 
     cfg = parse_config(["--config", SMOKE, "--output_dir", str(tmp_path / "run"), "--data", str(data)])
-    pipeline.stage_data(cfg)
+    stages.stage_data(cfg)
     dup = json.loads((cfg.run_dir / "data" / "stats.json").read_text())["duplicates"]
     assert dup["n_duplicate_copies"] == 24 and dup["n_duplicated_examples"] == 8
     assert dup["duplicate_copies_in_train"] + dup["duplicate_copies_in_heldout"] == 24
@@ -267,7 +268,7 @@ def test_duplicates_land_on_one_side_and_the_report_says_where(tmp_path):
 
 def test_judged_metrics_carry_their_share_and_are_withheld_below_the_minimum(tmp_path):
     from sftmix.report.report import comparison_rows, render_markdown
-    from sftmix.run.pipeline import _failed_judgments
+    from sftmix.run.fingerprints import failed_judgments as _failed_judgments
 
     def alpaca(n_valid, n=12):
         return {"n": n, "n_valid": n_valid, "n_failed": n - n_valid, "win_rate": 1.0 if n_valid else None,

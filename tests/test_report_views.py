@@ -112,7 +112,7 @@ def test_step1_plots_show_the_bulk_on_log_axes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_smoke_report_has_curves_readable_map_and_answers_of_every_model(tmp_path):
-    from sftmix.run.pipeline import run
+    from sftmix.recipe import run
 
     cfg = parse_config(["--config", SMOKE, "--output_dir", str(tmp_path / "run")])
     assert run(cfg, "run") == 0

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sftmix.cli import main, parse_config
+from sftmix.cli import main
+from sftmix.config import parse_config
 from sftmix.run.sweep import merge, run_argv
 from sftmix.utils import SFTMixError, write_jsonl
 
@@ -172,8 +173,8 @@ def test_lora_through_the_cli_trains_only_adapter_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
+    from sftmix import recipe
     from sftmix.models import load_model_and_tokenizer
-    from sftmix.run import pipeline
 
     out = tmp_path / "lora"
     # SFTMix with LoRA on a known quality split (no step 1 needed), a few steps
@@ -183,7 +184,7 @@ def test_lora_through_the_cli_trains_only_adapter_weights(tmp_path):
         "true"]
     cfg = parse_config(argv)
     try:
-        assert pipeline.run(cfg, "train") == 0
+        assert recipe.run(cfg, "train") == 0
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     result = json.loads((out / "sftmix" / "train_result.json").read_text())
@@ -204,7 +205,7 @@ def test_lora_through_the_cli_trains_only_adapter_weights(tmp_path):
 def test_nearest_pairing_gets_the_reference_hidden_states_by_guid(tmp_path):
     from datasets import Dataset
 
-    from sftmix.run.pipeline import _with_split
+    from sftmix.run.examples import with_split as _with_split
 
     guids = [f"g{i}" for i in range(6)]
     write_jsonl(tmp_path / "confidence.jsonl",

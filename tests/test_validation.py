@@ -129,7 +129,7 @@ def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
 
     from sftmix.config import parse_config
     from sftmix.models import load_model_and_tokenizer
-    from sftmix.run import pipeline
+    from sftmix.run import publish
 
     cfg = parse_config(["--config", str(_yaml(tmp_path, "recipes: ntp", "use_peft: true",
                                               "lora_target_modules: q_proj", "self_ntp_epochs: 2.0")),
@@ -137,7 +137,7 @@ def test_one_value_where_a_list_belongs_is_a_list_of_one(tmp_path):
     assert cfg.run.recipes == ["ntp"]  # not the characters n, t, p
     assert cfg.run.self_ntp_epochs == 2 and isinstance(cfg.run.self_ntp_epochs, int)
     model, _ = load_model_and_tokenizer("tiny-random:0", dtype="fp32", device="cpu")
-    peft_model = get_peft_model(model, pipeline.lora_config(cfg.run))  # a PEFT "not found" error on the old code
+    peft_model = get_peft_model(model, publish.lora_config(cfg.run))  # a PEFT "not found" error on the old code
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj"}
 

@@ -7,8 +7,9 @@
 Examples are scored in length-sorted batches (little padding), right padded, through the backbone and then the LM
 head in vocabulary tiles (TRL's chunked log-prob kernel: the [B, T, V] logits never exist), with the logit transforms
 TRL's fused head honours (bias, logit scale, final softcapping). Under several processes the batches are shared out
-by tokens and the rows gathered, so every process returns the one-process result. sftmix.confidence.reference scores the
-reference's checkpoints with it, sftmix.confidence.callback any Trainer's, sftmix.eval.evaluate the held-out NLL.
+by tokens and the rows gathered, so every process returns the one-process result. Step 1's scoring callback
+(sftmix.confidence.callback: the reference run, a data map of any Trainer, one-run SFTMix) scores with it at each
+scoring step, sftmix.eval.evaluate the held-out NLL.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LOGPROB_VOCAB_CHUNK = 8192  # vocabulary columns per LM-head tile: bounds the logits buffer to [4096, 8192]
 # Config attributes that scale a model's logits after the LM head (TRL's fused head applies them; the Mixup loss
-# does not, so sftmix.mixup.mixin refuses such a target)
+# does not, so sftmix.mixup.guard refuses such a target)
 LOGIT_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
@@ -118,21 +119,10 @@ def run_scoring(
     try:
         for batch_idx, dummy in tqdm(plan, desc=desc or "scoring", disable=not show_progress, leave=False):
             ids_list, labels_list = fetch(batch_idx)
-            T = max(len(x) for x in ids_list)
             B = len(batch_idx)
-            input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-            labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-            attention_mask = torch.zeros((B, T), dtype=torch.long)
-            for r, (ids, lab) in enumerate(zip(ids_list, labels_list)):
-                if len(ids) != len(lab):
-                    raise SFTMixError(
-                        f"example {fetch.guid(batch_idx[r])!r}: input_ids ({len(ids)}) and labels ({len(lab)}) differ "
-                        f"in length; re-tokenize it with sftmix.data.tokenize_records."
-                    )
-                sl = slice(T - len(ids), T) if padding_side == "left" else slice(0, len(ids))
-                input_ids[r, sl] = torch.as_tensor(ids)
-                labels[r, sl] = torch.as_tensor(lab)
-                attention_mask[r, sl] = 1
+            input_ids, labels, attention_mask = _pad_batch(ids_list, labels_list, pad_id, padding_side,
+                                                           lambda r: fetch.guid(batch_idx[r]))
+            T = input_ids.shape[1]
             # positions count real tokens only, so that left padding gives the same positions as right padding
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             if not dummy:
@@ -215,6 +205,24 @@ def run_scoring(
         n, real_tokens, seconds, stats["tokens_per_s"], 100 * stats["padding_fraction"],
     )
     return ScoringResult(rows=rows, stats=stats, hidden=hidden)
+
+
+def _pad_batch(ids_list, labels_list, pad_id: int, padding_side: str, guid_of):
+    """input_ids, labels and attention_mask [B, T] of one batch, padded on `padding_side` by torch's pad_sequence
+    (pad_id, -100, 0). `guid_of(r)` names row r when its input_ids and labels differ in length."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    for r, (ids, lab) in enumerate(zip(ids_list, labels_list)):
+        if len(ids) != len(lab):
+            raise SFTMixError(f"example {guid_of(r)!r}: input_ids ({len(ids)}) and labels ({len(lab)}) differ in "
+                              f"length; re-tokenize it with sftmix.data.tokenize_records.")
+
+    def pad(rows, value):
+        return pad_sequence([torch.as_tensor(x, dtype=torch.long) for x in rows], batch_first=True,
+                            padding_value=value, padding_side=padding_side)
+
+    return (pad(ids_list, pad_id), pad(labels_list, IGNORE_INDEX),
+            pad([[1] * len(x) for x in ids_list], 0))
 
 
 def world_and_rank() -> tuple[int, int]:

@@ -1,19 +1,24 @@
 """The confident/unconfident split of recipe step 1, as plain functions of plain arrays (no model, no Trainer).
 
     from sftmix.confidence.split import confidence, split_confident
-    conf = confidence(ppl)                       # ppl [C checkpoints, N examples] -> -(1/C) sum_c ppl_c
+    conf = confidence(ppl)                       # ppl [C scoring steps, N examples] -> -(1/C) sum_c ppl_c
     flags = split_confident(conf, guids)         # True for the floor(N/2) most confident examples
 
     flags = confident_flags(train_dataset, args)  # from `confident`, `confidence` or the column args.split_source names
     kept, desc = select_examples(train_dataset, args)   # paper §5.5: long / score / random
     c, u = nearest_partners(embeddings, flags)   # pairing=nearest
+    problem = one_run_problem(1, num_train_epochs=2)   # None, or why one-run SFTMix cannot split with these settings
 
-`sftmix.confidence.reference` (the reference run that measures ppl) and `sftmix.mixup.mixin` (the sampler that pairs
-the halves) both read the rule from here, so the split has one definition. `args` is any object with the Mixup fields
-(sftmix.mixup.mixin.MixupArguments).
+`sftmix.confidence.callback` (build_confidence, from the ppl of the scoring steps; one-run SFTMix's switch) and
+`sftmix.mixup.sampling` (the rows the sampler pairs into halves) both read the rule from here, so the split has one
+definition; so do the rules of one-run SFTMix, whose split comes from its own NTP epochs (`one_run_problem`, also
+checked by sftmix.run.validation before a run). `args` is any object with the Mixup fields
+(sftmix.mixup.args.MixupArguments).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -21,20 +26,20 @@ from sftmix.utils import SFTMixError
 
 
 def confidence(ppl) -> np.ndarray:
-    """ppl [C, N] (checkpoints x examples) -> confidence [N] = -(1/C) sum_c ppl_c (the paper's eq. 1)."""
+    """ppl [C, N] (scoring steps x examples) -> confidence [N] = -(1/C) sum_c ppl_c (the paper's eq. 1)."""
     ppl = _as_ppl_matrix(ppl)
     return -ppl.mean(axis=0)
 
 
 def variability(ppl) -> np.ndarray:
-    """ppl [C, N] -> std of ppl over the checkpoints (dataset cartography's variability)."""
+    """ppl [C, N] -> std of ppl over the scoring steps (dataset cartography's variability)."""
     return _as_ppl_matrix(ppl).std(axis=0)
 
 
 def _as_ppl_matrix(ppl) -> np.ndarray:
     ppl = np.asarray(ppl, dtype=np.float64)
     if ppl.ndim != 2 or ppl.shape[0] < 1 or ppl.shape[1] < 1:
-        raise SFTMixError(f"ppl must be a [checkpoints, examples] array, got shape {ppl.shape}.")
+        raise SFTMixError(f"ppl must be a [scoring steps, examples] array, got shape {ppl.shape}.")
     return ppl
 
 
@@ -50,7 +55,7 @@ def split_confident(confidence, guids) -> np.ndarray:
         raise SFTMixError(f"the split needs at least 2 examples, got {len(conf)}.")
     if not np.all(np.isfinite(conf)):
         i = int(np.flatnonzero(~np.isfinite(conf))[0])
-        raise SFTMixError(f"confidence of example {guids[i]!r} is {conf[i]}; re-score the reference checkpoints.")
+        raise SFTMixError(f"confidence of example {guids[i]!r} is {conf[i]}; re-score the reference's scoring steps.")
     if conf.max() == conf.min():
         raise SFTMixError(
             f"all {len(conf)} examples have the same confidence ({conf[0]:.6g}), so a confident/unconfident split "
@@ -166,3 +171,43 @@ def nearest_partners(embeddings: np.ndarray, confident: np.ndarray) -> tuple[np.
     unchosen = np.setdiff1d(u_idx, partner_of_c)
     partner_of_u = nearest(unchosen, c_idx) if len(unchosen) else np.empty(0, dtype=np.int64)
     return np.concatenate([c_idx, partner_of_u]), np.concatenate([partner_of_c, unchosen])
+
+
+def one_run_problem(ntp_epochs, *, num_train_epochs=None, max_steps=-1, mixup_enabled=True, pairing="random",
+                    split_source="dynamics", ntp_subset="all", epochs_name="self_reference_epochs",
+                    what="one-run SFTMix (self_reference_epochs)") -> str | None:
+    """Why one-run SFTMix cannot run with these settings, as one sentence, or None. The one home of these rules:
+    MixupArguments and the SelfReferenceCallback (library users, `epochs_name` self_reference_epochs) and
+    sftmix.run.validation (the command line, before any stage: `self_ntp_epochs`, `reference=self`) word the same
+    checks through it, each in its user's setting names. num_train_epochs=None skips the epoch checks (an arguments
+    class is checked before it knows them for sure)."""
+    if isinstance(ntp_epochs, bool) or not isinstance(ntp_epochs, (int, float)) or ntp_epochs != int(ntp_epochs) \
+            or ntp_epochs < 1:
+        return f"{what} needs a whole {epochs_name} >= 1 (the NTP epochs that give the split); got {ntp_epochs!r}."
+    n = int(ntp_epochs)
+    if not mixup_enabled:
+        return (f"{what} continues with Mixup after its {epochs_name}={n} NTP epoch(s), but mixup_weight=0 turns "
+                f"Mixup off: give mixup_weight > 0, or train the ntp recipe only.")
+    if pairing != "random":
+        return (f"{what} needs pairing=random: pairing={pairing} pairs by a separate reference's hidden states "
+                f"(step 1); use reference=separate for it.")
+    if split_source != "dynamics":
+        return (f"{what} takes its split from its own NTP epochs, so split_source={split_source} does not apply: use "
+                f"split_source=dynamics, or reference=separate.")
+    if ntp_subset != "all":
+        return (f"{what} needs ntp_subset=all (its NTP epochs train on every example); got ntp_subset={ntp_subset}: "
+                f"use reference=separate for ntp_subset.")
+    if num_train_epochs is None:
+        return None
+    if max_steps is not None and max_steps > 0:
+        return (f"{what} splits the data at the end of epoch {epochs_name}={n}, so it counts training in epochs: "
+                f"unset max_steps (got max_steps={max_steps}) and give num_train_epochs (e.g. {n + 1}).")
+    total = float(num_train_epochs)
+    if total != int(total):
+        return (f"{what} needs a whole num_train_epochs (the switch to Mixup is at an epoch boundary); got "
+                f"num_train_epochs={num_train_epochs}: give e.g. {max(math.ceil(total), n + 1)}.")
+    if n >= total:
+        return (f"{what} needs num_train_epochs greater than {epochs_name}={n} (the NTP epochs, then at least one "
+                f"Mixup epoch); got num_train_epochs={num_train_epochs}: give e.g. num_train_epochs={n + 1}, or a "
+                f"smaller {epochs_name}.")
+    return None

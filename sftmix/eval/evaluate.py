@@ -1,6 +1,7 @@
 """Evaluation: held-out response likelihood, k-shot multiple choice by log-likelihood, judged instruction following.
 
-    from sftmix.eval.evaluate import EvalConfig, run_eval
+    from sftmix.config import EvalConfig
+    from sftmix.eval.evaluate import run_eval
     cfg = EvalConfig(pubmedqa_file="../shared/data/pubmedqa_pqal_dev500.json", heldout_file="run/data/heldout.jsonl")
     results = run_eval(model, tokenizer, cfg, "run/eval")   # {"pubmedqa": {...}, "heldout": {...}}; files in run/eval
 
@@ -43,32 +44,11 @@ from pathlib import Path
 import torch
 
 from sftmix.config import MC_TASKS, EvalConfig, eval_task_fields
-from sftmix.eval.generation import generate, heldout_answers
+from sftmix.eval.generation import heldout_answers
 from sftmix.eval.judged import eval_alpaca_eval, eval_mt_bench, make_judge
-from sftmix.eval.mc import eval_multiple_choice, score_choice_ids, score_choices, wilson_interval
+from sftmix.eval.mc import eval_multiple_choice
 from sftmix.eval.rounds import run_rounds
-from sftmix.eval.tasks import (
-    HUB_EVAL_SOURCES,
-    MCItem,
-    _need,
-    _read_rows,
-    build_prompt,
-    load_mc,
-    load_medmcqa,
-    load_medqa,
-    load_mt_bench,
-    load_pubmedqa,
-    pick_shots,
-    split_shots,
-)
 from sftmix.utils import SFTMixError, atomic_write_json, write_jsonl
-
-# The evaluation API, importable from here as before the tasks moved to sftmix.eval.*
-__all__ = ["EvalConfig", "MC_TASKS", "HUB_EVAL_SOURCES", "MCItem", "build_prompt", "eval_alpaca_eval",
-           "eval_multiple_choice", "eval_mt_bench", "generate", "heldout_answers", "heldout_nll", "load_mc",
-           "load_medmcqa", "load_medqa",
-           "load_mt_bench", "load_pubmedqa", "make_judge", "pick_shots", "run_eval", "score_choice_ids",
-           "score_choices", "split_shots", "wilson_interval", "_need", "_read_rows"]
 
 log = logging.getLogger(__name__)
 

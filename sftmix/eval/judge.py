@@ -10,17 +10,20 @@
     print(win_rate(rows))                                   # win rate, standard error, length-controlled win rate
 
 Only the standard library talks HTTP (urllib): POST {base_url}/chat/completions with temperature 0.
-Retries: transport errors, timeouts, HTTP 429/5xx and bodies that are not the expected JSON are retried with
-exponential backoff (backoff * 2**attempt seconds); other HTTP 4xx fail at once. A judgment that still fails, or whose
-text holds no parseable rating/verdict, is returned with failed=True and is never counted as a win, a loss or a score.
+Retries (`JudgeClient._post`, up to max_retries after the first request, waiting backoff * 2**(retry - 1) seconds,
+at most 60): transport errors, timeouts, HTTP 408/409/425/429/500/502/503/504, bodies that are not the expected JSON,
+and replies without a parseable rating / verdict (unless the same one comes twice in a row); any other HTTP status
+fails at once. A judgment that still fails, or whose text holds no parseable rating/verdict, is returned with
+failed=True and is never counted as a win, a loss or a score.
 Cache: every usable completion (one holding a rating / verdict) is appended (one write per line, under a lock) to a
 JSONL file keyed by sha256(judge model, messages, temperature, max_tokens); the messages contain the question and the
 answer, so a rerun of the same evaluation makes no HTTP call.
 Failures come in two kinds. A deterministic one (the same request got the same reply without a rating / verdict twice
-in a row, or an HTTP 4xx other than 408/409/425/429) would fail the same way again: it is cached as failed
+in a row, or an HTTP error status outside that retried set) would fail the same way again: it is cached as failed
 ({"failed": true, "error", "text"}) and a rerun reports it without asking (`retry_failed=True`, the setting
-`judge_retry_failed`, asks again). A transient one (transport errors, timeouts, 429/5xx, malformed JSON, retries
-exhausted on differing replies) is not cached: a rerun asks again. Rows carry `retryable` to tell them apart.
+`judge_retry_failed`, asks again). A transient one (transport errors, timeouts, a retried HTTP status, malformed
+JSON, retries exhausted on differing replies) is not cached: a rerun asks again. Rows carry `retryable` to tell them
+apart.
 Pre-flight (`preflight`): one request on a fixed item before any answer is generated, failing in one line on an
 unreachable endpoint, a refused model name or key, or a reply without a parseable verdict.
 Progress: `map` logs a line every 10% of the items with the running count of failed judgments.

@@ -15,7 +15,7 @@ sftmix.mixup.mixin (SFTMixMixin).
 
 How each row knows its half: by content hash, before tokenisation. The plugin's `load_datasets` runs axolotl's own
 dataset loading with one addition: where axolotl turns each raw dataset into tokenized rows (get_dataset_wrapper),
-the raw rows are still there, and each gets its sftmix guid (sftmix.data.row_guids: the content hash of the normalised
+the raw rows are still there, and each gets its sftmix guid (sftmix.data.row_records: the content hash of the normalised
 example, as `sftmix dynamics` computed it for the same file). The tokenized rows come from that one `map` over the raw
 rows, in order, so the guid column goes onto them after checking that the counts agree and that each row's response
 text is in its trained tokens. The `guid` column then survives axolotl's merge, length filter, deduplication,

@@ -1,17 +1,16 @@
 """The SFTMix settings that any trainer's arguments take on (steps 2-3), and their checks.
 
-    from sftmix.mixup.args import MixupArguments, one_run_problem
+    from sftmix.mixup.args import MixupArguments
     @dataclass
     class MyArgs(MixupArguments, TrainingArguments):     # = sftmix.mixup.hf.SFTMixTrainingArguments
         def __post_init__(self):
             super().__post_init__()
             self.validate_mixup_args()                   # one-line SFTMixError naming the setting
-    one_run_problem(1, num_train_epochs=3)               # None: one-run SFTMix can run; else why not, in one sentence
 
 MixupArguments is the one home of the Mixup fields, their defaults and help texts: sftmix.mixup.trainer.SFTMixConfig
 (trl.SFTConfig + these), sftmix.mixup.hf.SFTMixTrainingArguments and the axolotl plugin (its `sftmix_*` YAML keys)
-all take them from here. This module imports nothing heavier than the standard library, so step 1
-(sftmix.confidence.callback) and the command line's checks (sftmix.run.validation) can use one_run_problem cheaply.
+all take them from here. The one-run rules it applies (self_reference_epochs) are sftmix.confidence.split's
+one_run_problem, which step 1's callback and the command line's checks (sftmix.run.validation) word the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sftmix.confidence.split import one_run_problem
 from sftmix.utils import SFTMixError
 
 MIXUP_ROLES = ("regularizer", "loss", "only")
@@ -163,46 +163,6 @@ class MixupArguments:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def one_run_problem(ntp_epochs, *, num_train_epochs=None, max_steps=-1, mixup_enabled=True, pairing="random",
-                    split_source="dynamics", ntp_subset="all", epochs_name="self_reference_epochs",
-                    what="one-run SFTMix (self_reference_epochs)") -> str | None:
-    """Why one-run SFTMix cannot run with these settings, as one sentence, or None. The one home of these rules:
-    MixupArguments and the SelfReferenceCallback (library users, `epochs_name` self_reference_epochs) and
-    sftmix.run.validation (the command line, before any stage: `self_ntp_epochs`, `reference=self`) word the same
-    checks through it, each in its user's setting names. num_train_epochs=None skips the epoch checks (an arguments
-    class is checked before it knows them for sure)."""
-    if isinstance(ntp_epochs, bool) or not isinstance(ntp_epochs, (int, float)) or ntp_epochs != int(ntp_epochs) \
-            or ntp_epochs < 1:
-        return f"{what} needs a whole {epochs_name} >= 1 (the NTP epochs that give the split); got {ntp_epochs!r}."
-    n = int(ntp_epochs)
-    if not mixup_enabled:
-        return (f"{what} continues with Mixup after its {epochs_name}={n} NTP epoch(s), but mixup_weight=0 turns "
-                f"Mixup off: give mixup_weight > 0, or train the ntp recipe only.")
-    if pairing != "random":
-        return (f"{what} needs pairing=random: pairing={pairing} pairs by a separate reference's hidden states "
-                f"(step 1); use reference=separate for it.")
-    if split_source != "dynamics":
-        return (f"{what} takes its split from its own NTP epochs, so split_source={split_source} does not apply: use "
-                f"split_source=dynamics, or reference=separate.")
-    if ntp_subset != "all":
-        return (f"{what} needs ntp_subset=all (its NTP epochs train on every example); got ntp_subset={ntp_subset}: "
-                f"use reference=separate for ntp_subset.")
-    if num_train_epochs is None:
-        return None
-    if max_steps is not None and max_steps > 0:
-        return (f"{what} splits the data at the end of epoch {epochs_name}={n}, so it counts training in epochs: "
-                f"unset max_steps (got max_steps={max_steps}) and give num_train_epochs (e.g. {n + 1}).")
-    total = float(num_train_epochs)
-    if total != int(total):
-        return (f"{what} needs a whole num_train_epochs (the switch to Mixup is at an epoch boundary); got "
-                f"num_train_epochs={num_train_epochs}: give e.g. {max(math.ceil(total), n + 1)}.")
-    if n >= total:
-        return (f"{what} needs num_train_epochs greater than {epochs_name}={n} (the NTP epochs, then at least one "
-                f"Mixup epoch); got num_train_epochs={num_train_epochs}: give e.g. num_train_epochs={n + 1}, or a "
-                f"smaller {epochs_name}.")
-    return None
 
 
 def mixup_weight_at(args: MixupArguments, step: int, max_steps: int) -> float:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.confidence.split import split_threshold
+from sftmix.rundir import RunDir
 from sftmix.utils import SFTMixError, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -202,25 +203,25 @@ def first_user_messages(records=None, dataset=None, tokenizer=None) -> dict[str,
 def write_dynamics_plots(run_dir, rows, records=None, dataset=None, tokenizer=None, method: str = "pca",
                          k: int = 10) -> list[Path]:
     """All step-1 plots and confidence_summary.md into run_dir/plots/; returns the paths written."""
-    run_dir = Path(run_dir)
+    d = RunDir(run_dir)
     conf = np.array([r["confidence"] for r in rows])
     confident = np.array([bool(r["confident"]) for r in rows])
     paths = [
-        plot_confidence_histogram(conf, confident, run_dir / "plots" / "confidence_hist.png"),
-        plot_data_map(conf, np.array([r["variability"] for r in rows]), confident, run_dir / "plots" / "data_map.png"),
+        plot_confidence_histogram(conf, confident, d.plots / "confidence_hist.png"),
+        plot_data_map(conf, np.array([r["variability"] for r in rows]), confident, d.plots / "data_map.png"),
     ]
-    hidden_file = run_dir / "dynamics" / "hidden_final.npz"
+    hidden_file = d.hidden_final
     if hidden_file.exists():
         with np.load(hidden_file) as z:
             pos = {str(g): i for i, g in enumerate(z["guid"])}
             hidden = z["hidden"]
         if all(r["guid"] in pos for r in rows):
             hidden = hidden[[pos[r["guid"]] for r in rows]]
-            paths.append(plot_hidden_map(hidden, conf, run_dir / "plots" / "hidden_map.png", method=method))
+            paths.append(plot_hidden_map(hidden, conf, d.plots / "hidden_map.png", method=method))
         else:
             logger.warning("%s is from other data than confidence.jsonl: no hidden-state map", hidden_file)
     instructions = first_user_messages(records, dataset, tokenizer)
-    md = run_dir / "plots" / "confidence_summary.md"
+    md = d.plots / "confidence_summary.md"
     atomic_write_text(md, confidence_summary_markdown(rows, instructions, k=k))
     paths.append(md)
     return paths

@@ -20,6 +20,7 @@ import platform
 import time
 from pathlib import Path
 
+from sftmix.rundir import RunDir, read_train_result
 from sftmix.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 PLOTS = [("confidence_hist.png", "Confidence histogram and the split"),
@@ -48,18 +49,18 @@ def _versions() -> dict:
 
 def collect(cfg) -> dict:
     """Everything the report shows, from the run directory."""
-    d = cfg.run_dir
-    summary = {"run_dir": str(d), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "config_source": cfg.source,
+    d = RunDir(cfg.run_dir)
+    summary = {"run_dir": str(cfg.run_dir), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "config_source": cfg.source,
                "config": json.loads(json.dumps(cfg.flat(), default=str)), "versions": _versions(),
-               "sources": _json(d / "sources.json")}  # Hub ids -> commit shas (sftmix.hub.run_sources)
-    summary["data"] = {"load": _json(d / "data" / "stats.json"),
-                       "tokenize": {n: {k: v for k, v in (_json(d / "data" / f"tokenize_{n}.json") or {}).items()
+               "sources": _json(d.sources)}  # Hub ids -> commit shas (sftmix.hub.run_sources)
+    summary["data"] = {"load": _json(d.data_stats),
+                       "tokenize": {n: {k: v for k, v in (_json(d.tokenize_stats(n)) or {}).items()
                                         if k != "dropped_guids"} or None for n in ("reference", "target")}}
 
-    conf_path = d / "confidence.jsonl"
+    conf_path = d.confidence
     if conf_path.exists():
         rows = read_jsonl(conf_path)
-        train_file = d / "data" / "train.jsonl"
+        train_file = d.train
         train = {r["guid"]: r for r in read_jsonl(train_file)} if train_file.exists() else {}
         ranked = sorted(rows, key=lambda r: (-r["confidence"], r["guid"]))
         confident = [r for r in rows if r["confident"]]
@@ -72,11 +73,11 @@ def collect(cfg) -> dict:
             return {"guid": r["guid"], "confidence": r["confidence"], "n_tokens": r.get("n_tokens"),
                     "instruction": first_user_message(train[r["guid"]]) if r["guid"] in train else None}
 
-        self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix (reference=self) marks its split
+        self_split = _json(d.self_split)  # one-run SFTMix (reference=self) marks its split
         summary["confidence"] = {
             "n_examples": len(rows), "n_confident": len(confident), "n_unconfident": len(unconfident),
             "mode": (self_split.get("self_confidence") if self_split else
-                     (_json(d / "dynamics" / "split.json") or {}).get("confidence_mode")),
+                     (_json(d.split) or {}).get("confidence_mode")),
             "confidence_source": "self" if self_split else "separate",
             "min": ranked[-1]["confidence"], "max": ranked[0]["confidence"],
             "threshold": split_threshold([r["confidence"] for r in rows], [r["confident"] for r in rows])
@@ -84,8 +85,8 @@ def collect(cfg) -> dict:
             "num_checkpoints": sum(1 for k in rows[0] if k.startswith("ppl_")),
             "most_confident": [brief(r) for r in ranked[:TOP_K]],
             "least_confident": [brief(r) for r in ranked[::-1][:TOP_K]],
-            "plots": [name for name, _ in PLOTS if (d / "plots" / name).exists()],
-            "online_summary": _json(d / "dynamics" / "online_summary.json"),
+            "plots": [name for name, _ in PLOTS if (d.plots / name).exists()],
+            "online_summary": _json(d.online_summary),
         }
     else:
         summary["confidence"] = None
@@ -93,8 +94,8 @@ def collect(cfg) -> dict:
     models = {}
     names = ["start"] + [r for r in ("ntp", "sftmix") if r in cfg.run.recipes]
     for name in names:
-        ev = _json(d / "eval" / f"{name}.json")
-        tr = _json(d / name / "train_result.json") if name != "start" else None
+        ev = _json(d.eval_result(name))
+        tr = read_train_result(d.train_result(name)) if name != "start" else None
         if ev is None and tr is None:
             continue
         entry = {"label": MODEL_LABELS.get(name, name), "eval": ev["results"] if ev else None}
@@ -113,7 +114,7 @@ def collect(cfg) -> dict:
     summary["comparison"] = comparison_rows(models, getattr(cfg.run, "judge_min_valid_fraction", 0.9))
     summary["medical"] = medical_table(models)
     summary["instruction"] = instruction_table(models)
-    summary["timings"] = _json(d / "timings.json") or {}
+    summary["timings"] = _json(d.timings) or {}
     summary.update(collect_curves_and_answers(cfg))
     return summary
 
@@ -255,9 +256,9 @@ ANSWER_CHARS = 700  # per table cell: answers are capped in tokens already; prom
 def collect_curves_and_answers(cfg) -> dict:
     """The loss curves of each run (from its train_result.json log_history; plots/loss_curves.png) and the answers
     of every model to the fixed held-out sample (the evaluation task `answers`, eval/<model>.json)."""
-    d = cfg.run_dir
+    d = RunDir(cfg.run_dir)
     recipes = [r for r in ("ntp", "sftmix") if r in cfg.run.recipes]
-    results = {name: _json(d / name / "train_result.json") for name in ("reference", *recipes)}
+    results = {name: read_train_result(d.train_result(name)) for name in ("reference", *recipes)}
     reused = (results.get("ntp") or {}).get("reused_reference_checkpoint")
     curves = {}
     for name, tr in results.items():
@@ -270,7 +271,7 @@ def collect_curves_and_answers(cfg) -> dict:
             label = "reference (step 1)" if name == "reference" else MODEL_LABELS.get(name, name)
             curves[f"{label} (= the reference run)" if name == "ntp" and reused else label] = c
     switch = None
-    self_split = _json(d / "dynamics" / "self_split.json")  # one-run SFTMix: NTP epochs, then Mixup
+    self_split = _json(d.self_split)  # one-run SFTMix: NTP epochs, then Mixup
     if self_split and self_split.get("steps"):
         steps = self_split["steps"]
         switch = int(steps if isinstance(steps, int) else max(steps))
@@ -278,11 +279,11 @@ def collect_curves_and_answers(cfg) -> dict:
     if curves:
         from sftmix.report.plots import plot_loss_curves
 
-        plot_loss_curves(curves, d / "plots" / CURVE_PLOT, switch)
+        plot_loss_curves(curves, d.plots / CURVE_PLOT, switch)
         plot = CURVE_PLOT
     answers = {}
     for name in ["start", *recipes]:
-        found = ((_json(d / "eval" / f"{name}.json") or {}).get("results") or {}).get("answers")
+        found = ((_json(d.eval_result(name)) or {}).get("results") or {}).get("answers")
         if found:
             answers[name] = found
     return {"curves": {"runs": curves, "switch_step": switch, "plot": plot}, "answers": answers}
@@ -550,7 +551,7 @@ def render_html(summary, run_dir: Path) -> str:
         re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(markupsafe.escape(text))))
     captions = {**dict(PLOTS), **EXTRA_CAPTIONS}
     sections = [(title, text, [(kind, [(captions.get(name, name),
-                                        base64.b64encode((run_dir / "plots" / name).read_bytes()).decode("ascii"))
+                                        base64.b64encode((RunDir(run_dir).plots / name).read_bytes()).decode("ascii"))
                                        for name in payload] if kind == "plots" else payload)
                                for kind, payload in items])
                 for title, text, items in _sections(summary)]
@@ -559,10 +560,10 @@ def render_html(summary, run_dir: Path) -> str:
 
 def write_report(cfg) -> dict:
     """Write report.json, report.md and report.html into the run directory; returns the summary."""
-    summary = collect(cfg)
-    atomic_write_json(cfg.run_dir / "report.json", summary)
-    atomic_write_text(cfg.run_dir / "report.md", render_markdown(summary))
-    atomic_write_text(cfg.run_dir / "report.html", render_html(summary, cfg.run_dir))
+    summary, d = collect(cfg), RunDir(cfg.run_dir)
+    atomic_write_json(d.report("json"), summary)
+    atomic_write_text(d.report("md"), render_markdown(summary))
+    atomic_write_text(d.report("html"), render_html(summary, cfg.run_dir))
     return summary
 
 

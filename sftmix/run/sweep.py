@@ -28,6 +28,7 @@ evaluated), the difference to the baseline row (default: the NTP recipe of the f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import logging
@@ -39,10 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-from sftmix.config import resolve_config_path, shipped_configs
-from sftmix.report.report import _fmt  # one number format for run reports and the sweep table
+from sftmix.config import (
+    _read_yaml,
+    parse_config,
+    resolve_config_path,
+    settings_of,
+    shipped_configs,
+    unaffected_settings,
+)
+from sftmix.report.report import _fmt, _md_table  # one number format and table for run reports and the sweep
 from sftmix.run.validation import validate_settings
-from sftmix.utils import SFTMixError, atomic_write_json, atomic_write_text
+from sftmix.rundir import RunDir
+from sftmix.utils import SFTMixError, atomic_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sftmix")
 
@@ -79,8 +88,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
     """`--key value` arguments from an overrides YAML, and its reference_model (applied separately)."""
-    from sftmix.config import _read_yaml
-
     values = _read_yaml(path)
     argv, reference = [], values.pop("reference_model", None)
     for key, value in values.items():
@@ -97,8 +104,6 @@ def _overrides_argv(path: Path) -> tuple[list[str], str | None]:
 
 def run_argv(config: Path, run_dir: Path, overrides: Path | None = None, extra: list[str] = ()) -> list[str]:
     """The arguments after `sftmix run` for one config of a sweep."""
-    from sftmix.config import _read_yaml
-
     argv = ["--config", str(config), "--output_dir", str(run_dir)]
     if overrides is not None:
         more, reference = _overrides_argv(overrides)
@@ -112,8 +117,6 @@ def _keys(cfg) -> tuple[str, str]:
     """(step-1 key, start-eval key): configs with equal keys share the data split and step 1 (and the evaluation of
     the untrained start model). Settings step 1 does not read (sftmix.config.unaffected_settings) are left out;
     any other, including a setting added later, keeps runs apart, which is always correct."""
-    from sftmix.config import settings_of, unaffected_settings
-
     flat = json.loads(json.dumps(cfg.flat(), default=str, sort_keys=True))
     eval_fields = set(settings_of("eval"))
     skip = unaffected_settings("dynamics", cfg)
@@ -138,36 +141,36 @@ def _link_or_copy(src, dst):
 
 def _copy_into(src: Path, dst: Path) -> None:
     """Copy a file or folder to dst via a temporary name, so dst appears complete or not at all."""
-    tmp = dst.with_name(dst.name + ".sweep-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
-        shutil.rmtree(dst, ignore_errors=True)
-    else:
-        _link_or_copy(src, tmp)
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        return
+    tmp = dst.with_name(dst.name + ".sweep-tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by a killed copy: os.link would refuse it
+    _link_or_copy(src, tmp)
     os.replace(tmp, dst)
 
 
 def share_step1(donor: Path, run_dir: Path, step1: bool, start_eval: bool) -> list[str]:
     """Link the donor run's data split (and step 1 / start evaluation when asked) into run_dir where run_dir does not
     have them yet; markers last, so an interrupted copy is redone. Returns what was shared."""
-    shared = []
+    shared, src, dst = [], RunDir(donor), RunDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (donor / "data" / "stats.json").exists() and not (run_dir / "data" / "stats.json").exists():
-        _copy_into(donor / "data", run_dir / "data")
+    if src.data_stats.exists() and not dst.data_stats.exists():
+        _copy_into(src.data, dst.data)
         shared.append("data")
-    if (step1 and (donor / "dynamics" / "split.json").exists() and not (run_dir / "dynamics").exists()
-            and not (run_dir / "reference").exists()):
-        for name in ("plots", "confidence.jsonl"):
-            if (donor / name).exists():
-                _copy_into(donor / name, run_dir / name)
-        _copy_into(donor / "dynamics", run_dir / "dynamics")  # holds the stage marker split.json
+    if step1 and src.split.exists() and not dst.dynamics.exists() and not dst.reference.exists():
+        for a, b in ((src.plots, dst.plots), (src.confidence, dst.confidence)):
+            if a.exists():
+                _copy_into(a, b)
+        _copy_into(src.dynamics, dst.dynamics)  # holds the stage marker split.json
         shared.append("step 1")
-    if start_eval and (donor / "eval" / "start.json").exists() and not (run_dir / "eval" / "start.json").exists():
-        (run_dir / "eval").mkdir(exist_ok=True)
-        if (donor / "eval" / "start").is_dir():
-            _copy_into(donor / "eval" / "start", run_dir / "eval" / "start")
-        _copy_into(donor / "eval" / "start.json", run_dir / "eval" / "start.json")
+    if start_eval and src.eval_result("start").exists() and not dst.eval_result("start").exists():
+        dst.eval.mkdir(exist_ok=True)
+        if src.eval_details("start").is_dir():
+            _copy_into(src.eval_details("start"), dst.eval_details("start"))
+        _copy_into(src.eval_result("start"), dst.eval_result("start"))
         shared.append("start eval")
     return shared
 
@@ -179,8 +182,6 @@ def share_step1(donor: Path, run_dir: Path, step1: bool, start_eval: bool) -> li
 def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None, extra: list[str] = (),
               reuse: bool = True, launcher: list[str] | None = None) -> list[dict]:
     """Run every config (`sftmix run` in a subprocess) into out_dir/<stem>; returns one status dict per config."""
-    from sftmix.config import parse_config
-
     stems = [c.stem for c in configs]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -229,8 +230,6 @@ def run_sweep(configs: list[Path], out_dir: Path, overrides: Path | None = None,
 
 def _config_diff(config: dict, base: dict, recipe: str) -> str:
     """What a run's config changes relative to the baseline's (settings the recipe actually reads)."""
-    from sftmix.config import settings_of
-
     skip = {"output_dir", "run_name", "judge_api_key"} | set(settings_of("runtime"))
     if recipe != "sftmix":
         skip |= set(settings_of("mixup"))  # the NTP baseline runs without the Mixup settings
@@ -267,7 +266,7 @@ def merge(out_dir: Path, stems: list[str] | None = None, baseline: str | None = 
 
     rows, starts, configs, missing = [], {}, {}, []
     for r in runs:
-        path = out_dir / r["stem"] / "report.json"
+        path = RunDir(out_dir / r["stem"]).report("json")
         if not path.exists():
             missing.append({**r, "status": r.get("status") or "no report.json"})
             continue
@@ -339,8 +338,6 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def render_markdown(summary: dict) -> str:
-    from sftmix.report.report import _md_table
-
     header, body = table(summary)
     better = [c for c in summary["columns"] if c.endswith(HIGHER_IS_BETTER)]
     lines = [f"# SFTMix sweep: {summary['output_dir']}\n", f"{summary['created']}. One row per trained variant "

@@ -2,7 +2,7 @@
 sets, chat templates, judge prompts, models) for existence and parse, the run directory for writability.
 
     from sftmix.run.validation import validate
-    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by sftmix.run.pipeline.run
+    validate(cfg, "run")      # SFTMixError (one line, exit 2) on the first problem; called by run.session.session
 
 A mistake found here costs seconds; found after step 1 it would cost the reference run, and the corrected command
 would meet a run directory that holds finished stages. The cross-field checks of the config dataclasses
@@ -18,6 +18,7 @@ import math
 import os
 from pathlib import Path
 
+from sftmix.rundir import RunDir
 from sftmix.utils import SFTMixError
 
 log = logging.getLogger("sftmix")
@@ -108,10 +109,10 @@ ONE_RUN = "reference=self (one-run SFTMix)"
 
 
 def check_one_run(cfg) -> None:
-    """reference=self: the settings one-run SFTMix cannot run with (sftmix.mixup.args.one_run_problem, the rules the
-    trainer and its callback apply at train time), refused here, before the first stage of the command trains,
+    """reference=self: the settings one-run SFTMix cannot run with (sftmix.confidence.split.one_run_problem, the
+    rules the trainer and its callback apply at train time), refused here, before the first stage of the command trains,
     in the names of the run's config (self_ntp_epochs, not the trainer's self_reference_epochs)."""
-    from sftmix.mixup.args import one_run_problem
+    from sftmix.confidence.split import one_run_problem
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes:
@@ -273,7 +274,7 @@ def check_eval_files(cfg) -> None:
     from sftmix.eval import tasks
 
     ecfg = cfg.eval_config()
-    default_heldout = cfg.run_dir / "data" / "heldout.jsonl"
+    default_heldout = RunDir(cfg.run_dir).heldout
     if ecfg.heldout_file and Path(ecfg.heldout_file) != default_heldout:
         _loaded("heldout_file", ecfg.heldout_file, load_records)
     for task in MC_TASKS:
@@ -362,7 +363,7 @@ def check_existing_run(run_dir: Path, command: str) -> None:
     if not p.exists():
         raise SFTMixError(f"sftmix {command}: --output_dir {p} does not exist; give the folder of an earlier `sftmix "
                           f"run` (or run it first).")
-    if not (p / "config.yaml").is_file():
+    if not RunDir(p).config.is_file():
         raise SFTMixError(f"sftmix {command}: --output_dir {p} holds no run (no config.yaml); give the folder of an "
                           f"earlier `sftmix run` (or run it first).")
 

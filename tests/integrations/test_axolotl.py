@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from sftmix.confidence.reference import split_confident  # noqa: E402
+from sftmix.confidence.split import split_confident  # noqa: E402
 from sftmix.data import load_records  # noqa: E402
 from sftmix.models import build_byte_tokenizer, build_tiny_model  # noqa: E402
 from sftmix.utils import SFTMixError, write_jsonl  # noqa: E402
