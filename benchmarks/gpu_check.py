@@ -157,7 +157,7 @@ def rel(a, b) -> float:
 def inject_fault(name: str | None) -> float:
     """Apply a deliberate fault (for the test that the checks can fail); returns the tolerance scale."""
     if name == "mixup":
-        import sftmix.mixup.trainer
+        import sftmix.mixup.mixin
 
         real = loss_mod.mixup_loss
 
@@ -165,7 +165,7 @@ def inject_fault(name: str | None) -> float:
             return real(*a, **kw) * 1.1
 
         loss_mod.mixup_loss = wrong
-        sftmix.mixup.trainer.mixup_loss = wrong
+        sftmix.mixup.mixin.mixup_loss = wrong  # where the trainers look it up
     return 0.0 if name == "tolerance" else 1.0
 
 
@@ -388,7 +388,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
     """A NaN Mixup loss at step 2, and an inf gradient (finite loss) at step 2: SFTMixError, weights = step 1's."""
     from transformers import TrainerCallback
 
-    import sftmix.mixup.trainer
+    import sftmix.mixup.mixin
     from sftmix.utils import SFTMixError
 
     class Snapshot(TrainerCallback):
@@ -404,7 +404,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
             tr = kit.trainer(0.2, max_steps=4)
             snap = Snapshot()
             tr.add_callback(snap)
-            real = sftmix.mixup.trainer.mixup_loss
+            real = sftmix.mixup.mixin.mixup_loss
             calls = []
             if case == "NaN Mixup loss":
                 def poisoned(*a, **kw):
@@ -412,7 +412,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
                     value = real(*a, **kw)
                     return value * float("nan") if len(calls) == 2 else value
 
-                sftmix.mixup.trainer.mixup_loss = poisoned
+                sftmix.mixup.mixin.mixup_loss = poisoned
                 expected = "non-finite Mixup loss at step 2"
             else:
                 head = tr._causal_lm.get_output_embeddings().weight
@@ -424,7 +424,7 @@ def check_guard(checks: Checks, kit: TrainerKit) -> None:
             except SFTMixError as e:
                 err = str(e)
             finally:
-                sftmix.mixup.trainer.mixup_loss = real
+                sftmix.mixup.mixin.mixup_loss = real
             checks.expect(f"guard: {case}: stopped", expected in err, err[:200])
             same = snap.weights is not None and all(
                 torch.equal(p.detach(), q) for p, q in zip(tr.model.parameters(), snap.weights))

@@ -52,8 +52,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, installed or not
 
+from sftmix.mixup.capture import StepCapture
+from sftmix.mixup.guard import lm_head_weight
 from sftmix.mixup.loss import gather_mixup_tokens
-from sftmix.mixup.mixin import _StepCapture
+from sftmix.mixup.sampling import pair_lam
 from sftmix.mixup.trainer import SFTMixConfig, SFTMixTrainer
 from sftmix.utils import atomic_write_json
 
@@ -97,17 +99,18 @@ class NaiveSFTMixTrainer(SFTMixTrainer):
         confident = inputs.pop("confident")
         example_idx = inputs.pop("example_idx", None)
         labels = inputs.pop("labels")
-        self._captured = _StepCapture(want_hidden=True)  # SFTMixTrainer's backbone hook keeps the last hidden states
+        self._captured = StepCapture(want_hidden=True)  # SFTMixTrainer's backbone hook keeps the last hidden states
         logits = model(**inputs, use_cache=False).logits  # [B, T, V]
         hidden = self._captured.hidden
-        self._captured = _StepCapture()
+        self._captured = StepCapture()
         n_items = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
         ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                               ignore_index=-100, reduction="sum") / n_items
         c_rows, u_rows = torch.nonzero(confident).flatten(), torch.nonzero(~confident).flatten()
         pairs = torch.stack([c_rows, u_rows], dim=1).to(hidden.device)
-        lam = self._draw_lam(example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu(), hidden.device)
-        mix = naive_batched_mixup_loss(hidden, labels.to(hidden.device), self._lm_head_weight(), pairs, lam)
+        rows = example_idx[pairs.cpu()] if example_idx is not None else pairs.cpu()
+        lam = pair_lam(rows, self.args, getattr(getattr(self, "pair_sampler", None), "epoch", 0), hidden.device)
+        mix = naive_batched_mixup_loss(hidden, labels.to(hidden.device), lm_head_weight(self._causal_lm), pairs, lam)
         return ntp + self.args.mixup_weight * mix
 
 
@@ -390,10 +393,10 @@ def time_mixup_loss(v: Variant, device, reps: int) -> list[float]:
                                           attention_mask=batch["attention_mask"].to(device)).last_hidden_state
     tr.model.train()
     hidden = hidden.detach().requires_grad_()
-    weight = tr._lm_head_weight().detach().clone().requires_grad_()
+    weight = lm_head_weight(tr._causal_lm).detach().clone().requires_grad_()
     labels, conf = batch["labels"].to(device), batch["confident"]
     pairs = torch.stack([torch.nonzero(conf).flatten(), torch.nonzero(~conf).flatten()], dim=1)
-    lam = tr._draw_lam(batch["example_idx"][pairs], device)
+    lam = pair_lam(batch["example_idx"][pairs], tr.args, 0, device)
     pairs = pairs.to(device)
     times = []
     for i in range(reps + 1):

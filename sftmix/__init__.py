@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SFTMixConfig": "sftmix.mixup.trainer",
     "SFTMixTrainer": "sftmix.mixup.trainer",
-    "SFTMixHFTrainer": "sftmix.mixup.mixin",
-    "SFTMixTrainingArguments": "sftmix.mixup.mixin",
+    "SFTMixHFTrainer": "sftmix.mixup.hf",
+    "SFTMixTrainingArguments": "sftmix.mixup.hf",
     "SFTMixMixin": "sftmix.mixup.mixin",
     "mixup_loss": "sftmix.mixup.loss",
     "SFTMixError": "sftmix.utils",

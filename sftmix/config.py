@@ -38,7 +38,7 @@ SELECTION_SPLITS = ("subset", "all")
 MC_TASKS = ("pubmedqa", "medqa", "medqa5", "medmcqa")
 
 # Which stage reads each setting, declared once: every field of RunConfig and of the Mixup fields
-# (sftmix.mixup.mixin.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields
+# (sftmix.mixup.args.MixupArguments) is named here exactly once (tests/test_config.py checks it), plus the few fields
 # of transformers' TrainingArguments / TRL's SFTConfig that are not read by every training run; any other training field
 # is "train", every EvalConfig field "eval" (EVAL_TASK_FIELDS: which evaluation task reads which). `settings_of` and
 # `unaffected_settings` answer the questions the pipeline, the sweep and the benchmarks ask. (A table, not

@@ -41,7 +41,7 @@ def run_case(tmp, n, per_device, ga, ntp_epochs):
                         dataloader_num_workers=0, disable_tqdm=True, max_length=None, gradient_checkpointing=False)
     cb = SelfReferenceCallback(ds, tmp, confidence="online")
     trainer = SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
-                            callbacks=[cb])
+                            self_reference=cb)
     trainer.train()
     sampler = trainer.pair_sampler
     orders = []

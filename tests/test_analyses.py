@@ -12,7 +12,7 @@ from test_trainer import COMMON, make_trainer
 
 from sftmix import SFTMixConfig
 from sftmix.confidence.split import nearest_partners, select_examples
-from sftmix.mixup.mixin import _mixup_weight_at
+from sftmix.mixup.args import mixup_weight_at
 from sftmix.models import build_byte_tokenizer
 from sftmix.utils import SFTMixError, read_jsonl, write_jsonl
 
@@ -96,7 +96,7 @@ def test_nearest_pairing_in_trainer(tok, tmp_path):
                                                     ("linear_decay", 0.2, 0.1, 0.0), ("cosine", 0.2, 0.1, 0.0)])
 def test_mixup_weight_schedules(tmp_path, schedule, start, mid, end):
     a = args(tmp_path, mixup_weight_schedule=schedule)
-    got = [_mixup_weight_at(a, s, 10) for s in (0, 5, 10)]
+    got = [mixup_weight_at(a, s, 10) for s in (0, 5, 10)]
     np.testing.assert_allclose(got, [start, mid, end], atol=1e-12)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sftmix.integrations.axolotl_checks import check_plugin_config, mixup_arguments
-from sftmix.mixup.mixin import MixupArguments
+from sftmix.mixup.args import MixupArguments
 from sftmix.utils import SFTMixError
 
 GOOD = {"sftmix_confidence_file": "runs/ref/confidence.jsonl", "sftmix_mixup_alpha": 0.5, "sftmix_mixup_weight": 0.2,

@@ -180,7 +180,7 @@ def one_run_trainer(tok, ds, out, extra_callbacks=(), confidence="checkpoints", 
     args = SFTMixConfig(output_dir=str(out / "sftmix"), **{**ONE_RUN, "record_online_dynamics": online, **kw})
     cb = SelfReferenceCallback(ds, out, num_checkpoints=2, batch_size=8, confidence=confidence)
     return SFTMixTrainer(model=build_tiny_model(tok, seed=0), args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[cb, *extra_callbacks]), cb
+                         self_reference=cb, callbacks=list(extra_callbacks)), cb
 
 
 def step_logs(trainer):
@@ -189,7 +189,7 @@ def step_logs(trainer):
 
 @pytest.mark.parametrize("confidence", ["checkpoints", "online"])
 def test_one_run_switches_to_balanced_mixup_at_the_configured_epoch(tmp_path, tok_ds, monkeypatch, confidence):
-    from sftmix.mixup.mixin import OneRunSampler
+    from sftmix.mixup.sampling import OneRunSampler
 
     tok, ds = tok_ds  # 16 examples, batch 4: 4 steps per epoch, 12 in all; NTP epoch = steps 1..4, scored at 2 and 4
     tr, cb = one_run_trainer(tok, ds, tmp_path, confidence=confidence, save_strategy="no")

@@ -18,7 +18,7 @@ from sftmix.config import (
     stage_of,
     unaffected_settings,
 )
-from sftmix.mixup.mixin import MixupArguments
+from sftmix.mixup.args import MixupArguments
 from sftmix.utils import SFTMixError
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")

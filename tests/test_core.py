@@ -10,18 +10,15 @@ from helpers import capture_pairs, naive_mixup_loss, tiny_dataset, tiny_records
 from transformers import Trainer, TrainingArguments
 
 import sftmix.mixup.mixin
-import sftmix.mixup.trainer
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.data import tokenize_records
-from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
+from sftmix.mixup.hf import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
 
 COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3, bf16=False,
               gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, seed=0)
 KINDS = ["trl", "hf"]
-# the module whose `mixup_loss` each trainer calls (patched to inject a NaN)
-LOSS_MODULE = {"trl": sftmix.mixup.trainer, "hf": sftmix.mixup.mixin}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +104,7 @@ def test_nan_mixup_loss_stops_before_the_update(tok, tmp_path, monkeypatch, kind
         value = real(*a, **kw)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(LOSS_MODULE[kind], "mixup_loss", poisoned)
+    monkeypatch.setattr(sftmix.mixup.mixin, "mixup_loss", poisoned)  # where both trainers look it up
     tr = make(kind, tok, tmp_path, n=24, per_device_train_batch_size=4, max_steps=6)
     before = {}
 

@@ -19,7 +19,7 @@ from helpers import tiny_dataset
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.confidence.split import median_split
-from sftmix.mixup.mixin import BalancedPairSampler
+from sftmix.mixup.sampling import BalancedPairSampler
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError, read_jsonl
 

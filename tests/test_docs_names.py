@@ -15,10 +15,7 @@ IMPORT_LINE = re.compile(r"\bfrom (sftmix(?:\.\w+)*) import \(?((?:\w+(?: as \w+
 FILE_SUFFIXES = {"yaml", "yml", "sbatch", "log", "json", "jsonl", "md", "html", "txt", "py", "toml", "egg"}
 # Stale names known today in files another branch of issue 26 rewrites; the lead empties this after merging. Nothing
 # may be added: a new stale name is a doc to correct.
-KNOWN_STALE = {
-    # the comment of SFTMixTrainer._mixup_loss, a patch point the mixup branch removes with it
-    "sftmix/mixup/trainer.py: sftmix.mixup.trainer.mixup_loss",
-}
+KNOWN_STALE: set[str] = set()
 
 
 def _module_file(name: str) -> Path | None:

@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.data import tokenize_records
-from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
+from sftmix.mixup.hf import SFTMixHFTrainer, SFTMixTrainingArguments
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 
 COMMON = dict(report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3, bf16=False, seed=0,

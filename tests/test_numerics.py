@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import sftmix.mixup.trainer
+import sftmix.mixup.mixin
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.models import build_byte_tokenizer, build_tiny_model
 from sftmix.utils import SFTMixError
@@ -53,7 +53,7 @@ def test_nan_mixup_loss_stops_before_the_update(tok, tmp_path, monkeypatch):
         value = sftmix.mixup.loss.mixup_loss(*a, **kw)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(sftmix.mixup.trainer, "mixup_loss", poisoned)
+    monkeypatch.setattr(sftmix.mixup.mixin, "mixup_loss", poisoned)
     tr = make(tok, tmp_path)
     with pytest.raises(SFTMixError, match="non-finite Mixup loss at step 3") as e:
         tr.train()
@@ -122,7 +122,7 @@ def test_bf16_training_step_mixup_loss_close_to_fp32(tok, tmp_path, monkeypatch,
         seen.append((hidden.dtype, weight.dtype, out.dtype))
         return out
 
-    monkeypatch.setattr(sftmix.mixup.trainer, "mixup_loss", spy)
+    monkeypatch.setattr(sftmix.mixup.mixin, "mixup_loss", spy)
     logs = {}
     for bf16 in (False, True):
         tr = make(tok, tmp_path / str(bf16), bf16=bf16, save_strategy="no", max_steps=1, learning_rate=0.0)

@@ -1,7 +1,7 @@
-"""Online per-example records (sftmix.confidence.online, SFTMixMixin._record_online) are exact under every layout: each
-training
-example recorded once per NTP epoch, at the optimizer step that trained on it, whatever the gradient accumulation,
-data size, number of NTP epochs and processes; and the same rows at the same steps give the same records.
+"""Online per-example records (sftmix.confidence.online, sftmix.mixup.capture.record_online) are exact under every
+layout: each training example recorded once per NTP epoch, at the optimizer step that trained on it, whatever the
+gradient accumulation, data size, number of NTP epochs and processes; and the same rows at the same steps give the
+same records.
 
 The layouts run through tests/dist_online.py (one process, and two under torchrun with gloo)."""
 

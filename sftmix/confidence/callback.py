@@ -9,7 +9,8 @@ for the reference run of the recipe, a data map of any SFT run, and one-run SFTM
 
     # one-run SFTMix: NTP for self_reference_epochs while this scores the data, then Mixup on its split
     cb = SelfReferenceCallback(tokenized_ds, "out", num_checkpoints=2)
-    trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds, callbacks=[cb])
+    trainer = SFTMixTrainer(model=m, args=SFTMixConfig(..., self_reference_epochs=1), train_dataset=ds,
+                            self_reference=cb)
 
 `score_dataset` is tokenized with labels (-100 outside the response) and a guid column (sftmix.data.tokenize_records).
 Scoring is sftmix.confidence.scoring.run_scoring at the end of each scoring step, on the model as it is after that
@@ -401,8 +402,9 @@ class SelfReferenceCallback(ConfidenceCallback):
     ceil(k*T_E/C), T_E the last step of those epochs), scored as ConfidenceCallback scores, then `build_confidence`.
 
     The one-run switch is all this subclass adds to ConfidenceCallback: the scoring steps (or the online records)
-    end with the NTP epochs, and `self_split` turns them into the split. SFTMixMixin finds this callback among the
-    trainer's callbacks when self_reference_epochs > 0 and binds itself as `callback.trainer`."""
+    end with the NTP epochs, and `self_split` turns them into the split. The SFTMix trainer is given this callback as
+    `self_reference=` (sftmix.mixup.mixin.SFTMixMixin): it adds it to its callbacks and binds itself as
+    `callback.trainer`."""
 
     def __init__(self, score_dataset, out_dir, num_checkpoints: int = 2, batch_size: int = 16,
                  show_progress: bool = False, confidence: str = "online"):
@@ -450,9 +452,9 @@ class SelfReferenceCallback(ConfidenceCallback):
                                   "NLL: set record_online_dynamics=True in the training arguments (or use "
                                   "confidence='checkpoints').")
             if self.trainer is None:
-                raise SFTMixError("SelfReferenceCallback(confidence='online') needs the trainer's online records: use "
-                                  "it with an SFTMix trainer (SFTMixTrainer), which binds itself as "
-                                  "`callback.trainer`.")
+                raise SFTMixError("SelfReferenceCallback(confidence='online') needs the trainer's online records: give "
+                                  "it to an SFTMix trainer as SFTMixTrainer(..., self_reference=callback), which "
+                                  "binds itself as `callback.trainer`.")
         return super().on_train_begin(args, state, control, **kwargs)
 
     def _online_records(self):

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LOGPROB_VOCAB_CHUNK = 8192  # vocabulary columns per LM-head tile: bounds the logits buffer to [4096, 8192]
 # Config attributes that scale a model's logits after the LM head (TRL's fused head applies them; the Mixup loss
-# does not, so sftmix.mixup.mixin refuses such a target)
+# does not, so sftmix.mixup.guard refuses such a target)
 LOGIT_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 

@@ -10,10 +10,10 @@
     problem = one_run_problem(1, num_train_epochs=2)   # None, or why one-run SFTMix cannot split with these settings
 
 `sftmix.confidence.callback` (build_confidence, from the ppl of the scoring steps; one-run SFTMix's switch) and
-`sftmix.mixup.mixin` (the sampler that pairs the halves) both read the rule from here, so the split has one
+`sftmix.mixup.sampling` (the rows the sampler pairs into halves) both read the rule from here, so the split has one
 definition; so do the rules of one-run SFTMix, whose split comes from its own NTP epochs (`one_run_problem`, also
 checked by sftmix.run.validation before a run). `args` is any object with the Mixup fields
-(sftmix.mixup.mixin.MixupArguments).
+(sftmix.mixup.args.MixupArguments).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SFTMix as an axolotl plugin: axolotl's own trainer, data pipeline and YAML, plus the Mixup term of
-sftmix.mixup.mixin.
+sftmix.mixup.mixin (SFTMixMixin).
 
     # step 1, in sftmix's environment: the reference run writes runs/ref/confidence.jsonl (guid -> confidence) for
     # every row (step1.yaml: no held-out split, no filter, max_length = sequence_len; docs/integrations.md)
@@ -26,9 +26,9 @@ rows without a confidence, e.g. the examples step 1 held out for its evaluation,
 The YAML's settings are checked when axolotl validates it, before any dataset is read (the pydantic validator runs
 sftmix.integrations.axolotl_checks.check_plugin_config: the core's Mixup checks with the `sftmix_` names, packing,
 rl, an odd micro_batch_size). `get_trainer_cls` returns SFTMixAxolotlTrainer = sftmix.mixup.mixin.SFTMixMixin +
-axolotl's
-AxolotlTrainer (axolotl's NTP loss and features unchanged; the balanced sampler replaces its sampler). The training
-arguments get the MixupArguments fields through `get_training_args_mixin` / `get_training_args`.
+axolotl's AxolotlTrainer (axolotl's NTP loss and features unchanged; the balanced sampler replaces its sampler).
+The training arguments get the MixupArguments fields (sftmix.mixup.args) through `get_training_args_mixin` /
+`get_training_args`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from sftmix.integrations.axolotl_checks import YAML_FIELDS, check_plugin_config
-from sftmix.mixup.mixin import BalancedPairSampler, MixupArguments
+from sftmix.mixup.args import MixupArguments
+from sftmix.mixup.sampling import BalancedPairSampler
 from sftmix.utils import SFTMixError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class SFTMixPlugin(BasePlugin):
         return "sftmix.integrations.axolotl.SFTMixArgs"
 
     def get_training_args_mixin(self) -> str:
-        return "sftmix.mixup.mixin.MixupArguments"
+        return "sftmix.mixup.args.MixupArguments"
 
     def get_training_args(self, cfg) -> dict:
         return {name: cfg[f"sftmix_{name}"] for name in YAML_FIELDS}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from sftmix.mixup.mixin import MIXUP_ROLES, NTP_SUBSETS, WEIGHT_SCHEDULES, MixupArguments
+from sftmix.mixup.args import MIXUP_ROLES, NTP_SUBSETS, WEIGHT_SCHEDULES, MixupArguments
 from sftmix.utils import SFTMixError
 
 # The MixupArguments fields a YAML sets as `sftmix_<name>` (with their pydantic types; defaults and help come from

@@ -18,7 +18,7 @@ What changes relative to SFTTrainer, and nothing else:
 With Mixup off (`mixup_weight=0`, `mixup_role="regularizer"`, `ntp_subset="all"`) it *is* SFTTrainer: same sampler, same
 loss, same numbers step by step. That is the NTP baseline of every comparison.
 Everything but TRL's fused head lives in the TRL-free component sftmix.mixup.mixin (SFTMixMixin), which also gives
-transformers.Trainer (sftmix.mixup.mixin.SFTMixHFTrainer) and axolotl (sftmix.integrations.axolotl) the same Mixup term.
+transformers.Trainer (sftmix.mixup.hf.SFTMixHFTrainer) and axolotl (sftmix.integrations.axolotl) the same Mixup term.
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ import trl
 from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
-from sftmix.mixup.loss import mixup_loss
-
-# the TRL-free component (sampler, collator, capture, Mixup term, guard)
-from sftmix.mixup.mixin import MixupArguments, SFTMixMixin, prepare_train_dataset
+from sftmix.mixup.args import MixupArguments
+from sftmix.mixup.mixin import SFTMixMixin
 from sftmix.utils import SFTMixError
 
 if Version(trl.__version__) < Version("1.16"):  # the [axolotl] extra allows TRL 1.9; SFTMixTrainer needs 1.16's head
     raise ImportError(f"sftmix.mixup.trainer (SFTMixTrainer) needs trl>=1.16 (its fused LM head); this environment has "
-                      f"{trl.__version__}. With another TRL use sftmix.mixup.mixin (SFTMixHFTrainer, SFTMixMixin).")
+                      f"{trl.__version__}. With another TRL use sftmix.mixup.hf.SFTMixHFTrainer or "
+                      "sftmix.mixup.mixin.SFTMixMixin.")
 
 
 @dataclass
 class SFTMixConfig(MixupArguments, SFTConfig):
     r"""Configuration of [`SFTMixTrainer`]: every field of `trl.SFTConfig`, plus the SFTMix ones of
-    [`sftmix.mixup.mixin.MixupArguments`] (mixup_alpha, mixup_weight, mixup_role, ntp_subset, pairing, ...).
+    [`sftmix.mixup.args.MixupArguments`] (mixup_alpha, mixup_weight, mixup_role, ntp_subset, pairing, ...).
 
     Paper defaults (Xiao et al.): AdamW, learning_rate 2e-6, weight_decay 0.1, cosine schedule, warmup 0.1,
     global batch 32, mixup_alpha 0.5, mixup_weight 0.2.
@@ -70,22 +69,17 @@ class SFTMixTrainer(SFTMixMixin, SFTTrainer):
             args = SFTMixConfig(output_dir="sftmix-output")
         elif not isinstance(args, SFTMixConfig):
             raise SFTMixError("SFTMixTrainer needs an SFTMixConfig (it extends trl.SFTConfig with the Mixup fields).")
-        train_dataset, self.selection_description = prepare_train_dataset(train_dataset, args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
-        self.setup_sftmix()
 
     # -- TRL's fused LM head: the NTP forward, a gathered ZeRO-3 head -------------------------------------------------
     def _is_loss_forward(self, forward_kwargs: dict) -> bool:
         return bool(forward_kwargs.get("fused_lm_head"))
 
     def _lm_head_gathered(self, weight):
+        # imported here, not at the top: there an older TRL would fail before the version check says why
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         return maybe_gather_lm_head_ctx(weight)
-
-    def _mixup_loss(self, hidden, labels, weight, pairs, lam):
-        # this module's `mixup_loss`, so that a test can patch sftmix.mixup.trainer.mixup_loss
-        return mixup_loss(hidden, labels, weight, pairs, lam, self.args.mixup_chunk_tokens)
 
     def _missing_mixup_message(self) -> str:
         return ("the Mixup loss was not computed: SFTMix computes it in TRL's fused LM-head forward, which "

@@ -174,15 +174,15 @@ def _train(cfg, recipe: str, one_run: bool) -> None:
     # Selected before the split is joined (step 1 may have scored the selected examples only), so the trainer gets
     # the subset and selects nothing more.
     ds, selection = examples.select_target_examples(cfg, ds)
-    callbacks = []
+    callbacks, self_reference = [], None
     if one_run:  # the split comes from this run's own NTP epochs (sftmix.confidence.callback.SelfReferenceCallback)
         online = cfg.run.self_confidence != "checkpoints"  # any online mode (online, online_raw, online_linear)
         args = training_config(cfg, out, selection="none", self_reference_epochs=cfg.run.self_ntp_epochs,
                                record_online_dynamics=online)
-        callbacks.append(SelfReferenceCallback(ds, cfg.run_dir, num_checkpoints=cfg.run.self_num_checkpoints,
+        self_reference = SelfReferenceCallback(ds, cfg.run_dir, num_checkpoints=cfg.run.self_num_checkpoints,
                                                batch_size=cfg.run.score_batch_size,
                                                show_progress=not cfg.train.disable_tqdm,
-                                               confidence=cfg.run.self_confidence))
+                                               confidence=cfg.run.self_confidence)
     elif recipe == "sftmix":
         ds = examples.with_split(cfg, ds)
         args = training_config(cfg, out, selection="none")
@@ -196,7 +196,7 @@ def _train(cfg, recipe: str, one_run: bool) -> None:
         for key, value in names.items():  # run_name (and trackio's project): set on the built config
             setattr(args, key, value)
         trainer = SFTMixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                peft_config=lora_config(cfg.run), callbacks=callbacks)
+                                peft_config=lora_config(cfg.run), callbacks=callbacks, self_reference=self_reference)
         result = trainer.train(resume_from_checkpoint=resume)
     metrics = whole_run_metrics(trainer, result.metrics, resume)
     if one_run and is_main():

@@ -77,9 +77,9 @@ def validate_settings(cfg) -> None:
     for name in ("seed", "data_seed"):  # numpy's seeding takes 0 .. 2**32 - 1
         _num(name, getattr(tr, name, None), low=0, high=2**32 - 1, integer=True, allow_none=True)
     if "sftmix" in run.recipes and tr.mixup_enabled:
-        from sftmix.mixup.mixin import SFTMixMixin
+        from sftmix.mixup.guard import check_supported
 
-        SFTMixMixin._check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
+        check_supported(tr)  # odd batch, packing: what the trainer refuses, before anything trains
     if tr.pairing == "nearest" and tr.split_source == "column":
         # nearest pairing uses step 1's hidden states, and a column split skips step 1
         raise SFTMixError("pairing=nearest pairs examples by the reference model's hidden states, which step 1 "
@@ -130,7 +130,7 @@ def check_step_counts(cfg, n_train: int) -> None:
     of what the run trains on, so a refusal here is certain; the callback checks the exact count again)."""
     from accelerate import PartialState
 
-    from sftmix.mixup.mixin import OneRunSampler
+    from sftmix.mixup.sampling import OneRunSampler
 
     run, tr = cfg.run, cfg.train
     if run.reference != "self" or "sftmix" not in run.recipes or run.self_confidence != "checkpoints":
@@ -205,12 +205,12 @@ def check_model(setting: str, spec: str | None, trust_remote_code: bool, revisio
     if mixup and isinstance(data, dict):
         from types import SimpleNamespace
 
-        from sftmix.mixup.mixin import SFTMixMixin
+        from sftmix.mixup.guard import check_model_config
 
         # the text model's settings (a multimodal config nests them under text_config)
         text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
         try:
-            SFTMixMixin.check_model_config("the model", SimpleNamespace(**text))
+            check_model_config("the model", SimpleNamespace(**text))
         except SFTMixError as e:
             raise SFTMixError(f"{setting}={spec}: {e}") from None
     if info["kind"] == "hf-dir":

@@ -5,7 +5,7 @@ the merge of the plugin's pydantic args, validation and normalisation) of a YAML
 dataset pipeline through the plugin's load_datasets (Alpaca rows tokenized by axolotl, guids joined to a confidence
 file); axolotl's own model and trainer setup (setup_model_and_trainer: the builder asks the plugin for the trainer
 class and training arguments); training steps that log ntp_loss and mixup_loss; and the Mixup loss of the axolotl
-trainer against an independent computation and against sftmix.mixup.mixin's SFTMixHFTrainer on the same batch and
+trainer against an independent computation and against sftmix.mixup.hf's SFTMixHFTrainer on the same batch and
 weights. Skipped where axolotl is not installed (the main environment)."""
 
 import json
@@ -204,7 +204,7 @@ def test_trainer_builds_and_trains_logging_ntp_and_mixup(setup, cfg):
     from axolotl.train import setup_model_and_trainer
 
     from sftmix.integrations.axolotl_trainer import SFTMixAxolotlTrainer
-    from sftmix.mixup.mixin import BalancedPairSampler
+    from sftmix.mixup.sampling import BalancedPairSampler
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
@@ -228,7 +228,7 @@ def test_axolotl_mixup_equals_the_core_on_the_same_batch(setup, cfg, tmp_path):
     from axolotl.integrations.base import PluginManager
     from axolotl.train import setup_model_and_trainer
 
-    from sftmix.mixup.mixin import SFTMixHFTrainer, SFTMixTrainingArguments
+    from sftmix.mixup.hf import SFTMixHFTrainer, SFTMixTrainingArguments
 
     meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
