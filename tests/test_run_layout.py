@@ -24,7 +24,6 @@ FOLDERS = {"dynamics", "data", "eval", "plots", "reference", "logs", "model", "a
 # Where a name may still be spelled out, and why. The lead empties the first two after merging issue 26's branches.
 ALLOWED = {
     "sftmix/rundir.py": "the declaration itself",
-    "sftmix/mixup/": "being rewritten on branch i26-mixup: RunDir replaces its names after the merge",
     "sftmix/config.py": "below rundir in the layer order: the default heldout_file and rerunning DIR/config.yaml",
 }
 NOT_A_RUN_DIR = {("sftmix/cli.py", "configs_command")}  # the shipped configs' data/ folder
