@@ -105,7 +105,8 @@ class ConfidenceCallback(TrainerCallback):
                               f"{save_checkpoints!r}.")
         self.score_dataset = score_dataset
         self.out_dir = Path(out_dir)
-        self.dir = RunDir(self.out_dir).dynamics
+        self.paths = RunDir(self.out_dir)  # the files it writes, named in one place
+        self.dir = self.paths.dynamics
         self.fixed_steps = steps
         self.num_checkpoints = num_checkpoints
         self.batch_size = _whole(f"{name} batch_size", batch_size)
@@ -124,15 +125,15 @@ class ConfidenceCallback(TrainerCallback):
         self.data_sha256 = _check_score_dataset(score_dataset, name)
 
     def scoring_path(self, k: int) -> Path:
-        return RunDir(self.out_dir).scores(k)
+        return self.paths.scores(k)
 
     @property
     def hidden_path(self) -> Path:
-        return RunDir(self.out_dir).hidden_final
+        return self.paths.hidden_final
 
     @property
     def records_path(self) -> Path:
-        return RunDir(self.out_dir).online_records
+        return self.paths.online_records
 
     def schedule_steps(self, args, state) -> list[int]:
         """The optimizer steps to score at (called at the start of training, when max_steps is known)."""
@@ -172,7 +173,7 @@ class ConfidenceCallback(TrainerCallback):
                               f"them (step {state.global_step}); resume from an earlier Trainer checkpoint, or delete "
                               f"{args.output_dir} and {self.dir} and train from the start.")
         if state.is_world_process_zero:
-            atomic_write_json(RunDir(self.out_dir).schedule, self.schedule)
+            atomic_write_json(self.paths.schedule, self.schedule)
         self._restore_records(args, state)
         self._log_resume(state.global_step)
 
@@ -199,7 +200,7 @@ class ConfidenceCallback(TrainerCallback):
                              hidden_at=np.array(self.hidden_at))
             write_jsonl(self.scoring_path(k), res.rows)
             self.schedule.setdefault("scoring", {})[str(k)] = {"step": state.global_step, **res.stats}
-            atomic_write_json(RunDir(self.out_dir).schedule, self.schedule)
+            atomic_write_json(self.paths.schedule, self.schedule)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._save_records(state, control)  # save_strategy="epoch" decides to save here
@@ -211,7 +212,7 @@ class ConfidenceCallback(TrainerCallback):
     def _same_run_schedule(self, record: dict, state) -> dict:
         """The schedule to write: `record`, with what an earlier start of the same run scored; files of another run
         are removed to rescore (or refused, see `_replace_other_run`)."""
-        path = RunDir(self.out_dir).schedule
+        path = self.paths.schedule
         old = json.loads(path.read_text()) if path.exists() else {}
         if not self.use_fingerprint:
             if old and any(old.get(key) != val for key, val in record.items()):
@@ -238,7 +239,7 @@ class ConfidenceCallback(TrainerCallback):
                               f"one resumes at step {step}, after {', '.join(stuck)}, which it cannot rescore: resume "
                               f"with that run's settings, or use another out_dir (or delete {self.dir} and train from "
                               f"the start).")
-        stale = files + [p for p in (RunDir(self.out_dir).self_split,) if p.exists()]
+        stale = files + [p for p in (self.paths.self_split,) if p.exists()]
         if stale:
             logger.warning("%s holds the data map of another run (%s): removing its %s and rescoring", self.dir,
                            diff or "no fingerprint", ", ".join(p.name for p in stale))
@@ -340,31 +341,31 @@ def _rows_without_response(ds) -> list[int]:
 def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = True) -> list[dict]:
     """Read run_dir/dynamics/ckpt_{1..C}.jsonl (the C scoring steps) and write run_dir/confidence.jsonl (atomically);
     return its rows (in ckpt_1 order): guid, n_tokens, confidence, variability, ppl_1..ppl_C, confident."""
-    run_dir = Path(run_dir)
-    ddir = RunDir(run_dir).dynamics
+    d = RunDir(run_dir)
+    ddir = d.dynamics
     if num_checkpoints is None:
         found = sorted(int(p.stem.split("_")[1]) for p in ddir.glob("ckpt_*.jsonl") if p.stem.split("_")[1].isdigit())
         num_checkpoints = len(found)
         if not found:
             raise SFTMixError(f"{ddir}: no ckpt_*.jsonl files; run the reference step (sftmix dynamics) first.")
-    missing = [k for k in range(1, num_checkpoints + 1) if not (ddir / f"ckpt_{k}.jsonl").exists()]
+    missing = [k for k in range(1, num_checkpoints + 1) if not d.scores(k).exists()]
     if missing:
         raise SFTMixError(
-            f"{ddir}: scoring file(s) {', '.join(f'ckpt_{k}.jsonl' for k in missing)} missing; run the reference "
-            f"step again (scored steps are skipped; if its training had finished, delete {RunDir(run_dir).reference} "
+            f"{ddir}: scoring file(s) {', '.join(d.scores(k).name for k in missing)} missing; run the reference "
+            f"step again (scored steps are skipped; if its training had finished, delete {d.reference} "
             f"too) or set num_checkpoints to what was scored."
         )
-    per_step = [read_jsonl(ddir / f"ckpt_{k}.jsonl") for k in range(1, num_checkpoints + 1)]
+    per_step = [read_jsonl(d.scores(k)) for k in range(1, num_checkpoints + 1)]
     guids = [r["guid"] for r in per_step[0]]
     if len(set(guids)) != len(guids):
         dup = next(g for g in guids if guids.count(g) > 1)
-        raise SFTMixError(f"{ddir / 'ckpt_1.jsonl'}: guid {dup!r} appears more than once; deduplicate the data.")
+        raise SFTMixError(f"{d.scores(1)}: guid {dup!r} appears more than once; deduplicate the data.")
     pos = {g: i for i, g in enumerate(guids)}
     ppl = np.zeros((num_checkpoints, len(guids)))
     for k, rows in enumerate(per_step, start=1):
         if len(rows) != len(guids) or any(r["guid"] not in pos for r in rows):
             raise SFTMixError(
-                f"{ddir / f'ckpt_{k}.jsonl'} scores other examples than ckpt_1.jsonl ({len(rows)} vs {len(guids)}); "
+                f"{d.scores(k)} scores other examples than {d.scores(1).name} ({len(rows)} vs {len(guids)}); "
                 f"the data changed between scoring steps: delete {ddir} and run the reference step again."
             )
         for r in rows:
@@ -379,7 +380,7 @@ def build_confidence(run_dir, num_checkpoints: int | None = None, write: bool = 
         row["confident"] = bool(confident[i])
         out.append(row)
     if write:
-        write_jsonl(RunDir(run_dir).confidence, out)
+        write_jsonl(d.confidence, out)
     return out
 
 
@@ -418,7 +419,7 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     @property
     def marker(self) -> Path:
-        return RunDir(self.out_dir).self_split
+        return self.paths.self_split
 
     def _ntp_steps(self, args, state) -> int:
         epochs = getattr(args, "self_reference_epochs", 0) or 0
@@ -466,7 +467,7 @@ class SelfReferenceCallback(ConfidenceCallback):
 
     def self_split(self, guids, write: bool = True) -> np.ndarray:
         """The confident flags of `guids` (the training rows, in order) from the NTP epochs."""
-        conf = RunDir(self.out_dir).confidence
+        conf = self.paths.confidence
         if self.marker.exists():  # the split was taken (a resumed run): read it, or rebuild it from what was kept
             rows = read_jsonl(conf) if conf.exists() else restore_self_confidence(self.out_dir, guids, write=write)
         else:
