@@ -167,7 +167,8 @@ def stage_train(cfg, recipe: str) -> None:
 
 
 def _train(cfg, recipe: str, one_run: bool) -> None:
-    d, out = RunDir(cfg.run_dir), RunDir(cfg.run_dir).recipe(recipe)
+    d = RunDir(cfg.run_dir)
+    out = d.recipe(recipe)
     records = train_records(cfg)
     model, tok = load_model(cfg, cfg.run.model)
     ds = tokenize(cfg, records, tok, "target")
