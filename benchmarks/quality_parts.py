@@ -15,12 +15,14 @@ recipes' runs get the flag (no NEFTune recipe has a step 1; with one-run SFTMix 
 NLL gives the split are noisy too, as they are for a user who sets the one flag; docs/analyses.md says how NEFTune
 and the Mixup states interact).
 
-Learning rate: each recipe at its own best rate of --lrs (default 5e-5 1e-4 2e-4), chosen by the lowest
+Learning rate: each recipe at its own best rate of --lrs (default 2.5e-5 5e-5 1e-4 2e-4), chosen by the lowest
 token-weighted response NLL on a validation set (--n_val examples of the Alpaca file, disjoint from the training file
 and from the reported held-out set: the last V of quality.py's fixed shuffled order) after training on the first seed;
 the choice is recorded by `merge`. Every run is scored on validation + held-out in one file (per-example NLL, split by
 guid), so the first seed's grid run at the chosen rate is also that seed's reported run; the seed parts add PubMedQA
-(3-shot, as quality.py) to the chosen runs only.
+(3-shot, as quality.py) to the chosen runs only. A rate chosen at the grid's edge is flagged by `merge` (the best
+may lie beyond it): the first grid, 5e-5 1e-4 2e-4, chose its smallest rate for NTP and one-run SFTMix, so 2.5e-5
+joined it; the grid parts' files of the smaller grid are kept, and rerunning a grid part trains only the new rate.
 
 Parts (each writes RESULTS/quality_parts/<part>.json atomically after every run; rerunning a part resumes: finished
 runs are read back, an interrupted training resumes from its checkpoint; commit each part's file when it finishes):
@@ -107,7 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--n_heldout", type=int, default=100, help="the reported fixed held-out set (as quality.py)")
     p.add_argument("--n_val", type=int, default=100, help="validation examples that choose the learning rate")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the grid trains the first)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4], help="learning-rate grid")
+    p.add_argument("--lrs", type=float, nargs="+", default=[2.5e-5, 5e-5, 1e-4, 2e-4],
+                   help="learning-rate grid (a part file of a smaller grid is extended: rerunning the grid part trains "
+                        "only the new rates)")
     p.add_argument("--ref_lr", type=float, default=1e-4, help="two-run SFTMix: step 1's reference learning rate")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--num_checkpoints", type=int, default=5, help="C: step 1's scored checkpoints")
@@ -147,7 +151,8 @@ def part_names(args) -> list[str]:
 
 
 def settings(args) -> dict:
-    """What every part must share to be merged (a part file with other settings is refused)."""
+    """What every part must share to be merged (a part file with other settings is refused; the grid `lrs` may
+    differ, see `read_part`)."""
     keys = ("quick", "n_train", "n_heldout", "n_val", "seeds", "lrs", "ref_lr", "epochs", "num_checkpoints",
             "pubmedqa_questions", "model", "config", "extra")
     out = {k: getattr(args, k) for k in keys}
@@ -278,6 +283,25 @@ def part_plan(args, name: str, data: dict) -> list[tuple[str, float, int, bool]]
     return [(r, choice[r], seed, True) for r in RECIPES]
 
 
+def run_key(recipe: str, lr: float, seed: int) -> str:
+    return f"{recipe}|{lr:g}|{seed}"
+
+
+def is_complete(args, name: str, part: dict | None, data: dict) -> bool:
+    """Every run of the part's plan under these settings is recorded (a grid extended since is not complete)."""
+    if part is None or not part.get("complete"):
+        return False
+    try:
+        return all(run_key(*x[:3]) in part["runs"] for x in part_plan(args, name, data))
+    except SFTMixError:  # a seed part whose grid is not finished yet
+        return False
+
+
+def at_grid_edge(choice: dict, lrs: list[float]) -> dict:
+    """recipe -> its chosen rate where that is the grid's smallest or largest: the best rate may lie beyond."""
+    return {r: lr for r, lr in choice.items() if lr is not None and len(lrs) > 1 and lr in (min(lrs), max(lrs))}
+
+
 def grid_runs(args) -> list[dict]:
     return [r for p in GRID_PARTS for r in (read_part(args, p) or {}).get("runs", {}).values()]
 
@@ -287,7 +311,11 @@ def read_part(args, name: str) -> dict | None:
     if not path.exists():
         return None
     part = json.loads(path.read_text(encoding="utf-8"))
-    if part.get("settings") != settings(args):
+    # The grid may grow after the fact (a best rate at the grid's edge is not a tuned rate): every run is keyed by
+    # its own rate and its run directory does not depend on the grid, so a part of another grid is read, its runs
+    # kept, and rerunning the part trains only the rates it lacks.
+    if {k: v for k, v in (part.get("settings") or {}).items() if k != "lrs"} != \
+            {k: v for k, v in settings(args).items() if k != "lrs"}:
         raise SFTMixError(f"{path}: written with other settings ({_settings_diff(part.get('settings'), args)}); "
                           f"rerun that part with these settings, or merge with the settings it was run with.")
     return part
@@ -295,7 +323,7 @@ def read_part(args, name: str) -> dict | None:
 
 def _settings_diff(theirs, args) -> str:
     mine = settings(args)
-    keys = [k for k in mine if (theirs or {}).get(k) != mine[k]]
+    keys = [k for k in mine if (theirs or {}).get(k) != mine[k] and k != "lrs"]
     return ", ".join(f"{k}: {(theirs or {}).get(k)!r} there, {mine[k]!r} here" for k in keys[:3])
 
 
@@ -309,12 +337,13 @@ def run_part(args) -> dict:
     part = read_part(args, args.part) or {"part": args.part, "settings": settings(args), "runs": {},
                                           "cpu_seconds": 0.0, "wall_seconds": 0.0, "invocations": 0}
     part["invocations"] += 1
+    part["settings"] = settings(args)  # the grid this part now covers
     plan = part_plan(args, args.part, data)
     print(f"[quality_parts] part {args.part}: {len(plan)} runs, {len(part['runs'])} recorded already; "
           f"run directories under {args.work_dir}", flush=True)
     t0, cpu0 = time.perf_counter(), q._cpu_seconds()
     for recipe, lr, seed, pubmedqa in plan:
-        key = f"{recipe}|{lr:g}|{seed}"
+        key = run_key(recipe, lr, seed)
         if key in part["runs"]:
             continue
         part["runs"][key] = run_one(args, common, recipe, lr, seed, pubmedqa)
@@ -323,7 +352,7 @@ def run_part(args) -> dict:
         part["wall_seconds"] += t1 - t0
         part["cpu_seconds"] += cpu1 - cpu0
         t0, cpu0 = t1, cpu1
-        part["complete"] = len(part["runs"]) == len(plan)
+        part["complete"] = all(run_key(*x[:3]) in part["runs"] for x in plan)
         part["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(path, part, indent=None)
     part["complete"] = True
@@ -417,7 +446,7 @@ def merge(args) -> dict:
     data = prepare(args)
     parts = {n: read_part(args, n) for n in part_names(args)}
     missing = [n for n, p in parts.items() if p is None]
-    unfinished = [n for n, p in parts.items() if p is not None and not p.get("complete")]
+    unfinished = [n for n, p in parts.items() if p is not None and not is_complete(args, n, p, data)]
     grid = grid_runs(args)
     val, test = data["val_guids"], data["test_guids"]
     choice = chosen_lrs(grid, val, args.lrs)
@@ -459,7 +488,8 @@ def merge(args) -> dict:
                      for n, p in parts.items() if p is not None},
            "data": {k: data[k] for k in ("source", "n_train_per_run", "n_heldout", "heldout_file", "eval_file")}
            | {"n_val": len(val)},
-           "chosen_lr": choice, "lr_grid": grid_table, "recipes": table, "comparisons": comparisons,
+           "chosen_lr": choice, "lr_at_grid_edge": at_grid_edge(choice, args.lrs), "lr_grid": grid_table,
+           "recipes": table, "comparisons": comparisons,
            "variants": variants, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.results_dir)
     atomic_write_json(out / f"{args.name}.json", res)
@@ -493,6 +523,10 @@ def render(res: dict, args) -> str:
             cells.append(f"{f(v['nll'])}; {f(v['nll_example_mean'])}" if v else "–")
         chosen = res["chosen_lr"][r]
         lines.append(f"| {RECIPES[r][0]} | {' | '.join(cells)} | {f'{chosen:g}' if chosen else '–'} |")
+    if res["lr_at_grid_edge"]:
+        lines += ["", "**Chosen at the edge of the grid** (the best rate may lie beyond it; extend `--lrs` and rerun "
+                  "the grid part, which trains only the new rates): "
+                  + ", ".join(f"{RECIPES[r][0]} {lr:g}" for r, lr in res["lr_at_grid_edge"].items()) + "."]
     lines += ["", "## The five recipes at their chosen rates", "",
               "| recipe | lr | seeds | held-out NLL | per-example NLL | PubMedQA 3-shot | CPU s end to end "
               "| wall s |", "|---|---|---|---|---|---|---|---|"]
@@ -556,9 +590,10 @@ def _comparison_row(name: str, c: dict | None) -> str:
 def plan(args) -> None:
     grid = {n: len(rs) * len(args.lrs) + (n == "grid-sftmix") for n, rs in GRID_PARTS.items()}
     q_ = " --quick" if args.quick else ""
+    data = prepare(args)
     for n in part_names(args):
         runs = grid.get(n) or (len(VARIANTS) * len(args.seeds) if n == "variants" else len(RECIPES))
-        done = (read_part(args, n) or {}).get("complete")
+        done = is_complete(args, n, read_part(args, n), data)
         print(f"{n:12s} {runs:2d} runs  {'done' if done else 'to run'}:  python benchmarks/quality_parts.py part {n}"
               f"{q_}")
     print(f"then:  python benchmarks/quality_parts.py merge{q_}")

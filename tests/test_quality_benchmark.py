@@ -361,3 +361,37 @@ def test_quick_part_records_every_run_and_resumes(tmp_path):
     assert again["complete"] and again["invocations"] == 2 and len(again["runs"]) == 2
     assert again["runs"]["ntp_neftune|0.003|0"]["examples"] == first["examples"]
     assert again["runs"]["ntp_neftune|0.003|0"]["costs"] == first["costs"]  # the first run's costs are kept
+
+
+@needs_data
+def test_the_grid_can_grow_and_an_edge_choice_is_flagged(tmp_path):
+    """A grid part written with rates 1e-3 3e-3 is read under the grid 1e-3 3e-3 1e-2 (its runs kept), is no longer
+    complete and plans only the new rate; a rate chosen at the grid's edge is flagged in the merge."""
+    qp = load_parts()
+    small = _quick_args(qp, tmp_path, "--lrs", "0.001", "0.003")
+    data = qp.prepare(small)
+    val = data["val_guids"]
+    runs = {qp.run_key(r, lr, 0): _run(r, lr, 0, {g: [2.0 - (lr == 1e-3) * 0.1, 10] for g in val})
+            for r in qp.GRID_PARTS["grid-ntp"] for lr in small.lrs}
+    small.parts_dir.mkdir(parents=True)
+    (small.parts_dir / "grid-ntp.json").write_text(json.dumps(
+        {"part": "grid-ntp", "settings": qp.settings(small), "complete": True, "cpu_seconds": 1.0,
+         "wall_seconds": 1.0, "invocations": 1, "updated": "now", "runs": runs}))
+    assert qp.is_complete(small, "grid-ntp", qp.read_part(small, "grid-ntp"), data)
+
+    grown = _quick_args(qp, tmp_path, "--lrs", "0.001", "0.003", "0.01")
+    part = qp.read_part(grown, "grid-ntp")
+    assert part["runs"] == runs and not qp.is_complete(grown, "grid-ntp", part, data)
+    todo = [x for x in qp.part_plan(grown, "grid-ntp", data) if qp.run_key(*x[:3]) not in part["runs"]]
+    assert todo == [("ntp", 0.01, 0, False), ("ntp_neftune", 0.01, 0, False)]
+    # other settings are still refused
+    with pytest.raises(qp.SFTMixError, match=r"grid-ntp\.json: written with other settings \(n_val: 8 there, 6"):
+        qp.read_part(_quick_args(qp, tmp_path, "--lrs", "0.001", "--n_val", "6"), "grid-ntp")
+
+    choice = qp.chosen_lrs(list(runs.values()), val, small.lrs)
+    assert choice["ntp"] == 1e-3 and qp.at_grid_edge(choice, small.lrs) == {"ntp": 1e-3, "ntp_neftune": 1e-3}
+    assert qp.at_grid_edge({"ntp": 3e-3, "sftmix": None}, [1e-3, 3e-3, 1e-2]) == {}
+    res = qp.merge(small)
+    assert res["lr_at_grid_edge"] == {"ntp": 1e-3, "ntp_neftune": 1e-3}
+    md = (tmp_path / "results" / "quality_parts_quick.md").read_text()
+    assert "**Chosen at the edge of the grid**" in md and "NTP 0.001, NTP + NEFTune (alpha 5) 0.001." in md
