@@ -294,6 +294,10 @@ def test_merge_builds_tables_from_the_parts_present(tmp_path):
     c = res["comparisons"]["sftmix-ntp_neftune"]
     assert math.isclose(c["pooled_nll"], -0.02) and c["examples_lower"] == 8 and c["examples_higher"] == 0
     assert res["variants"]["self_checkpoints"]["minus_default"] is None
+    # the grid's seed, each recipe against NTP at the same rate, on the held-out set
+    same = res["grid_heldout_minus_ntp_same_rate"]
+    assert set(same) == {"0.001", "0.003"} and set(same["0.003"]) == set(qp.RECIPES) - {"ntp"}
+    assert math.isclose(same["0.003"]["sftmix"]["pooled_nll"], offset["sftmix"])
     md = (tmp_path / "results" / "quality_parts_quick.md").read_text()
     for text in ("**Missing parts: variants**", "**Unfinished: seed-1.**", "| NTP + NEFTune (alpha 5) |",
                  "| two-run SFTMix − NTP + NEFTune (alpha 5) | 0,1 |", "| variants | missing |"):
