@@ -287,12 +287,16 @@ def run_key(recipe: str, lr: float, seed: int) -> str:
     return f"{recipe}|{lr:g}|{seed}"
 
 
+def all_recorded(plan: list[tuple], runs: dict) -> bool:
+    return all(run_key(*x[:3]) in runs for x in plan)
+
+
 def is_complete(args, name: str, part: dict | None, data: dict) -> bool:
     """Every run of the part's plan under these settings is recorded (a grid extended since is not complete)."""
     if part is None or not part.get("complete"):
         return False
     try:
-        return all(run_key(*x[:3]) in part["runs"] for x in part_plan(args, name, data))
+        return all_recorded(part_plan(args, name, data), part["runs"])
     except SFTMixError:  # a seed part whose grid is not finished yet
         return False
 
@@ -314,17 +318,21 @@ def read_part(args, name: str) -> dict | None:
     # The grid may grow after the fact (a best rate at the grid's edge is not a tuned rate): every run is keyed by
     # its own rate and its run directory does not depend on the grid, so a part of another grid is read, its runs
     # kept, and rerunning the part trains only the rates it lacks.
-    if {k: v for k, v in (part.get("settings") or {}).items() if k != "lrs"} != \
-            {k: v for k, v in settings(args).items() if k != "lrs"}:
+    if _shared(part.get("settings")) != _shared(settings(args)):
         raise SFTMixError(f"{path}: written with other settings ({_settings_diff(part.get('settings'), args)}); "
                           f"rerun that part with these settings, or merge with the settings it was run with.")
     return part
 
 
+def _shared(settings_: dict | None) -> dict:
+    """The settings two part files must agree on: all but the grid's rates."""
+    return {k: v for k, v in (settings_ or {}).items() if k != "lrs"}
+
+
 def _settings_diff(theirs, args) -> str:
-    mine = settings(args)
-    keys = [k for k in mine if (theirs or {}).get(k) != mine[k] and k != "lrs"]
-    return ", ".join(f"{k}: {(theirs or {}).get(k)!r} there, {mine[k]!r} here" for k in keys[:3])
+    theirs, mine = _shared(theirs), _shared(settings(args))
+    keys = [k for k in mine if theirs.get(k) != mine[k]]
+    return ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in keys[:3])
 
 
 def run_part(args) -> dict:
@@ -352,7 +360,7 @@ def run_part(args) -> dict:
         part["wall_seconds"] += t1 - t0
         part["cpu_seconds"] += cpu1 - cpu0
         t0, cpu0 = t1, cpu1
-        part["complete"] = all(run_key(*x[:3]) in part["runs"] for x in plan)
+        part["complete"] = all_recorded(plan, part["runs"])
         part["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(path, part, indent=None)
     part["complete"] = True

@@ -241,6 +241,15 @@ def test_learning_rate_choice_on_validation_only():
     assert choice["sftmix"] is None and choice["sftmix_self_neftune"] is None
 
 
+def _write_part(qp, args, name, runs, complete=True):
+    """A part file as run_part writes it, with the given run records."""
+    part = {"part": name, "settings": qp.settings(args), "complete": complete, "cpu_seconds": 12.0,
+            "wall_seconds": 7.0, "invocations": 1, "updated": "now",
+            "runs": {qp.run_key(r["recipe"], r["lr"], r["seed"]): r for r in runs}}
+    args.parts_dir.mkdir(parents=True, exist_ok=True)
+    (args.parts_dir / f"{name}.json").write_text(json.dumps(part))
+
+
 def _quick_args(qp, tmp_path, *more):
     return qp.parse_args(["merge", "--quick", "--work_dir", str(tmp_path / "work"), "--results_dir",
                           str(tmp_path / "results"), *more])
@@ -263,21 +272,14 @@ def test_merge_builds_tables_from_the_parts_present(tmp_path):
     offset = {"ntp": 0.0, "ntp_neftune": -0.01, "sftmix": -0.03, "sftmix_self": -0.02, "sftmix_self_neftune": -0.04}
     best = {"ntp": 3e-3, "ntp_neftune": 1e-3, "sftmix": 3e-3, "sftmix_self": 1e-3, "sftmix_self_neftune": 3e-3}
 
-    def write(name, runs, complete=True):
-        part = {"part": name, "settings": qp.settings(args), "complete": complete, "cpu_seconds": 12.0,
-                "wall_seconds": 7.0, "invocations": 1, "updated": "now",
-                "runs": {f"{r['recipe']}|{r['lr']:g}|{r['seed']}": r for r in runs}}
-        args.parts_dir.mkdir(parents=True, exist_ok=True)
-        (args.parts_dir / f"{name}.json").write_text(json.dumps(part))
-
     for name, recipes in qp.GRID_PARTS.items():
-        write(name, [_run(r, lr, 0, examples(2.0 - 0.1 * (lr == best[r]), 2.0 + offset[r]),
+        _write_part(qp, args, name, [_run(r, lr, 0, examples(2.0 - 0.1 * (lr == best[r]), 2.0 + offset[r]),
                           step1_cost=5.0 if r == "sftmix" else None) for r in recipes for lr in args.lrs])
     for s in (0, 1):
         runs = [_run(r, best[r], s, examples(1.9, 2.0 + offset[r] + 0.001 * s), pubmedqa={"a": s == 0, "b": True},
                      step1_cost=5.0 if r == "sftmix" and s == 1 else None) for r in qp.RECIPES]
         runs.append(_run("sftmix", 1e-3, s, {}))  # a run at another rate is not reported
-        write(f"seed-{s}", runs, complete=s == 0)
+        _write_part(qp, args, f"seed-{s}", runs, complete=s == 0)
     res = qp.merge(args)
 
     assert res["missing_parts"] == ["variants"] and res["unfinished_parts"] == ["seed-1"]
@@ -377,10 +379,7 @@ def test_the_grid_can_grow_and_an_edge_choice_is_flagged(tmp_path):
     val = data["val_guids"]
     runs = {qp.run_key(r, lr, 0): _run(r, lr, 0, {g: [2.0 - (lr == 1e-3) * 0.1, 10] for g in val})
             for r in qp.GRID_PARTS["grid-ntp"] for lr in small.lrs}
-    small.parts_dir.mkdir(parents=True)
-    (small.parts_dir / "grid-ntp.json").write_text(json.dumps(
-        {"part": "grid-ntp", "settings": qp.settings(small), "complete": True, "cpu_seconds": 1.0,
-         "wall_seconds": 1.0, "invocations": 1, "updated": "now", "runs": runs}))
+    _write_part(qp, small, "grid-ntp", runs.values())
     assert qp.is_complete(small, "grid-ntp", qp.read_part(small, "grid-ntp"), data)
 
     grown = _quick_args(qp, tmp_path, "--lrs", "0.001", "0.003", "0.01")
