@@ -171,11 +171,12 @@ def data_pool(args) -> tuple[list, dict, list, list, list[int]]:
     return records, stats, pool, held, order
 
 
-def prepare_data(args) -> dict:
-    """The fixed held-out file and the N+1-example training file (see the module docstring)."""
+def prepare_data(args, pooled: tuple | None = None) -> dict:
+    """The fixed held-out file and the N+1-example training file (see the module docstring); `pooled`: data_pool's
+    result when the caller has it already (the file is then read, and its bad rows reported, once)."""
     from sftmix.data import first_user_message
 
-    records, stats, pool, held, order = data_pool(args)
+    records, stats, pool, held, order = pooled or data_pool(args)
     if args.n_train + 1 > len(pool):
         raise SFTMixError(f"--n_train {args.n_train}: {args.data} has only {len(pool)} examples besides the held-out")
     train = [pool[i] for i in sorted(order[: args.n_train + 1])]

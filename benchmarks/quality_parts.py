@@ -26,21 +26,18 @@ joined it; the grid parts' files of the smaller grid are kept, and rerunning a g
 
 Parts (each writes RESULTS/quality_parts/<part>.json atomically after every run; rerunning a part resumes: finished
 runs are read back, an interrupted training resumes from its checkpoint; commit each part's file when it finishes):
-  grid-ntp      seed 0: NTP and NTP + NEFTune at each rate                       (6 runs)
-  grid-sftmix   seed 0: step 1 once + two-run SFTMix's target at each rate      (1 + 3 runs)
-  grid-self     seed 0: one-run SFTMix and one-run SFTMix + NEFTune at each rate (6 runs)
+  grid-ntp      seed 0: NTP and NTP + NEFTune at each rate                       (2 x 4 runs)
+  grid-sftmix   seed 0: step 1 once + two-run SFTMix's target at each rate      (1 + 4 runs)
+  grid-self     seed 0: one-run SFTMix and one-run SFTMix + NEFTune at each rate (2 x 4 runs)
   seed-S        the five recipes at their chosen rates, seed S, with PubMedQA (needs the three grid parts; seed 0
-                reuses the grid's runs and adds PubMedQA only)
+                reuses the grid's runs and adds PubMedQA only; other seeds: step 1 + 5 runs)
   variants      one-run SFTMix's confidence variants other than the default (online raw, online less a fitted line,
                 2 scoring passes), at one-run SFTMix's chosen rate, every seed (held-out NLL only; the default's
-                runs are those of the seed parts)
-Estimated cost of the default (N=104, 3 epochs, 100 validation + 100 held-out, 100 PubMedQA questions) from the
-per-run costs measured by quality.py on 2026-12-01 (2 cores, light load: NTP's target run ~540 s wall / ~990 s CPU,
-step 1 ~320 s / ~610 s, one-run SFTMix ~510 s / ~970 s; held-out NLL ~0.3 s and PubMedQA ~1 s wall per example and
-model, about 1.9 CPU s per wall s): grid-ntp ~62 min wall (~1.8 h CPU), grid-sftmix ~36 min (~1.1 h CPU), grid-self
-~58 min (~1.8 h CPU), seed-0 ~10 min (~0.3 h CPU: PubMedQA of 5 models and the start), seed-1 and seed-2 ~63 min
-each (~1.9 h CPU), variants ~90 min (~2.8 h CPU: 3 variants x 3 seeds); ~6.4 h wall in all. Estimates, not
-measurements: each part file records its own wall and CPU time, and `merge` tabulates them.
+                runs are those of the seed parts)                               (3 x 3 runs)
+Cost: each part file records its own wall and CPU seconds and `merge` tabulates them. Measured on the 2-core machine
+(2026-12-03, two parts side by side, `OMP_NUM_THREADS=1 ... -- --num_threads 1`): a training run 979-1256 s wall,
+scoring validation + held-out 99-124 s; grid-ntp 9387 s wall in all, grid-self 9979 s (docs/results.md). Plan ~20
+min per run this way: 42 runs, about 7 h for the whole benchmark; a part killed at a session's end resumes.
 
 Merge: the learning-rate grid's validation figures and choices; the five recipes at their chosen rates over the
 seeds found (held-out NLL token-weighted and per example, PubMedQA, cost end to end); paired differences against
@@ -168,8 +165,9 @@ def settings(args) -> dict:
 def prepare(args) -> dict:
     """quality.py's training file and fixed held-out (the reported set), plus a validation set: the last n_val of
     the same shuffled pool, so it meets neither. One evaluation file holds validation + held-out."""
-    data = q.prepare_data(args)
-    _, _, pool, held, order = q.data_pool(args)
+    pooled = q.data_pool(args)
+    data = q.prepare_data(args, pooled)
+    _, _, pool, held, order = pooled
     if args.n_train + 1 + args.n_val > len(pool):
         raise SFTMixError(f"--n_val {args.n_val}: {args.data} has {len(pool)} examples besides the held-out, fewer "
                           f"than --n_train + 1 + --n_val; lower --n_val.")
