@@ -30,7 +30,8 @@ runs are read back, an interrupted training resumes from its checkpoint; commit 
   grid-sftmix   seed 0: step 1 once + two-run SFTMix's target at each rate      (1 + 4 runs)
   grid-self     seed 0: one-run SFTMix and one-run SFTMix + NEFTune at each rate (2 x 4 runs)
   seed-S        the five recipes at their chosen rates, seed S, with PubMedQA (needs the three grid parts; seed 0
-                reuses the grid's runs and adds PubMedQA only; other seeds: step 1 + 5 runs)
+                reuses the grid's runs and adds PubMedQA only, if their run directories are on this machine,
+                else trains them again, to the same NLL; other seeds: step 1 + 5 runs)
   variants      one-run SFTMix's confidence variants other than the default (online raw, online less a fitted line,
                 2 scoring passes), at one-run SFTMix's chosen rate, every seed (held-out NLL only; the default's
                 runs are those of the seed parts)                               (3 x 3 runs)
